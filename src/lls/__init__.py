@@ -1,0 +1,49 @@
+"""lls: train deep networks with LLS, a layer-local learning rule, and the rules it is measured against.
+
+The public API::
+
+    import lls
+    data = lls.load_dataset("fashion-mnist")
+    net = lls.create_model("smallconv", in_channels=1, input_size=28, num_classes=10)
+    trainer = lls.Trainer(net, lls.create_rule("lls", basis="square"), input_shape=data.input_shape)
+    history = lls.fit(trainer, lls.Loaders.for_dataset(data, batch_size=128), epochs=1)
+"""
+
+from .basis import BASIS_KINDS, basis
+from .data import Dataset, Split, TensorLoader, list_datasets, load_dataset
+from .errors import LLSError
+from .fit import EpochRecord, History, Loaders, evaluate, fit, train_epoch
+from .models import create_model, list_models
+from .net import LocalNet
+from .rules import BlockSignal, Rule, create_rule, list_rules, register_rule
+from .trainer import StepResult, Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BASIS_KINDS",
+    "BlockSignal",
+    "Dataset",
+    "EpochRecord",
+    "History",
+    "LLSError",
+    "Loaders",
+    "LocalNet",
+    "Rule",
+    "Split",
+    "StepResult",
+    "TensorLoader",
+    "Trainer",
+    "__version__",
+    "basis",
+    "create_model",
+    "create_rule",
+    "evaluate",
+    "fit",
+    "list_datasets",
+    "list_models",
+    "list_rules",
+    "load_dataset",
+    "register_rule",
+    "train_epoch",
+]

@@ -1,0 +1,223 @@
+"""A network as LLS sees it: trainable blocks, fixed ops between them, and a linear head.
+
+``LocalNet`` is the one container every rule trains. Users build one from their own modules, or
+from a list of block specs (a model is data: see ``models.py``). At inference it is an ordinary
+feed-forward network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import LLSError
+
+LEAKY_SLOPE = 0.01  # LeakyReLU negative slope of every block (PyTorch's default, the paper's)
+ACTIVATIONS = {
+    "leaky_relu": lambda: nn.LeakyReLU(LEAKY_SLOPE),
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,  # DRTP's choice
+}
+
+
+class LocalNet(nn.Module):
+    """Blocks ``b_0..b_{L-1}``, fixed ops ``o_l`` after each block, and a head.
+
+    ``forward(x) = head(o_{L-1}(b_{L-1}(... o_0(b_0(x)))))``. ``latent_pool[l]`` is the side p_l of
+    the adaptive average pool that turns block l's output into its LLS latent (METHOD.md section 3);
+    ``None`` uses the flattened output as it is (the convention for dense blocks).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        head: nn.Module,
+        between: Sequence[nn.Module | None] | None = None,
+        latent_pool: Sequence[int | None] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(blocks) == 0:
+            raise LLSError("a LocalNet needs at least one block")
+        between = list(between) if between is not None else [None] * len(blocks)
+        latent_pool = list(latent_pool) if latent_pool is not None else [None] * len(blocks)
+        if not len(between) == len(latent_pool) == len(blocks):
+            raise LLSError(
+                f"LocalNet got {len(blocks)} blocks, {len(between)} between-ops and "
+                f"{len(latent_pool)} latent pool sizes; give one of each per block"
+            )
+        self.blocks = nn.ModuleList(blocks)
+        self.between = nn.ModuleList(op if op is not None else nn.Identity() for op in between)
+        self.head = head
+        self.latent_pool: list[int | None] = latent_pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block, after in zip(self.blocks, self.between, strict=True):
+            x = after(block(x))
+        return self.head(x)
+
+    @torch.no_grad()
+    def block_output_shapes(self, input_shape: Sequence[int]) -> list[torch.Size]:
+        """Output shape (without batch) of every block for inputs of ``input_shape``."""
+        param = next(self.parameters())
+        was_training = self.training
+        self.eval()  # BatchNorm must not update its statistics on the dummy batch
+        try:
+            x = torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype)
+            shapes = []
+            for block, after in zip(self.blocks, self.between, strict=True):
+                x = block(x)
+                shapes.append(x.shape[1:])
+                x = after(x)
+            self.head(x)
+        except RuntimeError as error:
+            raise LLSError(
+                f"the network does not accept inputs of shape {tuple(input_shape)}: "
+                f"{str(error).splitlines()[0]}"
+            ) from None
+        finally:
+            self.train(was_training)
+        return shapes
+
+
+# --- block specs: a model is a list of these -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conv:
+    """Trainable block: Conv2d(3x3, pad 1, bias) -> BatchNorm2d -> activation."""
+
+    channels: int
+    pool: int | None  # LLS latent pool side p_l
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class DWSeparable:
+    """Trainable block (MobileNet): depthwise 3x3 + BN + act, then pointwise 1x1 + BN + act."""
+
+    channels: int
+    pool: int | None
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Trainable block: Linear -> BatchNorm1d -> activation (latent = its output as it is)."""
+
+    width: int
+    pool: None = None
+
+
+@dataclass(frozen=True)
+class MaxPool:
+    """Fixed 2x2 max-pool, stride 2."""
+
+
+@dataclass(frozen=True)
+class AvgPool:
+    """Fixed adaptive average pool to size x size, then flatten."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class Dropout:
+    p: float
+
+
+Spec = Conv | DWSeparable | Dense | MaxPool | AvgPool | Dropout
+
+
+def _conv_block(cin: int, spec: Conv, act: str) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(cin, spec.channels, 3, stride=spec.stride, padding=1, bias=True),
+        nn.BatchNorm2d(spec.channels),
+        ACTIVATIONS[act](),
+    )
+
+
+def _dw_block(cin: int, spec: DWSeparable, act: str) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, stride=spec.stride, padding=1, groups=cin, bias=False),
+        nn.BatchNorm2d(cin),
+        ACTIVATIONS[act](),
+        nn.Conv2d(cin, spec.channels, 1, bias=False),
+        nn.BatchNorm2d(spec.channels),
+        ACTIVATIONS[act](),
+    )
+
+
+def _dense_block(din: int, spec: Dense, act: str) -> nn.Module:
+    return nn.Sequential(nn.Linear(din, spec.width), nn.BatchNorm1d(spec.width), ACTIVATIONS[act]())
+
+
+def build(
+    specs: Sequence[Spec],
+    input_shape: Sequence[int],
+    num_classes: int,
+    activation: str = "leaky_relu",
+    name: str = "model",
+) -> LocalNet:
+    """Turn block specs into a :class:`LocalNet` for inputs of ``input_shape`` (C, H, W)."""
+    if activation not in ACTIVATIONS:
+        raise LLSError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+    if num_classes < 2:
+        raise LLSError(f"a classifier needs at least 2 classes, got {num_classes}")
+    shape = tuple(input_shape)  # (C, H, W) while spatial, (D,) once flat
+    blocks: list[nn.Module] = []
+    between: list[list[nn.Module]] = []
+    pools: list[int | None] = []
+
+    def too_small(what: str) -> LLSError:
+        return LLSError(
+            f"{name} cannot take inputs of shape {tuple(input_shape)}: the activations shrink to "
+            f"{shape} before {what}; use larger inputs or a model with fewer poolings"
+        )
+
+    for spec in specs:
+        if isinstance(spec, (Conv, DWSeparable)):
+            if len(shape) != 3:
+                raise ValueError(f"{name}: a conv block follows a flat activation")
+            c, h, w = shape
+            h, w = (h - 1) // spec.stride + 1, (w - 1) // spec.stride + 1
+            make = _conv_block if isinstance(spec, Conv) else _dw_block
+            blocks.append(make(c, spec, activation))
+            between.append([])
+            pools.append(spec.pool)
+            shape = (spec.channels, h, w)
+        elif isinstance(spec, Dense):
+            if len(shape) != 1:  # flatten whatever spatial activation comes in
+                _after(between, spec).append(nn.Flatten())
+                shape = (math.prod(shape),)
+            blocks.append(_dense_block(shape[0], spec, activation))
+            between.append([])
+            pools.append(None)
+            shape = (spec.width,)
+        elif isinstance(spec, MaxPool):
+            if len(shape) != 3 or min(shape[1:]) < 2:
+                raise too_small("a 2x2 max-pool")
+            _after(between, spec).append(nn.MaxPool2d(2, 2))
+            shape = (shape[0], shape[1] // 2, shape[2] // 2)
+        elif isinstance(spec, AvgPool):
+            _after(between, spec).extend([nn.AdaptiveAvgPool2d(spec.size), nn.Flatten()])
+            shape = (shape[0] * spec.size * spec.size,)
+        elif isinstance(spec, Dropout):
+            _after(between, spec).append(nn.Dropout(spec.p))
+        else:
+            raise TypeError(f"{name}: unknown block spec {spec!r}")
+    if len(shape) != 1:
+        between[-1].append(nn.Flatten())
+        shape = (math.prod(shape),)
+    head = nn.Linear(shape[0], num_classes)
+    ops = [nn.Sequential(*ops) if len(ops) > 1 else (ops[0] if ops else None) for ops in between]
+    return LocalNet(blocks, head, ops, pools)
+
+
+def _after(between: list[list[nn.Module]], spec: Spec) -> list[nn.Module]:
+    if not between:
+        raise ValueError(f"a fixed op ({spec}) cannot come before the first block")
+    return between[-1]

@@ -1,0 +1,340 @@
+"""Learning rules: where each block's learning signal comes from (METHOD.md sections 3 and 5).
+
+A rule is a small config object in a registry. For every trainable block it makes one
+:class:`BlockSignal`: an ``nn.Module`` that holds the rule's extra parameters and fixed buffers for
+that block and turns the block's output ``a`` (and the labels) into a scalar loss. The gradient of
+that loss with respect to the block's parameters is the block's update; the trainer owns the
+backward pass and the optimizers. Rules never call ``backward()`` or ``step()``.
+
+``timing`` says when a rule's signal is available:
+
+- ``"block"``: right after the block's own forward pass (LLS family, local classifiers, DRTP);
+- ``"head"``: only once the head's output is known (DFA needs the output error);
+- ``"end-to-end"``: back-propagation through the whole network (BP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .basis import BASIS_KINDS, basis
+from .errors import LLSError
+from .registry import Registry
+
+Timing = Literal["block", "head", "end-to-end"]
+NORMALIZE_EPS = 1e-12  # eps of the row-wise L2 normalisation max(||a||, eps)
+MODULATION_INIT_STD = 0.01  # N(0, 0.01^2) init of LLS-M's vector and LLS-MxM's matrix
+CLASSIFIER_INIT_STD = 0.1  # N(0, 0.1^2) init of the local learned classifiers
+FEEDBACK_SCALE = 1e-4  # DFA / DRTP feedback matrices are drawn from U[0, 1e-4)
+
+
+def latent(a: torch.Tensor, pool: int | None) -> torch.Tensor:
+    """A block output as the flat latent the LLS-family losses score (METHOD.md section 3, step 2).
+
+    Conv outputs are average-pooled adaptively to ``pool x pool`` (PyTorch's ``adaptive_avg_pool2d``
+    bins) and flattened channel-major, ``d = C * pool^2``; other outputs are flattened as they are.
+    """
+    if a.dim() != 4 or pool is None:
+        return a.flatten(1)
+    if not a.is_contiguous(memory_format=torch.channels_last) or a.shape[1] == 1:
+        return F.adaptive_avg_pool2d(a, pool).flatten(1)
+    # Channels-last on the CPU: adaptive_avg_pool2d's backward writes a channels-first gradient,
+    # which makes every backward kernel of the block stride-mismatched (measured 1.5x slower per
+    # step). The same pooling as two small matmuls over the (N, H, W, C) view keeps the layout.
+    n, c, h, w = a.shape
+    rows, cols = pooling_matrix(h, pool, a.dtype, a.device), pooling_matrix(w, pool, a.dtype, a.device)
+    nhwc = a.permute(0, 2, 3, 1)
+    pooled = (rows @ nhwc.reshape(n, h, w * c)).reshape(n, pool, w, c)
+    return (cols @ pooled).permute(0, 3, 1, 2).flatten(1)
+
+
+@functools.lru_cache(maxsize=64)
+def pooling_matrix(size: int, pool: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``pool x size`` matrix averaging the adaptive-pooling bins [i*size//pool, ceil((i+1)*size/pool))."""
+    matrix = torch.zeros(pool, size, dtype=torch.float64)
+    for i in range(pool):
+        start, end = (i * size) // pool, -(-(i + 1) * size // pool)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix.to(device=device, dtype=dtype)
+
+
+def latent_dim(out_shape: torch.Size, pool: int | None) -> int:
+    if len(out_shape) == 3 and pool is not None:
+        return out_shape[0] * pool * pool
+    return math.prod(out_shape)
+
+
+def block_seed(seed: int, index: int) -> int:
+    """Seed of block ``index``'s fixed random tensors, so that blocks do not share them."""
+    return seed * 100_003 + index
+
+
+class BlockSignal(nn.Module):
+    """The learning signal of one block: ``forward(a, y, logits) -> scalar loss``.
+
+    ``a`` is the block's output (a graph leaf's descendant: the trainer detaches the block's input),
+    ``y`` the integer labels and ``logits`` the head's output, given only to ``timing == "head"``
+    rules. Parameters registered here are the rule's extra trainable parameters for this block and
+    are updated by this block's optimizer.
+    """
+
+    def forward(self, a: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ProjectionSignal(BlockSignal):
+    """LLS and its relatives: scores ``s = z @ B^T`` (optionally modulated), loss ``CE(s / T, y)``.
+
+    ``readout`` is a basis kind (fixed, regenerated on demand, never stored) or ``"learned"`` for a
+    local learned classifier (a trainable K x d matrix). ``modulation`` is ``None``, ``"vector"``
+    (LLS-M, ``s * m``) or ``"matrix"`` (LLS-MxM, ``s @ M`` with M of shape rows x K).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        pool: int | None,
+        *,
+        readout: str,
+        temperature: float,
+        normalize: bool,
+        seed: int = 0,
+        modulation: Literal["vector", "matrix"] | None = None,
+        rows: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes, self.dim, self.pool = num_classes, dim, pool
+        self.readout, self.temperature, self.normalize, self.seed = readout, temperature, normalize, seed
+        self.rows = rows or num_classes
+        if modulation != "matrix" and self.rows != num_classes:
+            raise ValueError("a reduced basis (rows != classes) needs a matrix modulation")
+        self.classifier = (
+            nn.Parameter(CLASSIFIER_INIT_STD * torch.randn(self.rows, dim)) if readout == "learned" else None
+        )
+        self.modulation = None
+        if modulation == "vector":
+            self.modulation = nn.Parameter(MODULATION_INIT_STD * torch.randn(num_classes))
+        elif modulation == "matrix":
+            self.modulation = nn.Parameter(MODULATION_INIT_STD * torch.randn(self.rows, num_classes))
+
+    def readout_matrix(self, like: torch.Tensor) -> torch.Tensor:
+        """The rows x d matrix the latent is scored against, on ``like``'s device and dtype."""
+        if self.classifier is not None:
+            return self.classifier
+        return basis(self.rows, self.dim, self.readout, self.seed, device=like.device, dtype=like.dtype)
+
+    def scores(self, a: torch.Tensor) -> torch.Tensor:
+        z = latent(a, self.pool)
+        if z.shape[1] != self.dim:
+            raise LLSError(f"block output has latent size {z.shape[1]}, its signal was built for {self.dim}")
+        if self.normalize:
+            z = F.normalize(z, dim=1, eps=NORMALIZE_EPS)
+        s = z @ self.readout_matrix(z).T
+        if self.modulation is not None:
+            s = s * self.modulation if self.modulation.dim() == 1 else s @ self.modulation
+        return s
+
+    def forward(self, a: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        return F.cross_entropy(self.scores(a) / self.temperature, y)
+
+
+class FeedbackSignal(BlockSignal):
+    """DFA / DRTP: a fixed random projection ``F`` (K x size of the block output) of a K-vector.
+
+    The loss is the surrogate ``sum(a * (t @ F))`` whose gradient with respect to ``a`` is exactly
+    ``t @ F``: ``t = softmax(logits) - onehot(y)`` for DFA, ``t = onehot(y)`` for DRTP. ``F`` is
+    regenerated from its seed (a non-persistent buffer), like the LLS basis.
+    """
+
+    def __init__(self, num_classes: int, out_shape: torch.Size, *, use_error: bool, seed: int) -> None:
+        super().__init__()
+        self.num_classes, self.use_error = num_classes, use_error
+        generator = torch.Generator().manual_seed(seed)
+        feedback = FEEDBACK_SCALE * torch.rand(num_classes, math.prod(out_shape), generator=generator)
+        self.register_buffer("feedback", feedback, persistent=False)
+
+    def target(self, y: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        onehot = F.one_hot(y, self.num_classes).to(self.feedback.dtype)
+        if not self.use_error:
+            return onehot
+        if logits is None:
+            raise ValueError("DFA's signal needs the head's logits")
+        return torch.softmax(logits.detach(), dim=1) - onehot
+
+    def forward(self, a: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        grad = (self.target(y, logits) @ self.feedback).view_as(a)
+        return (a * grad).sum()
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+
+@dataclass
+class Rule:
+    """Base of every rule. Fields are the rule's options; defaults are the paper's."""
+
+    name: ClassVar[str]
+    timing: ClassVar[Timing] = "block"
+    activation: ClassVar[str] = "leaky_relu"  # the activation the rule's networks are built with
+
+    def signal(
+        self, index: int, out_shape: torch.Size, pool: int | None, num_classes: int
+    ) -> BlockSignal | None:
+        """The signal of block ``index`` whose output (without batch) has ``out_shape``."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    def __post_init__(self) -> None:
+        pass
+
+
+RULES: Registry[type[Rule]] = Registry("rule")
+
+
+def register_rule(name: str):
+    def add(cls: type[Rule]) -> type[Rule]:
+        cls.name = name
+        return RULES.register(name)(cls)
+
+    return add
+
+
+@register_rule("bp")
+@dataclass
+class BP(Rule):
+    """End-to-end back-propagation of the head's cross-entropy."""
+
+    timing: ClassVar[Timing] = "end-to-end"
+
+    def signal(self, index, out_shape, pool, num_classes):
+        return None
+
+
+@register_rule("lls")
+@dataclass
+class LLS(Rule):
+    """LLS: pooled, L2-normalised activity scored against a fixed periodic/square/random basis."""
+
+    basis: str = "square"
+    temperature: float = 0.5
+    seed: int = 0  # seeds the random basis only
+
+    modulation: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        if self.basis not in BASIS_KINDS:
+            raise LLSError(f"unknown basis {self.basis!r}; known bases: {', '.join(BASIS_KINDS)}")
+        if not self.temperature > 0:
+            raise LLSError(f"temperature must be > 0, got {self.temperature}")
+
+    def rows(self, num_classes: int) -> int:
+        return num_classes
+
+    def signal(self, index, out_shape, pool, num_classes):
+        return ProjectionSignal(
+            num_classes,
+            latent_dim(out_shape, pool),
+            pool,
+            readout=self.basis,
+            temperature=self.temperature,
+            normalize=self.basis != "random",  # the reference code does not normalise for random
+            seed=block_seed(self.seed, index),
+            modulation=self.modulation,
+            rows=self.rows(num_classes),
+        )
+
+
+@register_rule("lls-m")
+@dataclass
+class LLSM(LLS):
+    """LLS-M: scores scaled by a learned K-vector per block."""
+
+    modulation: ClassVar[str | None] = "vector"
+
+
+@register_rule("lls-mxm")
+@dataclass
+class LLSMxM(LLS):
+    """LLS-MxM: scores mixed by a learned matrix per block; ``reduced=R`` uses R basis rows (R x K)."""
+
+    reduced: int | None = None
+
+    modulation: ClassVar[str | None] = "matrix"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reduced is not None and self.reduced < 1:
+            raise LLSError(f"reduced must be a positive number of basis rows, got {self.reduced}")
+
+    def rows(self, num_classes: int) -> int:
+        return self.reduced or num_classes
+
+
+@register_rule("local-classifier")
+@dataclass
+class LocalClassifier(Rule):
+    """Local learned classifiers: like LLS with a trainable K x d matrix and no normalisation."""
+
+    temperature: float = 0.5
+
+    def signal(self, index, out_shape, pool, num_classes):
+        return ProjectionSignal(
+            num_classes,
+            latent_dim(out_shape, pool),
+            pool,
+            readout="learned",
+            temperature=self.temperature,
+            normalize=False,
+        )
+
+
+@register_rule("dfa")
+@dataclass
+class DFA(Rule):
+    """Direct feedback alignment: the head's error through a fixed random matrix to every block."""
+
+    seed: int = 0
+
+    timing: ClassVar[Timing] = "head"
+    use_error: ClassVar[bool] = True
+
+    def signal(self, index, out_shape, pool, num_classes):
+        return FeedbackSignal(
+            num_classes, out_shape, use_error=self.use_error, seed=block_seed(self.seed, index)
+        )
+
+
+@register_rule("drtp")
+@dataclass
+class DRTP(DFA):
+    """Direct random target projection: ``onehot(y)`` through a fixed random matrix; Tanh blocks."""
+
+    timing: ClassVar[Timing] = "block"
+    activation: ClassVar[str] = "tanh"
+    use_error: ClassVar[bool] = False
+
+
+def list_rules() -> list[str]:
+    return RULES.names()
+
+
+def create_rule(name: str, **options: Any) -> Rule:
+    """``create_rule("lls", basis="periodic")``; unknown names or options fail with the valid ones."""
+    cls = RULES.get(name)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in valid:
+            hint = f"its options: {', '.join(valid)}" if valid else "it takes no options"
+            raise LLSError(f"rule {name!r} has no option {key!r}; {hint}")
+    return cls(**options)

@@ -1,0 +1,197 @@
+"""The trainer: one place that owns every optimizer and runs every backward pass.
+
+A training step walks the blocks in order. Each block gets a *detached* copy of its input, so no
+gradient can cross from one block to the one before it; its output goes to its rule's signal, whose
+loss updates that block (and the signal's own parameters) with the block's own optimizer. The head
+learns with ordinary cross-entropy on its detached input. BP is the exception that proves the rule:
+one loss at the head, one backward pass through everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LLSError
+from .net import LocalNet
+from .optim import create_optimizer, is_schedule_free
+from .rules import BlockSignal, Rule, create_rule
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    """What one training step measured; tensors are detached and stay on the device."""
+
+    logits: torch.Tensor  # (N, K) head output in training mode
+    loss: torch.Tensor  # head cross-entropy
+    block_losses: torch.Tensor  # (L,) each block's local loss; NaN where the rule has none (bp)
+
+
+class Trainer:
+    """Trains a :class:`LocalNet` with a rule: ``Trainer(net, "lls", input_shape=(1, 28, 28))``.
+
+    Every block gets its own optimizer (``optimizer`` by name, schedule-free AdamW by default, lr
+    5e-3, the paper's recipe) over its parameters plus its signal's extra parameters; the head gets
+    one more. The device and dtype come from the network's parameters.
+    """
+
+    def __init__(
+        self,
+        net: LocalNet,
+        rule: Rule | str = "lls",
+        *,
+        input_shape: Sequence[int],
+        optimizer: str = "adamw-sf",
+        lr: float = 5e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.net = net
+        self.rule = create_rule(rule) if isinstance(rule, str) else rule
+        self.num_classes = _num_classes(net.head)
+        for i, op in enumerate(net.between):
+            if any(p.requires_grad for p in op.parameters()):
+                raise LLSError(f"the op after block {i} has trainable parameters; put them in a block")
+        param = next(net.parameters())
+        shapes = net.block_output_shapes(input_shape)
+        signals = [
+            self.rule.signal(i, shape, pool, self.num_classes)
+            for i, (shape, pool) in enumerate(zip(shapes, net.latent_pool, strict=True))
+        ]
+        self.signals: list[BlockSignal] = [s.to(param.device, param.dtype) for s in signals if s is not None]
+        if self.signals and len(self.signals) != len(net.blocks):
+            raise ValueError(f"rule {self.rule.name} gave signals to some blocks only")
+        groups = [list(block.parameters()) for block in net.blocks]
+        for group, signal in zip(groups, self.signals, strict=False):
+            group.extend(signal.parameters())
+        groups.append(list(net.head.parameters()))
+        for i, group in enumerate(groups):
+            if not group:
+                raise LLSError(f"block {i} has no trainable parameters; merge it into a neighbour")
+        self.optimizers = [create_optimizer(optimizer, group, lr, weight_decay) for group in groups]
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.input_shape = tuple(input_shape)
+        self._train_mode()
+
+    # --- training ------------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """One minibatch: every block updated from its own signal, the head from cross-entropy."""
+        if self.rule.timing == "end-to-end":
+            return self._end_to_end_step(x, y)
+        blocks, between, head = self.net.blocks, self.net.between, self.net.head
+        block_losses = []
+        held: list[torch.Tensor] = []  # block outputs waiting for the head's output (DFA)
+        h = x
+        for i, (block, after, signal) in enumerate(zip(blocks, between, self.signals, strict=True)):
+            a = block(h.detach())  # detach: nothing this block learns from reaches block i-1
+            if self.rule.timing == "block":
+                block_losses.append(self._update(i, signal(a, y)))
+            else:
+                held.append(a)
+            h = after(a.detach())
+        logits = head(h.detach())
+        loss = self._update(len(blocks), F.cross_entropy(logits, y))
+        for i, a in enumerate(held):
+            block_losses.append(self._update(i, self.signals[i](a, y, logits.detach())))
+        return StepResult(logits.detach(), loss, torch.stack(block_losses))
+
+    def _update(self, index: int, loss: torch.Tensor) -> torch.Tensor:
+        optimizer = self.optimizers[index]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def _end_to_end_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        nan = torch.full((len(self.net.blocks),), float("nan"), device=loss.device)
+        return StepResult(logits.detach(), loss.detach(), nan)
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    def _train_mode(self) -> None:
+        for optimizer in self.optimizers:
+            if is_schedule_free(optimizer):
+                optimizer.train()
+        self.net.train()
+
+    @contextmanager
+    def evaluation(self, refresh: Iterable[Batch] = ()) -> Iterator[LocalNet]:
+        """The paper's evaluation procedure, undone on exit.
+
+        Switch schedule-free optimizers to their averaged weights, refresh BatchNorm statistics by
+        forwarding the ``refresh`` batches in train mode without gradients, then put the network in
+        eval mode. Yields the network, ready for inference.
+        """
+        for optimizer in self.optimizers:
+            if is_schedule_free(optimizer):
+                optimizer.eval()
+        try:
+            self.net.train()
+            with torch.no_grad():
+                for x, _ in refresh:
+                    self.net(x)
+            self.net.eval()
+            yield self.net
+        finally:
+            self._train_mode()
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch], refresh: Iterable[Batch] = ()) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy in 0..1) of the evaluation-mode network on ``batches``."""
+        total_loss = torch.zeros((), dtype=torch.float64)
+        correct, count = 0, 0
+        with self.evaluation(refresh) as net:
+            for x, y in batches:
+                logits = net(x)
+                total_loss += F.cross_entropy(logits, y, reduction="sum").double().cpu()
+                correct += int((logits.argmax(1) == y).sum())
+                count += len(y)
+        if count == 0:
+            raise LLSError("evaluation got no batches")
+        return float(total_loss) / count, correct / count
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def extra_parameters(self) -> list[int]:
+        """Trainable parameters each block's rule adds (0 for fixed bases, K for LLS-M, ...)."""
+        if not self.signals:
+            return [0] * len(self.net.blocks)
+        return [sum(p.numel() for p in s.parameters() if p.requires_grad) for s in self.signals]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": self.net.state_dict(),
+            "signals": [s.state_dict() for s in self.signals],
+            "optimizers": [o.state_dict() for o in self.optimizers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        for signal, signal_state in zip(self.signals, state["signals"], strict=True):
+            signal.load_state_dict(signal_state)
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
+
+
+def _num_classes(head: nn.Module) -> int:
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise LLSError("cannot tell the number of classes: the head has no nn.Linear")
+    return last[-1].out_features

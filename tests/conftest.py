@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny networks and the digits dataset, so most tests run in milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lls
+from lls.net import AvgPool, Conv, Dense, MaxPool, build
+
+TINY_SPECS = (Conv(4, pool=2), MaxPool(), Conv(6, pool=1), AvgPool(2), Dense(8))
+TINY_INPUT = (1, 8, 8)
+NUM_CLASSES = 5
+
+
+def tiny_net(seed: int = 0, activation: str = "leaky_relu") -> lls.LocalNet:
+    torch.manual_seed(seed)
+    return build(TINY_SPECS, TINY_INPUT, NUM_CLASSES, activation)
+
+
+def tiny_batch(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *TINY_INPUT, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+
+def tiny_trainer(rule: str, seed: int = 0, **options) -> lls.Trainer:
+    rule_obj = lls.create_rule(rule, **options)
+    net = tiny_net(seed, rule_obj.activation)
+    return lls.Trainer(net, rule_obj, input_shape=TINY_INPUT)
+
+
+@pytest.fixture(scope="session")
+def digits() -> lls.Dataset:
+    pytest.importorskip("sklearn")
+    return lls.load_dataset("digits")

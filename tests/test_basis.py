@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+
+import lls
+from lls.basis import BASIS_KINDS, frequencies
+
+
+def test_periodic_entries_match_the_formula_by_hand():
+    # K = 3 -> f = linspace(50, 512, 3) = (50, 281, 512); B[k, t] = sin(f_k * t) in radians
+    b = lls.basis(3, 5, "periodic", dtype=torch.float64)
+    assert b.shape == (3, 5)
+    assert b[0, 1].item() == pytest.approx(-0.26237485370392877, abs=1e-12)  # sin(50)
+    assert b[1, 2].item() == pytest.approx(math.sin(562.0), abs=1e-12)
+    assert b[2, 3].item() == pytest.approx(math.sin(1536.0), abs=1e-12)
+    assert torch.all(b[:, 0] == 0)  # sin(0)
+
+
+def test_square_is_the_sign_of_periodic_and_needs_no_multiplies():
+    periodic = lls.basis(10, 512, "periodic", dtype=torch.float64)
+    square = lls.basis(10, 512, "square", dtype=torch.float64)
+    assert set(square.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.equal(square, torch.sign(periodic))
+    assert square[0, 1].item() == -1.0  # sin(50) < 0
+    assert square[1, 2].item() == (1.0 if math.sin(562.0) > 0 else -1.0)
+
+
+def test_frequencies_span_50_to_512():
+    f = frequencies(10)
+    assert f[0].item() == 50.0 and f[-1].item() == 512.0
+    assert torch.allclose(f.diff(), torch.full((9,), 462.0 / 9, dtype=torch.float64))
+
+
+def test_random_basis_is_seeded_gaussian_with_std_0_1():
+    a = lls.basis(10, 4000, "random", seed=3)
+    assert torch.equal(a, lls.basis(10, 4000, "random", seed=3).clone())
+    assert not torch.equal(a, lls.basis(10, 4000, "random", seed=4))
+    assert abs(a.mean().item()) < 0.005
+    assert a.std().item() == pytest.approx(0.1, rel=0.03)
+
+
+def test_basis_is_cached_and_pure():
+    assert lls.basis(7, 33, "square") is lls.basis(7, 33, "square")
+    assert lls.basis(7, 33, "square", seed=1) is lls.basis(7, 33, "square", seed=2)  # seed: random only
+    assert not lls.basis(7, 33, "square").requires_grad
+
+
+@pytest.mark.parametrize("kind", BASIS_KINDS)
+def test_basis_follows_device_and_dtype(kind):
+    b = lls.basis(4, 9, kind, device="cpu", dtype=torch.float64)
+    assert b.dtype == torch.float64 and b.device.type == "cpu"
+
+
+def test_unknown_basis_names_the_known_ones():
+    with pytest.raises(lls.LLSError, match="known bases: periodic, square, random"):
+        lls.basis(3, 3, "triangle")

@@ -1,0 +1,225 @@
+"""Each rule's loss against an independent computation of its METHOD.md formula."""
+
+import numpy as np
+import pytest
+import torch
+
+import lls
+from lls.rules import FEEDBACK_SCALE, block_seed
+
+from .conftest import NUM_CLASSES, tiny_batch, tiny_trainer
+
+K = 4
+C, H, W = 3, 6, 6
+POOL = 2
+D = C * POOL * POOL
+
+
+def reference_latent(a: np.ndarray, pool: int) -> np.ndarray:
+    """Adaptive average pooling to pool x pool when H, W are multiples of pool, then flatten."""
+    n, c, h, w = a.shape
+    return a.reshape(n, c, pool, h // pool, pool, w // pool).mean(axis=(3, 5)).reshape(n, -1)
+
+
+def reference_cross_entropy(scores: np.ndarray, y: np.ndarray) -> float:
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def reference_basis(kind: str, rows: int, dim: int) -> np.ndarray:
+    f = np.linspace(50, 512, rows)
+    b = np.sin(np.outer(f, np.arange(dim)))
+    return np.sign(b) if kind == "square" else b
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, C, H, W, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (8,), generator=g)
+    return a, y
+
+
+def make_signal(rule: str, **options):
+    torch.manual_seed(0)
+    signal = lls.create_rule(rule, **options).signal(0, torch.Size((C, H, W)), POOL, K)
+    return signal.double()
+
+
+@pytest.mark.parametrize("kind", ["periodic", "square"])
+def test_lls_loss(batch, kind):
+    a, y = batch
+    z = reference_latent(a.numpy(), POOL)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    expected = reference_cross_entropy(z @ reference_basis(kind, K, D).T / 0.5, y.numpy())
+    assert make_signal("lls", basis=kind)(a, y).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_lls_random_basis_is_not_normalised(batch):
+    a, y = batch
+    signal = make_signal("lls", basis="random", seed=5)
+    b = lls.basis(K, D, "random", seed=block_seed(5, 0), dtype=torch.float64).numpy()
+    z = reference_latent(a.numpy(), POOL)  # no L2 normalisation, as in the reference code
+    expected = reference_cross_entropy(z @ b.T / 0.5, y.numpy())
+    assert signal(a, y).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_temperature_divides_the_scores(batch):
+    a, y = batch
+    z = reference_latent(a.numpy(), POOL)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    expected = reference_cross_entropy(z @ reference_basis("square", K, D).T / 2.0, y.numpy())
+    assert make_signal("lls", temperature=2.0)(a, y).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_lls_m_scales_scores_by_a_learned_vector(batch):
+    a, y = batch
+    signal = make_signal("lls-m")
+    m = signal.modulation.detach().numpy()
+    assert m.shape == (K,)
+    z = reference_latent(a.numpy(), POOL)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    expected = reference_cross_entropy((z @ reference_basis("square", K, D).T) * m / 0.5, y.numpy())
+    assert signal(a, y).item() == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("reduced", [None, 7])
+def test_lls_mxm_mixes_scores_by_a_learned_matrix(batch, reduced):
+    a, y = batch
+    signal = make_signal("lls-mxm", reduced=reduced)
+    rows = reduced or K
+    m = signal.modulation.detach().numpy()
+    assert m.shape == (rows, K)
+    z = reference_latent(a.numpy(), POOL)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    expected = reference_cross_entropy((z @ reference_basis("square", rows, D).T) @ m / 0.5, y.numpy())
+    assert signal(a, y).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_modulation_initialised_small():
+    torch.manual_seed(0)
+    signal = lls.create_rule("lls-mxm", reduced=50).signal(0, torch.Size((512,)), None, 100)
+    assert signal.modulation.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_local_classifier_scores_the_raw_latent_with_a_trainable_matrix(batch):
+    a, y = batch
+    signal = make_signal("local-classifier")
+    w = signal.classifier.detach().numpy()
+    assert w.shape == (K, D) and signal.classifier.requires_grad
+    expected = reference_cross_entropy(reference_latent(a.numpy(), POOL) @ w.T / 0.5, y.numpy())
+    assert signal(a, y).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_dense_latent_is_used_as_is():
+    signal = lls.create_rule("lls", basis="periodic").signal(0, torch.Size((6,)), None, 3)
+    a = torch.randn(4, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    z = a.numpy() / np.linalg.norm(a.numpy(), axis=1, keepdims=True)
+    expected = reference_cross_entropy(z @ reference_basis("periodic", 3, 6).T / 0.5, y.numpy())
+    assert signal.double()(a, y).item() == pytest.approx(expected, rel=1e-10)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("rule", ["dfa", "drtp"])
+def test_feedback_gradient_at_block_output(batch, rule):
+    a, y = batch
+    a = a.clone().requires_grad_(True)
+    logits = torch.randn(len(y), K, dtype=torch.float64)
+    signal = make_signal(rule, seed=2)
+    feedback = signal.feedback.numpy()
+    assert feedback.shape == (K, C * H * W)
+    assert feedback.min() >= 0 and feedback.max() < FEEDBACK_SCALE
+    (grad,) = torch.autograd.grad(signal(a, y, logits), a)
+    onehot = np.eye(K)[y.numpy()]
+    e = softmax(logits.numpy()) - onehot if rule == "dfa" else onehot
+    np.testing.assert_allclose(grad.reshape(len(y), -1).numpy(), e @ feedback, rtol=1e-10, atol=1e-20)
+
+
+def test_dfa_trainer_sends_the_heads_error_to_every_block():
+    trainer = tiny_trainer("dfa")
+    captured = {}
+
+    def capture(index):
+        def hook(module, inputs, output):
+            output.register_hook(lambda g: captured.__setitem__(index, g.clone()))
+
+        return hook
+
+    for i, block in enumerate(trainer.net.blocks):
+        block.register_forward_hook(capture(i))
+    x, y = tiny_batch()
+    result = trainer.train_step(x, y)
+    e = torch.softmax(result.logits, 1) - torch.nn.functional.one_hot(y, NUM_CLASSES)
+    for i, signal in enumerate(trainer.signals):
+        expected = (e @ signal.feedback).view_as(captured[i])
+        torch.testing.assert_close(captured[i], expected)
+
+
+EXPECTED_EXTRA = {
+    "lls": lambda dims, k: 0,
+    "lls-m": lambda dims, k: k * len(dims),
+    "lls-mxm": lambda dims, k: k * k * len(dims),
+    "local-classifier": lambda dims, k: k * sum(dims),
+    "dfa": lambda dims, k: 0,
+    "drtp": lambda dims, k: 0,
+    "bp": lambda dims, k: 0,
+}
+
+
+@pytest.mark.parametrize("rule", lls.list_rules())
+def test_extra_trainable_parameters(rule):
+    # smallconv on 28 x 28: latent sizes 32*4*4, 64*2*2, 128*2*2 and the 512-wide dense block
+    dims, k = [512, 256, 512, 512], 10
+    r = lls.create_rule(rule)
+    net = lls.create_model("smallconv", in_channels=1, input_size=28, num_classes=k, activation=r.activation)
+    trainer = lls.Trainer(net, r, input_shape=(1, 28, 28))
+    assert sum(trainer.extra_parameters()) == EXPECTED_EXTRA[rule](dims, k)
+
+
+@pytest.mark.parametrize("basis", ["periodic", "square", "random"])
+def test_lls_adds_nothing_to_the_checkpoint(basis):
+    trainer = tiny_trainer("lls", basis=basis)
+    assert sum(trainer.extra_parameters()) == 0
+    assert all(state == {} for state in trainer.state_dict()["signals"])
+
+
+def test_reduced_mxm_parameters():
+    trainer = tiny_trainer("lls-mxm", reduced=3)
+    assert trainer.extra_parameters() == [3 * NUM_CLASSES] * len(trainer.net.blocks)
+
+
+def test_unknown_rule_and_option_errors():
+    with pytest.raises(lls.LLSError, match="known rules: bp, dfa, drtp, lls"):
+        lls.create_rule("hebbian")
+    with pytest.raises(lls.LLSError, match="rule 'dfa' has no option 'basis'"):
+        lls.create_rule("dfa", basis="square")
+    with pytest.raises(lls.LLSError, match="unknown basis"):
+        lls.create_rule("lls", basis="wavelet")
+
+
+def test_drtp_builds_tanh_networks():
+    assert lls.create_rule("drtp").activation == "tanh"
+    trainer = tiny_trainer("drtp")
+    assert any(isinstance(m, torch.nn.Tanh) for m in trainer.net.modules())
+
+
+@pytest.mark.parametrize("size,pool", [(28, 4), (14, 2), (7, 2), (5, 3), (4, 4), (3, 1)])
+def test_latent_is_adaptive_average_pooling_in_any_memory_format(size, pool):
+    from lls.rules import latent
+
+    a = torch.randn(3, 5, size, size + 1, dtype=torch.float64)
+    expected = torch.nn.functional.adaptive_avg_pool2d(a, pool).flatten(1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = a.contiguous(memory_format=layout).requires_grad_(True)
+        z = latent(x, pool)
+        torch.testing.assert_close(z, expected)
+        weights = torch.randn_like(z)
+        (grad,) = torch.autograd.grad((z * weights).sum(), x)
+        (ref,) = torch.autograd.grad((latent(a.requires_grad_(True), pool) * weights).sum(), a)
+        torch.testing.assert_close(grad, ref)

@@ -1,0 +1,171 @@
+"""The block-local training step: locality, BP equivalence, evaluation procedure, determinism."""
+
+import pytest
+import schedulefree
+import torch
+import torch.nn.functional as F
+
+import lls
+
+from .conftest import TINY_INPUT, tiny_batch, tiny_net, tiny_trainer
+
+LOCAL_RULES = [r for r in lls.list_rules() if r != "bp"]
+
+
+def record_gradient_flow(trainer: lls.Trainer) -> list[tuple[int, int]]:
+    """(update index, block index) for every parameter gradient autograd computes in one step.
+
+    Update index l < L is block l's own signal, L is the head's loss. The head counts as block L.
+    """
+    owners = {}
+    for i, block in enumerate(trainer.net.blocks):
+        for p in block.parameters():
+            owners[p] = i
+    for p in trainer.net.head.parameters():
+        owners[p] = len(trainer.net.blocks)
+    current = {"update": None}
+    flow = []
+    for p, owner in owners.items():
+        p.register_hook(lambda g, owner=owner: flow.append((current["update"], owner)))
+    original = trainer._update
+
+    def update(index, loss):
+        current["update"] = index
+        return original(index, loss)
+
+    trainer._update = update
+    if trainer.rule.timing == "end-to-end":
+        current["update"] = "end-to-end"
+    return flow
+
+
+@pytest.mark.parametrize("rule", LOCAL_RULES)
+def test_no_gradient_crosses_a_block(rule):
+    trainer = tiny_trainer(rule)
+    flow = record_gradient_flow(trainer)
+    trainer.train_step(*tiny_batch())
+    assert flow, "no gradient was computed at all"
+    crossing = [(update, owner) for update, owner in flow if update != owner]
+    assert crossing == []
+    assert {owner for _, owner in flow} == set(range(len(trainer.net.blocks) + 1))  # everyone learns
+
+
+def test_bp_gradients_do_cross_blocks():
+    """The same probe sees BP's single backward pass reach every block: the probe can fail."""
+    trainer = tiny_trainer("bp")
+    flow = record_gradient_flow(trainer)
+    trainer.train_step(*tiny_batch())
+    assert {owner for _, owner in flow} == set(range(len(trainer.net.blocks) + 1))
+    assert {update for update, _ in flow} == {"end-to-end"}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw-sf", "sgd", "adam"])
+def test_bp_matches_a_plain_pytorch_loop(optimizer):
+    steps = 4
+    trainer = lls.Trainer(tiny_net(seed=3), "bp", input_shape=TINY_INPUT, optimizer=optimizer, lr=1e-2)
+    net = tiny_net(seed=3)
+    params = list(net.parameters())
+    opt = {
+        "adamw-sf": lambda: schedulefree.AdamWScheduleFree(params, lr=1e-2),
+        "sgd": lambda: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+        "adam": lambda: torch.optim.Adam(params, lr=1e-2),
+    }[optimizer]()
+    if optimizer == "adamw-sf":
+        opt.train()
+    net.train()
+    for step in range(steps):
+        x, y = tiny_batch(seed=10 + step)
+        trainer.train_step(x, y)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    for (name, mine), theirs in zip(trainer.net.state_dict().items(), net.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_local_step_uses_pre_update_outputs_downstream():
+    """Block l+1 learns from the output block l produced *before* its own update on this batch."""
+    trainer = tiny_trainer("lls")
+    seen = []
+    trainer.net.blocks[1].register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].clone()))
+    x, y = tiny_batch()
+    before = [p.clone() for p in trainer.net.blocks[0].parameters()]
+    trainer.train_step(x, y)
+    frozen = tiny_net()
+    frozen.load_state_dict(trainer.net.state_dict())
+    with torch.no_grad():
+        for p, old in zip(frozen.blocks[0].parameters(), before, strict=True):
+            p.copy_(old)
+        frozen.train()
+        expected = frozen.between[0](frozen.blocks[0](x))
+    torch.testing.assert_close(seen[0], expected)
+
+
+def test_evaluation_swaps_in_averaged_weights_and_refreshes_batchnorm():
+    trainer = tiny_trainer("lls")
+    for step in range(3):
+        trainer.train_step(*tiny_batch(seed=step))
+    train_weights = [p.clone() for p in trainer.net.parameters()]
+    bn = trainer.net.blocks[0][1]
+    stats_before = bn.running_mean.clone()
+    with trainer.evaluation(refresh=[tiny_batch(seed=99)]) as net:
+        assert not net.training
+        # schedule-free eval weights x = y moved back towards z: not the training weights y
+        assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), train_weights, strict=True))
+        assert not torch.equal(bn.running_mean, stats_before)  # refreshed on the given batch
+        for opt in trainer.optimizers:
+            assert not opt.param_groups[0]["train_mode"]
+    assert trainer.net.training
+    for opt in trainer.optimizers:
+        assert opt.param_groups[0]["train_mode"]
+    for p, q in zip(trainer.net.parameters(), train_weights, strict=True):
+        torch.testing.assert_close(p, q)  # back to the training weights (up to lerp rounding)
+
+
+def test_evaluate_counts_accuracy():
+    trainer = tiny_trainer("lls")
+    x, y = tiny_batch(n=40)
+    loss, accuracy = trainer.evaluate([(x[:25], y[:25]), (x[25:], y[25:])])
+    with trainer.evaluation() as net, torch.no_grad():
+        logits = net(x)
+    assert accuracy == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("rule", lls.list_rules())
+def test_same_seed_same_weights(rule):
+    def run(seed):
+        trainer = tiny_trainer(rule, seed=seed)
+        for step in range(3):
+            trainer.train_step(*tiny_batch(seed=step))
+        return torch.cat([p.flatten() for p in trainer.net.parameters()])
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+def test_between_ops_must_be_fixed():
+    net = tiny_net()
+    net.between[0] = torch.nn.Linear(2, 2)
+    with pytest.raises(lls.LLSError, match="has trainable parameters"):
+        lls.Trainer(net, "lls", input_shape=TINY_INPUT)
+
+
+def test_user_network_of_plain_modules():
+    """Any list of nn.Module blocks + fixed ops + head trains with any rule."""
+    torch.manual_seed(0)
+    blocks = [
+        torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU()),
+        torch.nn.Sequential(torch.nn.Linear(4 * 4 * 4, 16), torch.nn.ReLU()),
+    ]
+    between = [torch.nn.Sequential(torch.nn.MaxPool2d(2), torch.nn.Flatten()), None]
+    net = lls.LocalNet(blocks, torch.nn.Linear(16, 3), between, latent_pool=[2, None])
+    trainer = lls.Trainer(net, "lls-m", input_shape=(1, 8, 8))
+    assert trainer.extra_parameters() == [3, 3]
+    result = trainer.train_step(torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert result.block_losses.shape == (2,) and torch.isfinite(result.block_losses).all()
+
+
+def test_network_that_rejects_the_input_shape():
+    with pytest.raises(lls.LLSError, match="does not accept inputs of shape"):
+        lls.Trainer(tiny_net(), "lls", input_shape=(3, 8, 8))
