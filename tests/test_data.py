@@ -9,22 +9,14 @@ import pytest
 import torch
 
 import lls
+from lls.data.augment import draw, erase, flip, pad_crop, seeded_generator
 from lls.data.base import Augment, Split
 from lls.data.download import download
 from lls.data.idx import read_idx, write_idx
-from lls.data.loader import TensorLoader, random_crop, random_erasing, random_flip, seeded_generator
-from lls.data.mnist import FASHION_MNIST, SPLIT_FILES, IdxDataset, load_idx_dataset
+from lls.data.loader import TensorLoader
+from lls.data.mnist import FASHION_MNIST, SPLIT_FILES, IdxSource
 
-TINY = IdxDataset(
-    name="tiny-idx",
-    mirrors=(),
-    md5={},
-    mean=0.5,
-    std=0.5,
-    augment=Augment(),
-    classes=tuple("abc"),
-    counts=None,
-)
+TINY = IdxSource(name="tiny-idx", classes=tuple("abc"), counts=None)
 
 
 def write_tiny_idx_set(folder: Path, n_train=12, n_test=5, gz=True) -> dict[str, np.ndarray]:
@@ -79,7 +71,7 @@ def test_bad_magic_and_bad_gzip(tmp_path):
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_dataset_from_data_dir(tmp_path, gz):
     arrays = write_tiny_idx_set(tmp_path, gz=gz)
-    data = load_idx_dataset(TINY, tmp_path, download_missing=False)
+    data = TINY.load(tmp_path, download=False)
     assert data.train.images.shape == (12, 1, 28, 28) and data.test.images.shape == (5, 1, 28, 28)
     np.testing.assert_array_equal(data.train.images[:, 0].numpy(), arrays["train_images"])
     np.testing.assert_array_equal(data.test.labels.numpy(), arrays["test_labels"])
@@ -88,19 +80,19 @@ def test_idx_dataset_from_data_dir(tmp_path, gz):
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(lls.LLSError, match="does not exist"):
-        load_idx_dataset(TINY, tmp_path / "nope", download_missing=False)
+        TINY.load(tmp_path / "nope", download=False)
 
 
 def test_missing_files_without_download_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("LLS_DATA_DIR", str(tmp_path / "cache"))
     with pytest.raises(lls.LLSError, match="lls data fetch tiny-idx"):
-        load_idx_dataset(TINY, tmp_path, download_missing=False)
+        TINY.load(tmp_path, download=False)
 
 
 def test_wrong_fashion_mnist_files_are_rejected(tmp_path):
     write_tiny_idx_set(tmp_path)
     with pytest.raises(lls.LLSError, match="not 60000 uint8 images"):
-        load_idx_dataset(FASHION_MNIST, tmp_path, download_missing=False)
+        FASHION_MNIST.load(tmp_path, download=False)
 
 
 def test_download_verifies_the_checksum_before_the_file_appears(tmp_path):
@@ -124,32 +116,41 @@ def test_digits_dataset(digits):
 # --- augmentation on tensors -------------------------------------------------------------------
 
 
-def test_random_crop_is_a_shifted_window_of_the_zero_padded_image():
-    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.uint8).reshape(2, 1, 5, 5)
-    g = seeded_generator("crop")
-    out = random_crop(x, 2, g)
-    dy, dx = torch.randint(0, 5, (2, 2), generator=seeded_generator("crop"))
+def test_pad_crop_is_a_shifted_window_of_the_zero_padded_image():
+    x = torch.arange(3 * 1 * 5 * 5, dtype=torch.uint8).reshape(3, 1, 5, 5)
+    position = torch.tensor([[0.0, 0.5, 0.99], [0.99, 0.0, 0.3]])  # (vertical, horizontal) per image
+    out = pad_crop(x, 2, position)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    for i in range(2):
-        expected = padded[i, :, dy[i] : dy[i] + 5, dx[i] : dx[i] + 5]
-        assert torch.equal(out[i], expected)
+    # offsets floor(u * 5) in 0..4: (0, 4), (2, 0), (4, 1)
+    for i, (dy, dx) in enumerate([(0, 4), (2, 0), (4, 1)]):
+        assert torch.equal(out[i], padded[i, :, dy : dy + 5, dx : dx + 5])
 
 
-def test_random_flip_flips_about_half():
-    x = torch.arange(1000 * 3, dtype=torch.float32).reshape(1000, 1, 1, 3)
-    out = random_flip(x, seeded_generator("flip"))
-    flipped = (out[:, 0, 0, 0] == x[:, 0, 0, 2]).float().mean().item()
-    assert 0.45 < flipped < 0.55
-    assert torch.equal(out.sort(dim=3).values, x)  # every row is the row or its mirror
+def test_flip_mirrors_where_asked():
+    x = torch.arange(2 * 3, dtype=torch.float32).reshape(2, 1, 1, 3)
+    out = flip(x, torch.tensor([True, False]))
+    assert out[0, 0, 0].tolist() == [2.0, 1.0, 0.0] and out[1, 0, 0].tolist() == [3.0, 4.0, 5.0]
+
+
+def test_draws_flip_about_half_and_are_reproducible():
+    a = draw(4000, Augment(hflip=True), False, seeded_generator("flip"))
+    b = draw(4000, Augment(hflip=True), False, seeded_generator("flip"))
+    assert torch.equal(a.flip, b.flip) and a.crop is None and a.erase is None
+    assert 0.47 < a.flip.float().mean().item() < 0.53
 
 
 def test_random_erasing_zeroes_one_rectangle_with_probability_p():
     x = torch.ones(2000, 3, 16, 16)
-    out = random_erasing(x, 0.2, seeded_generator("erase"))
+    u = draw(2000, Augment(erasing=0.2), False, seeded_generator("erase")).erase
+    out = erase(x, 0.2, u)
     erased = (out == 0).any(dim=(1, 2, 3))
+    assert torch.equal(erased, u[0] < 0.2)
     assert 0.17 < erased.float().mean().item() < 0.23
     area = (out[erased] == 0).float().mean(dim=(1, 2, 3))
     assert area.min() > 0 and area.max() <= 0.34 + 0.05
+    rows = (out[erased][:, 0] == 0).any(dim=2)  # the zeros form one solid rectangle per image
+    cols = (out[erased][:, 0] == 0).any(dim=1)
+    assert torch.equal((out[erased][:, 0] == 0).sum((1, 2)), rows.sum(1) * cols.sum(1))
 
 
 def test_loader_normalises_and_is_deterministic_per_epoch():
@@ -165,5 +166,7 @@ def test_loader_normalises_and_is_deterministic_per_epoch():
     other = [b[0] for b in loader.epoch(4)]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0], other[0])
+    resumed = [b[0] for b in loader.epoch(3, start=2)]  # skipping draws, not images, to resume mid-epoch
+    assert all(torch.equal(a, b) for a, b in zip(first[2:], resumed, strict=True))
     labels = torch.cat([b[1] for b in loader.epoch(5)])
     assert sorted(labels.tolist()) == sorted(split.labels.tolist())  # a permutation: every image once

@@ -1,32 +1,61 @@
-"""The ``lls`` command line."""
+"""The ``lls`` command line: train, eval, data, list."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
 
 import torch
 
 from . import __version__
-from .data import list_datasets, load_dataset
+from .data import DATASETS, check_dataset, fetch_dataset, list_datasets, load_dataset
 from .errors import LLSError
-from .fit import EpochRecord, Loaders, fit
-from .models import create_model, list_models
+from .fit import REFRESH_BATCHES, EpochRecord, History, Interrupted, TrainingDiverged, fit
+from .models import list_models
 from .optim import OPTIMIZERS
-from .rules import RULES, create_rule, list_rules
-from .trainer import Trainer
+from .rules import RULES, list_rules
+from .run import (
+    RunDir,
+    TrainConfig,
+    build_session,
+    checkpoint_state,
+    environment,
+    graceful_interrupt,
+    restore,
+)
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+RUNS_ROOT = Path("runs")
+
+# options of `lls train` that make up a TrainConfig; all default to None so that explicit ones stand out
+CONFIG_OPTIONS = (
+    "dataset",
+    "model",
+    "rule",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "seed",
+    "limit",
+    "augment",
+    "image_size",
+    "channels_last",
+)
+RULE_OPTIONS = ("basis", "temperature", "reduced")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | None) -> torch.device:
+    name = name or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -37,105 +66,262 @@ def resolve_device(name: str) -> torch.device:
         raise LLSError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
 
 
-def rule_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The rule options the user gave; the run's seed also seeds a rule's fixed random tensors."""
-    options = {k: v for k, v in (("basis", args.basis), ("temperature", args.temperature)) if v is not None}
-    if args.reduced is not None:
-        options["reduced"] = args.reduced
-    fields = {f for f in RULES.get(args.rule).__dataclass_fields__}
-    if "seed" in fields:
-        options["seed"] = args.seed
-    return options
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None}
+    config = TrainConfig(**values)
+    options = {k: getattr(args, k) for k in RULE_OPTIONS if getattr(args, k) is not None}
+    if "seed" in RULES.get(config.rule).__dataclass_fields__:
+        options["seed"] = config.seed  # the run's seed also seeds a rule's fixed random tensors
+    return dataclasses.replace(config, rule_options=options)
+
+
+def resumed_config(args: argparse.Namespace, saved: TrainConfig, run: RunDir) -> TrainConfig:
+    """The saved config with the overrides a resume allows (more epochs); anything else is refused."""
+    conflicts = []
+    for name in CONFIG_OPTIONS + RULE_OPTIONS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        old = saved.rule_options.get(name) if name in RULE_OPTIONS else getattr(saved, name)
+        if name not in TrainConfig.RESUMABLE and value != old:
+            conflicts.append(f"--{name.replace('_', '-')} {value} (the run has {old})")
+    if conflicts:
+        raise LLSError(
+            f"{run.path} was made with another configuration: {'; '.join(conflicts)}; "
+            "resume without those options, or start a new run with --out"
+        )
+    return dataclasses.replace(saved, epochs=args.epochs if args.epochs is not None else saved.epochs)
+
+
+def epoch_line(record: EpochRecord, epochs: int) -> str:
+    blocks = " ".join(f"{b:.3f}" for b in record.block_losses)
+    return (
+        f"epoch {record.epoch}/{epochs}: train loss {record.train_loss:.4f} "
+        f"acc {100 * record.train_accuracy:.2f}% | test loss {record.test_loss:.4f} "
+        f"acc {100 * record.test_accuracy:.2f}% | {record.train_seconds:.1f}s train, "
+        f"{record.eval_seconds:.1f}s eval" + (f" | block losses {blocks}" if blocks else "")
+    )
+
+
+def tensorboard_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LLSError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(path))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    rule = create_rule(args.rule, **rule_options(args))
-    data = load_dataset(args.dataset, args.data_dir, download=not args.no_download, quiet=args.json)
-    torch.manual_seed(args.seed)
-    net = create_model(
-        args.model,
-        in_channels=data.input_shape[0],
-        input_size=data.input_shape[1:],
-        num_classes=data.num_classes,
-        activation=rule.activation,
-    ).to(device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    trainer = Trainer(
-        net,
-        rule,
-        input_shape=data.input_shape,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
+    if args.resume:
+        run = RunDir.open(args.resume)
+        config = resumed_config(args, run.read_config(), run)
+        state = run.load_checkpoint()
+    else:
+        config = config_from_args(args)
+        run, state = None, None
+    session = build_session(
+        config, device=device, data_dir=args.data_dir, download=not args.no_download, quiet=args.json
     )
-    loaders = Loaders.for_dataset(
-        data,
-        args.batch_size,
-        seed=args.seed,
-        device=device,
-        limit=args.limit,
-        channels_last=args.channels_last,
-    )
-    describe = ", ".join(f"{k}={v}" for k, v in rule.config().items() if k != "name")
-    print(
-        f"{args.model} on {args.dataset} ({len(loaders.train.labels)} train / "
-        f"{len(loaders.test.labels)} test, from {data.source}) with {rule.name}({describe}), "
-        f"{args.optimizer} lr {args.lr}, "
-        f"batch {args.batch_size}, seed {args.seed}, {device}"
-    )
-
-    def report(record: EpochRecord) -> None:
-        blocks = " ".join(f"{b:.3f}" for b in record.block_losses if not math.isnan(b))
-        print(
-            f"epoch {record.epoch}/{args.epochs}: train loss {record.train_loss:.4f} "
-            f"acc {100 * record.train_accuracy:.2f}% | test loss {record.test_loss:.4f} "
-            f"acc {100 * record.test_accuracy:.2f}% | {record.train_seconds:.1f}s train, "
-            f"{record.eval_seconds:.1f}s eval" + (f" | block losses {blocks}" if blocks else ""),
-            flush=True,
+    if run is None:
+        run = RunDir.create(
+            args.out or RUNS_ROOT / config.default_name(),
+            config,
+            {
+                **environment(),
+                "device": str(device),
+                "data_dir": args.data_dir,
+                "data_source": session.data.source,
+            },
         )
+    history, start_epoch, progress = restore(session, state) if state is not None else (History(), 0, None)
+    trainer, loaders, rule = session.trainer, session.loaders, session.rule
+    describe = ", ".join(f"{k}={v}" for k, v in rule.config().items() if k != "name")
+    where = f"resuming {run.path} at epoch {start_epoch + 1}" if state is not None else f"run {run.path}"
+    if progress is not None:
+        where += f", step {progress.step}"
+    print(
+        f"{where}: {config.model} on {config.dataset} ({len(loaders.train.labels)} train / "
+        f"{len(loaders.test.labels)} test, from {session.data.source}) with {rule.name}({describe}), "
+        f"{config.optimizer} lr {config.lr}, batch {config.batch_size}, seed {config.seed}, {device}",
+        flush=True,
+    )
+    for record in history.records:
+        print(epoch_line(record, config.epochs))
+    writer = tensorboard_writer(run.path / "tensorboard") if args.tensorboard else None
+    title = f"{config.model} / {config.dataset} / {rule.name} ({describe})"
+
+    def on_epoch(record: EpochRecord) -> None:
+        run.save_checkpoint(checkpoint_state(session, history, record.epoch, None))
+        records = [r.as_dict() for r in history.records]
+        run.write_metrics(records)
+        run.plot(records, title)
+        if writer is not None:
+            for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_seconds"):
+                writer.add_scalar(key, getattr(record, key), record.epoch)
+            for b, value in enumerate(record.block_losses):
+                writer.add_scalar(f"block_loss/{b}", value, record.epoch)
+            writer.flush()
+        print(epoch_line(record, config.epochs), flush=True)
 
     start = time.perf_counter()
-    history = fit(trainer, loaders, args.epochs, progress=not args.quiet, on_epoch=report)
+    try:
+        with graceful_interrupt() as should_stop:
+            fit(
+                trainer,
+                loaders,
+                config.epochs,
+                start_epoch=start_epoch,
+                history=history,
+                progress=not args.quiet,
+                resume=progress,
+                on_epoch=on_epoch,
+                should_stop=should_stop,
+            )
+    except Interrupted as stop:
+        if stop.progress is not None:
+            run.save_checkpoint(checkpoint_state(session, history, stop.progress.epoch, stop.progress))
+        print(
+            f"lls: interrupted; checkpoint saved, continue with `lls train --resume {run.path}`",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as error:
+        kept = f"the last good checkpoint (epoch {len(history.records)}) is kept in {run.path}"
+        print(
+            f"lls: error: {error}; {kept if history.records else 'no checkpoint was written'}",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED
+    finally:
+        if writer is not None:
+            writer.close()
     wall = time.perf_counter() - start
+    if not history.records:
+        print("nothing to train: the run is already complete")
+        return 0
     best = max(history.records, key=lambda r: r.test_accuracy)
+    epochs = len(history.records)
     print(
-        f"test accuracy {100 * history.final_test_accuracy:.2f}% after {args.epochs} epoch(s) "
+        f"test accuracy {100 * history.final_test_accuracy:.2f}% after {epochs} epoch(s) "
         f"(best {100 * best.test_accuracy:.2f}% at epoch {best.epoch}); "
-        f"training {history.train_seconds:.1f}s ({history.train_seconds / args.epochs:.1f}s/epoch), "
-        f"{wall:.1f}s in all"
+        f"training {history.train_seconds:.1f}s ({history.train_seconds / epochs:.1f}s/epoch); "
+        f"{wall:.1f}s in this session; run saved in {run.path}"
     )
     if args.json:
         summary = {
             "test_accuracy": history.final_test_accuracy,
             "best_test_accuracy": history.best_test_accuracy,
-            "epochs": args.epochs,
+            "epochs": epochs,
             "train_seconds": history.train_seconds,
             "wall_seconds": wall,
             "rule": rule.name,
             "rule_config": rule.config(),
-            "model": args.model,
-            "dataset": args.dataset,
-            "batch_size": args.batch_size,
-            "optimizer": args.optimizer,
-            "lr": args.lr,
-            "seed": args.seed,
+            "model": config.model,
+            "dataset": config.dataset,
+            "config": config.as_dict(),
+            "run_dir": str(run.path),
             "device": str(device),
             "extra_parameters": sum(trainer.extra_parameters()),
             "history": [r.as_dict() for r in history.records],
             "lls_version": __version__,
             "torch_version": torch.__version__,
-            "python_version": platform.python_version(),
         }
         print(json.dumps(summary))
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    run = RunDir.open(args.run)
+    config = run.read_config()
+    state = run.load_checkpoint()
+    if state is None:
+        raise LLSError(f"{run.path} has no checkpoint yet; train at least one epoch first")
+    session = build_session(
+        config, device=device, data_dir=args.data_dir, download=not args.no_download, quiet=True
+    )
+    try:
+        session.trainer.load_state_dict(state["trainer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise LLSError(
+            f"the checkpoint does not fit the model ({str(error).splitlines()[0][:160]})"
+        ) from None
+    test = session.loaders.test
+    name = config.dataset
+    if args.dataset and args.dataset != config.dataset:
+        other = load_dataset(
+            args.dataset, args.data_dir, download=not args.no_download, quiet=True, augment="none"
+        )
+        if other.input_shape != session.data.input_shape or other.num_classes != session.data.num_classes:
+            raise LLSError(
+                f"the model takes {session.data.input_shape} images and {session.data.num_classes} classes; "
+                f"{args.dataset} has {other.input_shape} and {other.num_classes}"
+            )
+        from .fit import Loaders
+
+        layout = {"channels_last": config.channels_last, "device": device}
+        other_loaders = Loaders.for_dataset(other, config.batch_size, limit=config.limit, **layout)
+        test = other_loaders.train if args.split == "train" else other_loaders.test
+        name = args.dataset
+    elif args.split == "train":
+        from .data import make_loader
+
+        data = session.data
+        test = make_loader(
+            data.train.head(config.limit),
+            250,
+            mean=data.mean,
+            std=data.std,
+            device=device,
+            memory_format=torch.channels_last if config.channels_last else torch.contiguous_format,
+        )
+    # At an epoch boundary the saved BatchNorm statistics are the ones refreshed for that epoch's
+    # evaluation; mid-epoch (an interrupted run) they are refreshed again, as training would.
+    refresh = []
+    if state["progress"] is not None:
+        from itertools import islice
+
+        refresh = islice(
+            session.loaders.train.epoch(state["progress"]["epoch"], stream="refresh"), REFRESH_BATCHES
+        )
+    loss, accuracy = session.trainer.evaluate(test.epoch(), refresh=refresh)
+    epoch = state["epoch"]
+    print(
+        f"{run.path} (epoch {epoch}) on {name} {args.split}: accuracy {100 * accuracy:.2f}%, loss {loss:.4f}"
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run_dir": str(run.path),
+                    "dataset": name,
+                    "split": args.split,
+                    "epoch": epoch,
+                    "accuracy": accuracy,
+                    "loss": loss,
+                }
+            )
+        )
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.action == "fetch":
+        source = DATASETS.get(args.name)
+        where = fetch_dataset(args.name, args.data_dir)
+        print(f"{source.name} is ready in {where}")
+        return 0
+    for line in check_dataset(args.name, args.data_dir, sample=args.sample):
+        print(line)
+    print("ok")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    print("rules:     " + ", ".join(list_rules()))
-    print("models:    " + ", ".join(list_models()))
-    print("datasets:  " + ", ".join(list_datasets()))
+    print("rules:      " + ", ".join(list_rules()))
+    print("models:     " + ", ".join(list_models()))
+    print("datasets:   " + ", ".join(list_datasets()))
     print("optimizers: " + ", ".join(OPTIMIZERS.names()))
     return 0
 
@@ -154,39 +340,77 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    parser.add_argument(
+        "--no-download", action="store_true", help="fail instead of downloading missing files"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lls", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lls", description="Train networks with LLS and the rules it is compared to."
+    )
     parser.add_argument("--version", action="version", version=f"lls {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a model with a learning rule")
-    train.add_argument("--dataset", default="fashion-mnist", help="dataset name (see `lls list`)")
-    train.add_argument("--model", default="smallconv", help="model name (see `lls list`)")
-    train.add_argument("--rule", default="lls", help="learning rule (see `lls list`)")
-    train.add_argument("--basis", default=None, help="LLS basis: square (default), periodic or random")
-    train.add_argument("--temperature", type=positive_float, default=None, help="LLS temperature (0.5)")
-    train.add_argument("--reduced", type=positive_int, default=None, help="lls-mxm: basis rows R < K")
-    train.add_argument("--epochs", type=positive_int, default=1)
-    train.add_argument("--batch-size", type=positive_int, default=128)
-    train.add_argument("--lr", type=positive_float, default=5e-3)
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--optimizer", default="adamw-sf", choices=OPTIMIZERS.names())
-    train.add_argument("--seed", type=int, default=0)
+    train = commands.add_parser("train", help="train a model with a learning rule (a run directory)")
+    d = TrainConfig()
+    train.add_argument("--dataset", help=f"dataset name (default {d.dataset}; see `lls list`)")
+    train.add_argument("--model", help=f"model name (default {d.model})")
+    train.add_argument("--rule", help=f"learning rule (default {d.rule})")
+    train.add_argument("--basis", help="LLS basis: square (default), periodic or random")
+    train.add_argument("--temperature", type=positive_float, help="LLS temperature (default 0.5)")
+    train.add_argument("--reduced", type=positive_int, help="lls-mxm: use R < K basis rows")
+    train.add_argument("--epochs", type=positive_int, help=f"default {d.epochs}")
+    train.add_argument("--batch-size", type=positive_int, help=f"default {d.batch_size}")
+    train.add_argument("--lr", type=positive_float, help=f"default {d.lr}")
+    train.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    train.add_argument("--optimizer", choices=OPTIMIZERS.names(), help=f"default {d.optimizer}")
+    train.add_argument("--seed", type=int, help=f"default {d.seed}")
+    train.add_argument("--limit", type=positive_int, help="use only the first N train and test images")
     train.add_argument(
-        "--limit", type=positive_int, default=None, help="use only the first N train and test images"
+        "--augment", help="augmentation preset of the dataset (e.g. cifar10: basic, aug, none)"
     )
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    train.add_argument("--data-dir", default=None, help="folder with the dataset files")
-    train.add_argument("--no-download", action="store_true", help="fail instead of downloading missing files")
+    train.add_argument("--image-size", type=positive_int, help="imagefolder: side of the square crops (64)")
     train.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="channels-last memory layout (default on: faster convolutions and pooling on CPU)",
     )
+    train.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    add_data_options(train)
+    train.add_argument("--out", help="run directory (default runs/DATASET-MODEL-RULE-sSEED-TIME)")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+    train.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
     train.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a run's saved model")
+    evaluate.add_argument("run", help="run directory")
+    evaluate.add_argument("--dataset", help="evaluate on another dataset of the same shape and classes")
+    evaluate.add_argument("--split", choices=("test", "train"), default="test")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    add_data_options(evaluate)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
+
+    data = commands.add_parser("data", help="fetch or check datasets")
+    data_actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fetch = data_actions.add_parser("fetch", help="download (resumable), verify and unpack a dataset")
+    fetch.add_argument("name")
+    fetch.add_argument(
+        "--data-dir", default=None, help="where to put it (default $LLS_DATA_DIR or ~/.cache/lls)"
+    )
+    check = data_actions.add_parser("check", help="verify a dataset's files, counts and shapes")
+    check.add_argument("name")
+    check.add_argument("--data-dir", default=None)
+    check.add_argument("--sample", type=positive_int, help="decode only about N images of each split")
+    data.set_defaults(func=cmd_data)
 
     listing = commands.add_parser("list", help="list rules, models, datasets and optimizers")
     listing.set_defaults(func=cmd_list)
@@ -201,5 +425,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lls: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("lls: interrupted", file=sys.stderr)
+        print("lls: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED

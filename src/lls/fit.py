@@ -12,13 +12,17 @@ from itertools import islice
 import torch
 from tqdm import tqdm
 
-from .data import Dataset, TensorLoader
+from .data import BatchLoader, Dataset, make_loader
 from .errors import LLSError
 from .trainer import Trainer
 
 REFRESH_BATCHES = 50  # BatchNorm refresh before each evaluation (the paper's procedure)
 EVAL_BATCH_SIZE = 250  # results do not depend on it in eval mode; larger is slower on CPU
-POSTFIX_EVERY = 10  # steps between progress-bar updates (each one syncs with the device)
+CHECK_EVERY = 10  # steps between finiteness checks and progress updates (each syncs with the device)
+
+
+class TrainingDiverged(LLSError):
+    """A loss became NaN or infinite."""
 
 
 @dataclass
@@ -26,7 +30,7 @@ class EpochRecord:
     epoch: int  # 1-based
     train_loss: float
     train_accuracy: float
-    block_losses: list[float]  # mean local loss of each block (NaN for bp)
+    block_losses: list[float]  # mean local loss of each block (empty for bp)
     test_loss: float
     test_accuracy: float
     train_seconds: float
@@ -38,9 +42,25 @@ class EpochRecord:
 
 
 @dataclass
+class EpochProgress:
+    """Running sums of an epoch in progress; what a mid-epoch checkpoint stores to resume exactly."""
+
+    epoch: int  # 0-based
+    step: int = 0  # completed steps
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    block_sums: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Loaders:
-    train: TensorLoader
-    test: TensorLoader
+    train: BatchLoader
+    test: BatchLoader
 
     @classmethod
     def for_dataset(
@@ -56,10 +76,10 @@ class Loaders:
         layout = torch.channels_last if channels_last else torch.contiguous_format
         common = {"mean": data.mean, "std": data.std, "device": device, "memory_format": layout}
         return cls(
-            train=TensorLoader(
+            train=make_loader(
                 data.train.head(limit), batch_size, augment=data.augment, shuffle=True, seed=seed, **common
             ),
-            test=TensorLoader(data.test.head(limit), EVAL_BATCH_SIZE, **common),
+            test=make_loader(data.test.head(limit), EVAL_BATCH_SIZE, **common),
         )
 
 
@@ -80,46 +100,102 @@ class History:
         return sum(r.train_seconds for r in self.records)
 
 
+class Interrupted(Exception):  # a control-flow signal, not an error
+    """Training stopped on request: mid-epoch at a step boundary (``progress`` says where) or,
+    with ``progress`` None, right after an epoch was recorded."""
+
+    def __init__(self, progress: EpochProgress | None) -> None:
+        where = f"epoch {progress.epoch + 1}, step {progress.step}" if progress else "an epoch boundary"
+        super().__init__(f"interrupted at {where}")
+        self.progress = progress
+
+
+def _first_bad(window: list[torch.Tensor], first_step: int, blocks: int) -> str | None:
+    """Where the first non-finite loss in ``window`` (rows: steps; columns: blocks..., head) is."""
+    values = torch.stack(window)
+    bad = ~torch.isfinite(values)
+    if not bool(bad.any()):
+        return None
+    row = int(bad.any(1).nonzero()[0])
+    column = int(bad[row].nonzero()[0])
+    who = f"block {column}'s local loss" if column < blocks else "the head's loss"
+    return f"step {first_step + row}: {who} is {values[row, column].item()}"
+
+
 def train_epoch(
-    trainer: Trainer, loader: TensorLoader, epoch: int, *, progress: bool = True, desc: str = ""
-) -> tuple[float, float, list[float], float]:
-    """One pass over the training data: (loss, accuracy, per-block losses, seconds)."""
-    steps = len(loader)
-    device = loader.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    block_sum = torch.zeros(len(trainer.net.blocks), device=device, dtype=torch.float64)
-    seen = 0
-    bar = tqdm(total=steps, desc=desc, leave=True, disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    start = time.perf_counter()
-    for step, (x, y) in enumerate(loader.epoch(epoch), start=1):
+    trainer: Trainer,
+    loader: BatchLoader,
+    epoch: int,
+    *,
+    progress: bool = True,
+    desc: str = "",
+    resume: EpochProgress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> EpochProgress:
+    """One pass over the training data, from ``resume``'s step if given.
+
+    Checks every few steps that all losses are finite (raising :class:`TrainingDiverged` naming the
+    first bad block and step) and whether ``should_stop()``; if so it raises :class:`Interrupted`
+    with the sums so far, at a step boundary.
+    """
+    state = resume or EpochProgress(epoch)
+    steps, device, blocks = len(loader), loader.device, len(trainer.net.blocks)
+    loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float64)
+    correct = torch.tensor(state.correct, device=device, dtype=torch.int64)
+    block_sum = torch.tensor(state.block_sums or [], device=device, dtype=torch.float64)
+    window: list[torch.Tensor] = []
+    window_start = state.step + 1
+    bar = tqdm(
+        total=steps, initial=state.step, desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
+    start = time.perf_counter() - state.seconds
+
+    def snapshot(step: int) -> EpochProgress:
+        return EpochProgress(
+            epoch,
+            step,
+            float(loss_sum),
+            int(correct),
+            state.seen,
+            block_sum.tolist(),
+            time.perf_counter() - start,
+        )
+
+    step = state.step
+    for step, (x, y) in enumerate(loader.epoch(epoch, start=state.step), start=state.step + 1):
         result = trainer.train_step(x, y)
         n = len(y)
+        if block_sum.numel() != result.block_losses.numel():
+            block_sum = torch.zeros(result.block_losses.numel(), device=device, dtype=torch.float64)
         loss_sum += result.loss.double() * n
         block_sum += result.block_losses.double() * n
         correct += (result.logits.argmax(1) == y).sum()
-        seen += n
-        if step % POSTFIX_EVERY == 0 or step == steps:
-            loss = float(loss_sum) / seen
-            if not math.isfinite(loss):
-                raise LLSError(
-                    f"training diverged: the loss is {loss} at epoch {epoch + 1}, step {step}; lower --lr"
-                )
+        state.seen += n
+        window.append(torch.cat([result.block_losses.float(), result.loss.float().view(1)]))
+        stop = should_stop()
+        if step % CHECK_EVERY == 0 or step == steps or stop:
+            bad = _first_bad(window, window_start, blocks)
+            if bad is not None:
+                bar.close()
+                raise TrainingDiverged(f"training diverged at epoch {epoch + 1}, {bad}; lower --lr")
+            window, window_start = [], step + 1
             if progress:
-                bar.set_postfix_str(
-                    _postfix(loss, int(correct) / seen, (block_sum / seen).tolist()), refresh=False
-                )
+                seen = state.seen
+                text = _postfix(float(loss_sum) / seen, int(correct) / seen, (block_sum / seen).tolist())
+                bar.set_postfix_str(text, refresh=False)
                 bar.update(step - bar.n)
-    seconds = time.perf_counter() - start
+        if stop and step < steps:
+            bar.close()
+            raise Interrupted(snapshot(step))
     bar.close()
-    if seen == 0:
+    if state.seen == 0:
         raise LLSError("the training set is empty")
-    return float(loss_sum) / seen, int(correct) / seen, (block_sum / seen).tolist(), seconds
+    return snapshot(step)
 
 
 def _postfix(loss: float, accuracy: float, blocks: list[float]) -> str:
     text = f"loss {loss:.3f} acc {100 * accuracy:.1f}%"
-    if not all(math.isnan(b) for b in blocks):
+    if blocks:
         text += " | blocks " + " ".join(f"{b:.3f}" for b in blocks)
     return text
 
@@ -140,28 +216,43 @@ def fit(
     start_epoch: int = 0,
     history: History | None = None,
     progress: bool = True,
+    resume: EpochProgress | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> History:
-    """Train from ``start_epoch`` to ``epochs``, evaluating after each epoch."""
+    """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after each."""
     history = history or History()
+    if resume is not None:
+        start_epoch = resume.epoch
     for epoch in range(start_epoch, epochs):
-        desc = f"epoch {epoch + 1}/{epochs}"
-        loss, accuracy, blocks, train_seconds = train_epoch(
-            trainer, loaders.train, epoch, progress=progress, desc=desc
+        done = train_epoch(
+            trainer,
+            loaders.train,
+            epoch,
+            progress=progress,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            resume=resume if resume is not None and resume.epoch == epoch else None,
+            should_stop=should_stop,
         )
         test_loss, test_accuracy, eval_seconds = evaluate(trainer, loaders, epoch)
         record = EpochRecord(
-            epoch + 1,
-            loss,
-            accuracy,
-            blocks,
-            test_loss,
-            test_accuracy,
-            train_seconds,
-            eval_seconds,
-            trainer.lr,
+            epoch=epoch + 1,
+            train_loss=done.loss_sum / done.seen,
+            train_accuracy=done.correct / done.seen,
+            block_losses=[b / done.seen for b in done.block_sums],
+            test_loss=test_loss,
+            test_accuracy=test_accuracy,
+            train_seconds=done.seconds,
+            eval_seconds=eval_seconds,
+            lr=trainer.lr,
         )
+        if not math.isfinite(test_loss):
+            raise TrainingDiverged(
+                f"evaluation after epoch {epoch + 1} gave a test loss of {test_loss}; lower --lr"
+            )
         history.records.append(record)
         if on_epoch is not None:
             on_epoch(record)
+        if epoch + 1 < epochs and should_stop():
+            raise Interrupted(None)
     return history

@@ -32,7 +32,7 @@ class StepResult:
 
     logits: torch.Tensor  # (N, K) head output in training mode
     loss: torch.Tensor  # head cross-entropy
-    block_losses: torch.Tensor  # (L,) each block's local loss; NaN where the rule has none (bp)
+    block_losses: torch.Tensor  # (L,) each block's local loss; empty for rules without any (bp)
 
 
 class Trainer:
@@ -118,8 +118,7 @@ class Trainer:
         loss.backward()
         for optimizer in self.optimizers:
             optimizer.step()
-        nan = torch.full((len(self.net.blocks),), float("nan"), device=loss.device)
-        return StepResult(logits.detach(), loss.detach(), nan)
+        return StepResult(logits.detach(), loss.detach(), loss.new_zeros(0))
 
     # --- evaluation ----------------------------------------------------------------------------
 

@@ -81,3 +81,16 @@ def _fetch(url: str, part: Path, quiet: bool) -> None:
             for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
                 f.write(chunk)
                 bar.update(len(chunk))
+
+
+def fetch_archive(urls: Sequence[str], md5: str, root: Path, *, quiet: bool = False) -> None:
+    """Download an archive into ``root`` (resumable, md5-checked), unpack it safely, delete it."""
+    from .archive import extract
+
+    archive = root / urls[0].rsplit("/", 1)[-1]
+    if not archive.exists():
+        download(urls, archive, md5=md5, quiet=quiet)
+    else:
+        verify(archive, md5=md5)
+    extract(archive, root)
+    archive.unlink()

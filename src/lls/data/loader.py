@@ -1,78 +1,95 @@
-"""Minibatches straight from tensors: shuffling, augmentation and normalisation on whole batches.
+"""Minibatches for training and evaluation, shuffled and augmented per epoch on tensors.
 
-Small image sets live in memory as one uint8 tensor (on the training device), so an epoch is a
-permutation plus a few batched tensor ops per step: no worker processes, no per-sample Python.
-Every random draw comes from a generator seeded by (seed, epoch, stream), so an epoch's batches are
-the same whenever it is replayed, on any device, including after a resume.
+Small image sets live in memory as one uint8 tensor on the training device (``TensorLoader``); an
+epoch is a permutation plus a few batched tensor ops per step: no worker processes, no per-sample
+Python. Sets that do not fit stream from their image files (``StreamLoader``): a thread pool
+decodes the next batches while the current one trains (decoding releases the GIL, so both cores
+stay busy). Every random number comes from a generator seeded by (seed, epoch, stream), so an
+epoch's batches are the same whenever it is replayed, on any device, including after a resume.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
-from .base import Augment, Split
+from ..errors import LLSError
+from .augment import Draws, draw, erase, flip, pad_crop, seeded_generator
+from .base import Augment, FileSplit, Split
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-ERASE_SCALE = (0.02, 0.33)  # torchvision RandomErasing defaults: area fraction ...
-ERASE_RATIO = (0.3, 3.3)  # ... and aspect ratio range
+PREFETCH_BATCHES = 2  # streamed batches decoded ahead of the one training
 
 
-def seeded_generator(*key: object) -> torch.Generator:
-    """A CPU generator whose seed is a hash of ``key`` (e.g. ``(seed, epoch, "shuffle")``)."""
-    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+class BatchLoader:
+    """Shared epoch logic: order, per-batch draws, skipping, normalisation, augmentation."""
+
+    random_crop = False  # whether a batch needs crop draws
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: Augment | None,
+        shuffle: bool,
+        seed: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        memory_format: torch.memory_format,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.labels = labels.to(self.device)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.augment = augment or Augment()
+        self.dtype, self.memory_format = dtype, memory_format
+        shape = (1, -1, 1, 1)
+        std_t, mean_t = torch.tensor(std, dtype=dtype), torch.tensor(mean, dtype=dtype)
+        self.scale = (1.0 / (255.0 * std_t)).view(shape).to(self.device)
+        self.shift = (mean_t / std_t).view(shape).to(self.device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
+
+    def plan(self, epoch: int, stream: str, start: int = 0) -> Iterator[tuple[torch.Tensor, Draws]]:
+        """(indices, draws) of every batch from step ``start`` on; earlier batches' draws are skipped."""
+        generator = seeded_generator(self.seed, epoch, stream)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        for step, first in enumerate(range(0, n, self.batch_size)):
+            index = order[first : first + self.batch_size]
+            draws = draw(len(index), self.augment, self.random_crop, generator)
+            if step >= start:
+                yield index, draws
+
+    def finish(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """uint8 batch on the device -> flipped, normalised, erased float batch."""
+        if draws.flip is not None:
+            x = flip(x, draws.flip)
+        x = x.to(self.dtype) * self.scale - self.shift  # (x / 255 - mean) / std
+        if draws.erase is not None:
+            x = erase(x, self.augment.erasing, draws.erase)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def epoch(self, epoch: int = 0, stream: str = "train", start: int = 0) -> Iterator[Batch]:
+        raise NotImplementedError
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image."""
-    n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * padding)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
-    return padded.gather(2, rows).gather(3, cols)
-
-
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image left-right with probability 1/2."""
-    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
-def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Set a random rectangle of each image to 0 with probability ``p`` (torchvision semantics).
-
-    Applied after normalisation, as torchvision's ``RandomErasing`` is. Each image gets one try at a
-    rectangle of random area in ERASE_SCALE and aspect in ERASE_RATIO; a rectangle that does not
-    fit is clipped to the image (torchvision retries up to 10 times instead).
-    """
-    n, _, h, w = x.shape
-    erase = torch.rand(n, generator=generator) < p
-    area = h * w * torch.empty(n).uniform_(*ERASE_SCALE, generator=generator)
-    log_ratio = torch.empty(n).uniform_(
-        math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]), generator=generator
-    )
-    ratio = torch.exp(log_ratio)
-    eh = torch.sqrt(area * ratio).round().clamp(1, h).long()
-    ew = torch.sqrt(area / ratio).round().clamp(1, w).long()
-    top = (torch.rand(n, generator=generator) * (h - eh + 1)).long()
-    left = (torch.rand(n, generator=generator) * (w - ew + 1)).long()
-    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]
-    inside_y = (ys >= top[:, None]) & (ys < (top + eh)[:, None])
-    inside_x = (xs >= left[:, None]) & (xs < (left + ew)[:, None])
-    mask = (inside_y[:, :, None] & inside_x[:, None, :] & erase[:, None, None]).to(x.device)
-    return x.masked_fill(mask[:, None], 0.0)
-
-
-class TensorLoader:
-    """Batches of one in-memory split, shuffled and augmented per epoch.
-
-    ``loader.epoch(e)`` yields ``(x, y)`` with ``x`` float32 normalised (N, C, H, W) on ``device``.
-    """
+class TensorLoader(BatchLoader):
+    """Batches of an in-memory :class:`Split`; ``loader.epoch(e)`` yields normalised ``(x, y)``."""
 
     def __init__(
         self,
@@ -88,46 +105,116 @@ class TensorLoader:
         dtype: torch.dtype = torch.float32,
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.augment = augment or Augment()
-        self.dtype, self.memory_format = dtype, memory_format
-        shape = (1, -1, 1, 1)
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=dtype))).view(shape).to(self.device)
-        self.shift = (
-            (torch.tensor(mean, dtype=dtype) / torch.tensor(std, dtype=dtype)).view(shape).to(self.device)
+        super().__init__(
+            split.labels,
+            batch_size,
+            mean=mean,
+            std=std,
+            augment=augment,
+            shuffle=shuffle,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            memory_format=memory_format,
         )
+        self.images = split.images.to(self.device)
+        self.random_crop = bool(self.augment.crop_padding)
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+    def epoch(self, epoch: int = 0, stream: str = "train", start: int = 0) -> Iterator[Batch]:
+        for index, draws in self.plan(epoch, stream, start):
+            index = index.to(self.device)
+            x = self.images[index]
+            if draws.crop is not None:
+                x = pad_crop(x, self.augment.crop_padding, draws.crop)
+            yield self.finish(x, draws), self.labels[index]
 
-    def epoch(self, epoch: int = 0, stream: str = "train") -> Iterator[Batch]:
-        generator = seeded_generator(self.seed, epoch, stream)
-        n = len(self.labels)
-        order = torch.randperm(n, generator=generator).to(self.device) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
-            if order is None:
-                index = slice(start, start + self.batch_size)
-                x, y = self.images[index], self.labels[index]
-            else:
-                index = order[start : start + self.batch_size]
-                x, y = self.images[index], self.labels[index]
-            yield self.transform(x, generator), y
 
-    def __iter__(self) -> Iterator[Batch]:
-        return self.epoch(0)
+class StreamLoader(BatchLoader):
+    """Batches of a :class:`FileSplit`, decoded by a thread pool ahead of training."""
 
-    def transform(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        aug = self.augment
-        if aug.crop_padding:
-            x = random_crop(x, aug.crop_padding, generator)
-        if aug.hflip:
-            x = random_flip(x, generator)
-        x = x.to(self.dtype) * self.scale - self.shift  # (x / 255 - mean) / std
-        if aug.erasing:
-            x = random_erasing(x, aug.erasing, generator)
-        return x.contiguous(memory_format=self.memory_format)
+    def __init__(
+        self,
+        split: FileSplit,
+        batch_size: int,
+        *,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: Augment | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        workers: int | None = None,
+    ) -> None:
+        super().__init__(
+            split.labels,
+            batch_size,
+            mean=mean,
+            std=std,
+            augment=augment,
+            shuffle=shuffle,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            memory_format=memory_format,
+        )
+        self.split = split
+        self.random_crop = split.random_crop
+        self.workers = workers or os.cpu_count() or 2
+
+    def submit(self, pool: ThreadPoolExecutor, index: torch.Tensor, draws: Draws) -> list:
+        crops = draws.crop.T.tolist() if draws.crop is not None else [None] * len(index)
+        split = self.split
+        return [
+            pool.submit(decode_image, split.files[i], split.resize, split.size, crop)
+            for i, crop in zip(index.tolist(), crops, strict=True)
+        ]
+
+    def epoch(self, epoch: int = 0, stream: str = "train", start: int = 0) -> Iterator[Batch]:
+        pool = ThreadPoolExecutor(self.workers)
+        try:
+            pending: deque = deque()
+            for index, draws in self.plan(epoch, stream, start):
+                pending.append((index, draws, self.submit(pool, index, draws)))
+                if len(pending) > PREFETCH_BATCHES:
+                    yield self._ready(*pending.popleft())
+            while pending:
+                yield self._ready(*pending.popleft())
+        finally:  # also when the consumer stops early (e.g. the 50 BatchNorm refresh batches)
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _ready(self, index: torch.Tensor, draws: Draws, futures: list) -> Batch:
+        x = torch.from_numpy(np.stack([f.result() for f in futures])).to(self.device)
+        return self.finish(x, draws), self.labels[index.to(self.device)]
+
+
+def decode_image(path, resize: int | None, size: int, crop: list[float] | None) -> np.ndarray:
+    """Read one image file as a (3, size, size) uint8 array: RGB, resize shorter side, crop."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise LLSError(f"cannot decode image {path}: {error}; remove or replace the file") from None
+    w, h = image.size
+    short = resize if resize is not None else min(w, h)
+    short = max(short, size)  # never crop outside the image
+    if min(w, h) != short:
+        scale = short / min(w, h)
+        w, h = max(short, round(w * scale)), max(short, round(h * scale))
+        image = image.resize((w, h), Image.BILINEAR)
+    if crop is None:  # centre crop, rounded as torchvision's CenterCrop
+        top, left = round((h - size) / 2.0), round((w - size) / 2.0)
+    else:
+        top, left = min(int(crop[0] * (h - size + 1)), h - size), min(int(crop[1] * (w - size + 1)), w - size)
+    image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def make_loader(split: Split | FileSplit, batch_size: int, **options) -> BatchLoader:
+    """The right loader for a split: in memory or streamed from files."""
+    if isinstance(split, FileSplit):
+        return StreamLoader(split, batch_size, **options)
+    return TensorLoader(split, batch_size, **options)

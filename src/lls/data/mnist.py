@@ -1,8 +1,8 @@
 """MNIST and Fashion-MNIST from their standard IDX files.
 
-Lookup order: ``data_dir`` (``--data-dir``), then the system folder of a distribution package
-(Debian's ``dataset-fashion-mnist`` installs ``/usr/share/datasets/fashion-mnist``), then the cache
-folder, then a download from the canonical address with an md5 check of every file.
+Lookup order: ``--data-dir``, then the system folder of a distribution package (Debian's
+``dataset-fashion-mnist`` installs ``/usr/share/datasets/fashion-mnist``), then
+``$LLS_DATA_DIR/<name>``, then a download from the canonical address with an md5 check.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from ..errors import LLSError
-from .base import Augment, Dataset, Split, default_data_root
+from .base import Augment, Dataset, Split
 from .download import download
 from .idx import parse_idx, read_idx_bytes
+from .source import Source
 
 SPLIT_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -27,22 +28,101 @@ SPLIT_FILES = {
 STANDARD_COUNTS = {"train": 60_000, "test": 10_000}
 
 
-@dataclass(frozen=True)
-class IdxDataset:
-    name: str
-    mirrors: tuple[str, ...]  # base addresses, tried in order
-    md5: dict[str, str]  # of the canonical .gz files, checked on download
-    mean: float
-    std: float
-    augment: Augment
-    classes: tuple[str, ...]
+@dataclass
+class IdxSource(Source):
+    mirrors: tuple[str, ...] = ()  # base addresses, tried in order
+    md5: dict[str, str] = field(default_factory=dict)  # of the canonical .gz files, checked on download
+    mean: float = 0.5
+    std: float = 0.5
+    classes: tuple[str, ...] = tuple(str(d) for d in range(10))
     system_dirs: tuple[str, ...] = ()
     content_sha256: dict[str, str] = field(default_factory=dict)  # of the decompressed payloads
     counts: dict[str, int] | None = field(default_factory=lambda: dict(STANDARD_COUNTS))  # None: any
 
+    def folders(self, data_dir: Path | None) -> list[Path]:
+        folders = [self.root(data_dir)] if data_dir is not None else []
+        return folders + [Path(d) for d in self.system_dirs] + [self.root(None)]
 
-MNIST = IdxDataset(
+    def locate(self, data_dir: Path | None, download_missing: bool, quiet: bool) -> dict[str, Path]:
+        """Paths of the four IDX files, downloading them if allowed and found nowhere."""
+        folders = self.folders(data_dir)
+        for folder in folders:
+            found = {key: _present(folder, stem) for key, stem in SPLIT_FILES.items()}
+            if all(found.values()):
+                return found  # type: ignore[return-value]
+        if not download_missing:
+            where = ", ".join(str(f) for f in folders)
+            raise LLSError(
+                f"{self.name} files not found in {where}; run `lls data fetch {self.name}` or pass --data-dir"
+            )
+        return self._download(folders[0] if data_dir is not None else folders[-1], quiet)
+
+    def _download(self, target: Path, quiet: bool) -> dict[str, Path]:
+        paths = {}
+        for key, stem in SPLIT_FILES.items():
+            existing = _present(target, stem)
+            if existing is None:
+                name = f"{stem}.gz"
+                urls = [m + name for m in self.mirrors]
+                existing = download(urls, target / name, md5=self.md5[name], quiet=quiet)
+            paths[key] = existing
+        return paths
+
+    def fetch(self, data_dir: Path | None = None, *, quiet: bool = False) -> Path:
+        paths = self.locate(data_dir, download_missing=True, quiet=quiet)
+        return paths["train_images"].parent
+
+    def _load(self, data_dir, *, download, quiet, augment, image_size) -> Dataset:
+        paths = self.locate(data_dir, download, quiet)
+        payloads = {key: read_idx_bytes(path) for key, path in paths.items()}
+        tensors = {key: parse_idx(data, paths[key]) for key, data in payloads.items()}
+        splits = {}
+        for split in ("train", "test"):
+            images, labels = tensors[f"{split}_images"], tensors[f"{split}_labels"]
+            count = self.counts[split] if self.counts else len(images)
+            if (
+                images.dim() != 3
+                or images.dtype != torch.uint8
+                or len(images) != count
+                or labels.shape != (count,)
+            ):
+                raise LLSError(
+                    f"{paths[f'{split}_images']} holds {tuple(images.shape)} {images.dtype} images and "
+                    f"{tuple(labels.shape)} labels, not {count} uint8 images with a label each; "
+                    "fetch the files again"
+                )
+            if int(labels.max()) >= len(self.classes) or int(labels.min()) < 0:
+                raise LLSError(f"{paths[f'{split}_labels']} holds labels outside 0..{len(self.classes) - 1}")
+            splits[split] = Split(images[:, None], labels)
+        for key, data in payloads.items():  # last: format and count errors say more than a hash
+            expected = self.content_sha256.get(SPLIT_FILES[key])
+            if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+                raise LLSError(
+                    f"{paths[key]} has the right format but the wrong content; delete it and fetch it again"
+                )
+        return Dataset(
+            name=self.name,
+            train=splits["train"],
+            test=splits["test"],
+            num_classes=len(self.classes),
+            mean=(self.mean,),
+            std=(self.std,),
+            source=str(paths["train_images"].parent),
+            classes=self.classes,
+        )
+
+
+def _present(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+MNIST = IdxSource(
     name="mnist",
+    augmentations={"standard": Augment(crop_padding=4), "none": Augment()},
+    default_augment="standard",
     mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
     md5={
         "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -52,13 +132,13 @@ MNIST = IdxDataset(
     },
     mean=0.5,
     std=0.5,
-    augment=Augment(crop_padding=4),
-    classes=tuple(str(d) for d in range(10)),
     system_dirs=("/usr/share/datasets/mnist",),
 )
 
-FASHION_MNIST = IdxDataset(
+FASHION_MNIST = IdxSource(
     name="fashion-mnist",
+    augmentations={"standard": Augment(crop_padding=4, hflip=True), "none": Augment()},
+    default_augment="standard",
     mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
     md5={
         "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -68,7 +148,6 @@ FASHION_MNIST = IdxDataset(
     },
     mean=0.286,
     std=0.353,
-    augment=Augment(crop_padding=4, hflip=True),
     classes=(
         "T-shirt/top",
         "Trouser",
@@ -90,87 +169,3 @@ FASHION_MNIST = IdxDataset(
         "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
     },
 )
-
-
-def _present(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / stem, folder / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def locate(
-    spec: IdxDataset, data_dir: Path | None, download_missing: bool, quiet: bool = False
-) -> dict[str, Path]:
-    """Paths of the four IDX files, downloading them if allowed and found nowhere."""
-    if data_dir is not None and not data_dir.is_dir():
-        raise LLSError(
-            f"--data-dir {data_dir} does not exist; create it (files are downloaded into it) "
-            f"or point it at the folder holding {SPLIT_FILES['train_images']}.gz"
-        )
-    folders = [data_dir] if data_dir is not None else []
-    folders += [Path(d) for d in spec.system_dirs]
-    cache = default_data_root() / spec.name
-    folders.append(cache)
-    for folder in folders:
-        found = {key: _present(folder, stem) for key, stem in SPLIT_FILES.items()}
-        if all(found.values()):
-            return found  # type: ignore[return-value]
-    if not download_missing:
-        where = ", ".join(str(f) for f in folders)
-        raise LLSError(
-            f"{spec.name} files not found in {where}; run `lls data fetch {spec.name}` or pass --data-dir"
-        )
-    target = data_dir if data_dir is not None else cache
-    paths = {}
-    for key, stem in SPLIT_FILES.items():
-        existing = _present(target, stem)
-        if existing is None:
-            name = f"{stem}.gz"
-            existing = download(
-                [m + name for m in spec.mirrors], target / name, md5=spec.md5[name], quiet=quiet
-            )
-        paths[key] = existing
-    return paths
-
-
-def load_idx_dataset(
-    spec: IdxDataset, data_dir: Path | None = None, download_missing: bool = True, quiet: bool = False
-) -> Dataset:
-    paths = locate(spec, data_dir, download_missing, quiet)
-    payloads = {key: read_idx_bytes(path) for key, path in paths.items()}
-    tensors = {key: parse_idx(data, paths[key]) for key, data in payloads.items()}
-    splits = {}
-    for split in ("train", "test"):
-        images, labels = tensors[f"{split}_images"], tensors[f"{split}_labels"]
-        count = spec.counts[split] if spec.counts else len(images)
-        if (
-            images.dim() != 3
-            or images.dtype != torch.uint8
-            or len(images) != count
-            or labels.shape != (count,)
-        ):
-            raise LLSError(
-                f"{paths[f'{split}_images']} holds {tuple(images.shape)} {images.dtype} images and "
-                f"{tuple(labels.shape)} labels, not {count} uint8 images with a label each; "
-                "fetch the files again"
-            )
-        if int(labels.max()) >= len(spec.classes) or int(labels.min()) < 0:
-            raise LLSError(f"{paths[f'{split}_labels']} holds labels outside 0..{len(spec.classes) - 1}")
-        splits[split] = Split(images[:, None], labels)
-    for key, data in payloads.items():  # last: format and count errors say more than a hash
-        expected = spec.content_sha256.get(SPLIT_FILES[key])
-        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-            raise LLSError(
-                f"{paths[key]} has the right format but the wrong content; delete it and fetch it again"
-            )
-    return Dataset(
-        name=spec.name,
-        train=splits["train"],
-        test=splits["test"],
-        num_classes=len(spec.classes),
-        mean=(spec.mean,),
-        std=(spec.std,),
-        augment=spec.augment,
-        source=str(paths["train_images"].parent),
-    )

@@ -1,0 +1,51 @@
+"""Figures of a run: accuracy, loss and per-block local-loss curves."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def save_figure(figure, path: Path) -> None:
+    """Write a matplotlib figure atomically (temp file + rename), so a reader never sees half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot_curves(records: Sequence[dict], path: Path, title: str = "") -> None:
+    """Accuracy (train / test), loss (train / test) and one curve per block's local loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    blocks = len(records[0]["block_losses"]) if records else 0
+    panels = 3 if blocks else 2
+    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
+    axes[0].plot(epochs, [100 * r["train_accuracy"] for r in records], "o-", label="train")
+    axes[0].plot(epochs, [100 * r["test_accuracy"] for r in records], "o-", label="test")
+    axes[0].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    axes[1].plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
+    axes[1].plot(epochs, [r["test_loss"] for r in records], "o-", label="test")
+    axes[1].set(xlabel="epoch", ylabel="cross-entropy", title="head loss")
+    if blocks:
+        for b in range(blocks):
+            axes[2].plot(epochs, [r["block_losses"][b] for r in records], "o-", label=f"block {b}")
+        axes[2].set(xlabel="epoch", ylabel="local loss", title="per-block local loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    save_figure(figure, path)
+    plt.close(figure)

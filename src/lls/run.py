@@ -1,0 +1,324 @@
+"""A training run as a directory: configuration, metrics, checkpoints and curves.
+
+``runs/NAME/config.json``   everything needed to rerun (library version, seed, every option)
+``runs/NAME/metrics.jsonl`` one line per epoch (and ``metrics.csv``)
+``runs/NAME/checkpoint.pt`` model, every optimizer's state, RNG states, history, progress
+``runs/NAME/curves.png``    accuracy, loss and per-block local-loss curves
+
+Checkpoints are written atomically (temp file, fsync, rename), so a run killed at any moment
+resumes from its last complete checkpoint; the metrics files are rewritten from the checkpoint's
+history, which is the source of truth. Checkpoints load with ``weights_only=True``: nothing in the
+file is executed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .data import Dataset, load_dataset
+from .errors import LLSError
+from .fit import EpochProgress, EpochRecord, History, Loaders
+from .models import create_model
+from .rules import Rule, create_rule
+from .trainer import Trainer
+
+CHECKPOINT_FORMAT = "lls-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """What defines a run. Two runs with equal configs train identically on the CPU."""
+
+    dataset: str = "fashion-mnist"
+    model: str = "smallconv"
+    rule: str = "lls"
+    rule_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw-sf"
+    seed: int = 0
+    limit: int | None = None
+    augment: str | None = None
+    image_size: int | None = None
+    channels_last: bool = True
+
+    # may differ when a run is resumed: more epochs, another device, files moved
+    RESUMABLE = ("epochs",)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise LLSError(f"config has unknown keys {sorted(unknown)}; was it written by another version?")
+        return cls(**values)
+
+    def default_name(self) -> str:
+        basis = create_rule(self.rule, **self.rule_options).config().get("basis")
+        parts = [self.dataset, self.model, self.rule + (f"-{basis}" if basis else ""), f"s{self.seed}"]
+        return "-".join(parts) + time.strftime("-%Y%m%d-%H%M%S")
+
+
+@dataclass
+class Session:
+    """Everything a run trains with, built from a config."""
+
+    config: TrainConfig
+    data: Dataset
+    rule: Rule
+    trainer: Trainer
+    loaders: Loaders
+    device: torch.device
+
+
+def build_session(
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    data_dir: str | None = None,
+    download: bool = True,
+    quiet: bool = False,
+) -> Session:
+    rule = create_rule(config.rule, **config.rule_options)
+    data = load_dataset(
+        config.dataset,
+        data_dir,
+        download=download,
+        quiet=quiet,
+        augment=config.augment,
+        image_size=config.image_size,
+    )
+    torch.manual_seed(config.seed)  # the network's (and rule's) initial weights
+    net = create_model(
+        config.model,
+        in_channels=data.input_shape[0],
+        input_size=data.input_shape[1:],
+        num_classes=data.num_classes,
+        activation=rule.activation,
+    ).to(device)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    trainer = Trainer(
+        net,
+        rule,
+        input_shape=data.input_shape,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+    loaders = Loaders.for_dataset(
+        data,
+        config.batch_size,
+        seed=config.seed,
+        device=device,
+        limit=config.limit,
+        channels_last=config.channels_last,
+    )
+    return Session(config, data, rule, trainer, loaders, device)
+
+
+# --- the run directory ----------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config_path = self.path / "config.json"
+        self.checkpoint_path = self.path / "checkpoint.pt"
+        self.metrics_jsonl = self.path / "metrics.jsonl"
+        self.metrics_csv = self.path / "metrics.csv"
+        self.curves = self.path / "curves.png"
+
+    @classmethod
+    def create(cls, path: str | Path, config: TrainConfig, extra: dict[str, Any]) -> RunDir:
+        run = cls(path)
+        if run.config_path.exists() or run.checkpoint_path.exists():
+            raise LLSError(
+                f"{run.path} already holds a run; continue it with `lls train --resume {run.path}` "
+                "or choose another --out"
+            )
+        run.path.mkdir(parents=True, exist_ok=True)
+        record = {"config": config.as_dict(), **extra}
+        _atomic_write(run.config_path, (json.dumps(record, indent=2) + "\n").encode())
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        run = cls(path)
+        if not run.path.is_dir():
+            raise LLSError(f"run directory {run.path} does not exist")
+        if not run.config_path.is_file():
+            raise LLSError(f"{run.path} is not an lls run directory (no config.json)")
+        return run
+
+    def read_config(self) -> TrainConfig:
+        try:
+            record = json.loads(self.config_path.read_text())
+            return TrainConfig.from_dict(record["config"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise LLSError(f"{self.config_path} is not a valid lls run config ({error})") from None
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, buffer)
+        _atomic_write(self.checkpoint_path, buffer.getvalue())
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The last complete checkpoint, or None if the run never finished a checkpoint."""
+        if not self.checkpoint_path.exists():
+            return None
+        return load_checkpoint_file(self.checkpoint_path)
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        _atomic_write(self.metrics_jsonl, lines.encode())
+        if not records:
+            return
+        blocks = len(records[0]["block_losses"])
+        scalar = [k for k, v in records[0].items() if not isinstance(v, list)]
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(scalar + [f"block_{b}_loss" for b in range(blocks)])
+        for r in records:
+            writer.writerow([r[k] for k in scalar] + r["block_losses"])
+        _atomic_write(self.metrics_csv, out.getvalue().encode())
+
+    def plot(self, records: list[dict[str, Any]], title: str) -> None:
+        from .plots import plot_curves
+
+        if records:
+            plot_curves(records, self.curves, title)
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any failure means "not a checkpoint we can read"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LLSError(f"{path} is not a readable lls checkpoint ({first[:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise LLSError(
+            f"{path} is not an lls checkpoint (no lls format marker); it cannot be resumed or evaluated"
+        )
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise LLSError(
+            f"{path} is an lls checkpoint of format version {state.get('version')}, not {CHECKPOINT_VERSION}"
+        )
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "lls_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "command": sys.argv,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+@contextmanager
+def graceful_interrupt() -> Iterator[callable]:
+    """First Ctrl-C (or SIGTERM) asks training to stop at the next step; a second one aborts."""
+    requested = {"stop": False}
+
+    def handler(signum, frame):
+        if requested["stop"]:
+            raise KeyboardInterrupt
+        requested["stop"] = True
+        print(
+            "\nlls: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr
+        )
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: no signal handling
+        previous = {}
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def checkpoint_state(
+    session: Session, history: History, epoch: int, progress: EpochProgress | None
+) -> dict[str, Any]:
+    return {
+        "config": session.config.as_dict(),
+        "epoch": epoch,  # completed epochs
+        "progress": progress.as_dict() if progress is not None else None,
+        "trainer": session.trainer.state_dict(),
+        "history": [r.as_dict() for r in history.records],
+        "rng": rng_state(),
+    }
+
+
+def restore(session: Session, state: dict[str, Any]) -> tuple[History, int, EpochProgress | None]:
+    """Load a checkpoint into a freshly built session; returns (history, epoch, progress)."""
+    saved = TrainConfig.from_dict(state["config"])
+    if dataclasses.replace(saved, epochs=0) != dataclasses.replace(session.config, epochs=0):
+        raise LLSError(
+            "the checkpoint was written by a run with another configuration; it cannot be resumed here"
+        )
+    try:
+        session.trainer.load_state_dict(state["trainer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise LLSError(f"the checkpoint does not fit the model ({first[:160]})") from None
+    set_rng_state(state["rng"])
+    history = History([EpochRecord(**r) for r in state["history"]])
+    progress = EpochProgress(**state["progress"]) if state["progress"] is not None else None
+    return history, state["epoch"], progress
