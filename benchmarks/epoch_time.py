@@ -54,7 +54,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {name: [] for name in trainers}
     for round_ in range(args.rounds):
         for name, trainer in trainers.items():
-            *_, took = lls.train_epoch(trainer, loaders.train, round_, progress=False)
+            took = lls.train_epoch(trainer, loaders.train, round_, progress=False).seconds
             seconds[name].append(took)
             print(f"round {round_ + 1} {name:>16}: {took:6.1f} s")
     base = statistics.median(seconds[next(iter(trainers))])

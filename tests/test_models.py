@@ -69,3 +69,23 @@ def test_too_small_input_is_a_clear_error():
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(lls.LLSError, match="known models: mobilenetv1, smallconv"):
         lls.create_model("resnet50")
+
+
+def test_memory_lean_leaky_relu_matches_pytorch_and_saves_only_its_output():
+    from lls.net import LeakyReLU
+
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        x[0, 0, 0, 0] = 0.0  # the kink: PyTorch's gradient there is the slope
+        x2[0, 0, 0, 0] = 0.0
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = LeakyReLU(0.01)(x)
+    ref = torch.nn.LeakyReLU(0.01)(x2)
+    assert torch.equal(out, ref)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.equal(x.grad, x2.grad)
+    assert len(saved) == 1 and saved[0].data_ptr() == out.data_ptr()  # the output, not the input

@@ -19,7 +19,7 @@ from .errors import LLSError
 from .fit import REFRESH_BATCHES, EpochRecord, History, Interrupted, TrainingDiverged, fit
 from .models import list_models
 from .optim import OPTIMIZERS
-from .rules import RULES, list_rules
+from .rules import RULES, create_rule, list_rules
 from .run import (
     RunDir,
     TrainConfig,
@@ -412,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--sample", type=positive_int, help="decode only about N images of each split")
     data.set_defaults(func=cmd_data)
 
+    add_cost_commands(commands)
+
     listing = commands.add_parser("list", help="list rules, models, datasets and optimizers")
     listing.set_defaults(func=cmd_list)
     return parser
@@ -427,3 +429,307 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lls: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+# --- lls cost / lls bench -------------------------------------------------------------------------
+
+
+def parse_input(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input takes C,H,W (e.g. 3,32,32), got {text!r}") from None
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(f"--input sizes must be positive, got {text!r}")
+    return c, h, w
+
+
+def problem_shape(args: argparse.Namespace) -> tuple[tuple[int, int, int], int]:
+    """(input shape, classes) from --dataset, or from --input and --classes."""
+    if args.dataset:
+        if args.input or args.classes:
+            raise LLSError("give either --dataset or --input C,H,W with --classes K, not both")
+        source = DATASETS.get(args.dataset)
+        shapes = DATASET_SHAPES.get(source.name)
+        if shapes is None:
+            data = load_dataset(args.dataset, download=False, quiet=True)
+            return data.input_shape, data.num_classes
+        return shapes
+    if not (args.input and args.classes):
+        raise LLSError("give --dataset NAME, or --input C,H,W and --classes K")
+    return args.input, args.classes
+
+
+# the shapes of the paper's datasets, so that costs need no dataset files
+DATASET_SHAPES = {
+    "mnist": ((1, 28, 28), 10),
+    "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "imagenette": ((3, 128, 128), 10),
+    "tinyimagenet": ((3, 64, 64), 200),
+    "vww": ((3, 128, 128), 2),
+    "digits": ((1, 8, 8), 10),
+}
+COMPARE_RULES = ("bp", "lls", "lls:basis=periodic", "lls-m", "lls-mxm", "local-classifier", "dfa", "drtp")
+
+
+def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
+    from .bench import parse_rule_spec
+    from .cost import count_costs, measure_memory
+
+    name, options = parse_rule_spec(spec)
+    report = count_costs(args.model, create_rule(name, **options), shape, classes)
+    result = report.as_dict()
+    if not args.no_memory:
+        result["memory"] = measure_memory(
+            args.model,
+            name,
+            shape,
+            classes,
+            batch=args.batch,
+            device=str(resolve_device(args.device)),
+            rule_options=options,
+        )
+    return result
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from .report_format import mib, ratio, si, table
+
+    shape, classes = problem_shape(args)
+    where = f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes"
+    if args.compare:
+        specs = args.rules.split(",") if args.rules else list(COMPARE_RULES)
+        results = {spec: cost_of(args, spec, shape, classes) for spec in specs}
+        bp = results.get("bp")
+        rows = []
+        for spec, r in results.items():
+            t, m = r["totals"], r.get("memory", {})
+            signal_ratio = None
+            if bp is not None and t["signal_mults"]:
+                signal_ratio = bp["totals"]["signal_mults"] / t["signal_mults"]
+            step_ratio = t["step_macs"] / bp["totals"]["step_macs"] if bp else None
+            peak, bp_peak = m.get("step_peak_bytes"), (bp or {}).get("memory", {}).get("step_peak_bytes")
+            act, bp_act = (
+                m.get("activation_peak_bytes"),
+                (bp or {}).get("memory", {}).get("activation_peak_bytes"),
+            )
+            rows.append(
+                [
+                    spec,
+                    si(t["step_macs"]),
+                    ratio(step_ratio),
+                    si(t["signal_mults"]),
+                    si(t["signal_adds"]),
+                    "-"
+                    if spec == "bp"
+                    else (f"{signal_ratio:.0f}x fewer" if signal_ratio else "no multiplies"),
+                    si(t["extra_params"]),
+                    mib(act),
+                    ratio(act / bp_act if act and bp_act else None),
+                    mib(peak),
+                    ratio(peak / bp_peak if peak and bp_peak else None),
+                ]
+            )
+        print(f"{where}; multiply-adds per training sample; memory of one step with batch {args.batch}")
+        print(
+            table(
+                [
+                    "rule",
+                    "step MACs",
+                    "vs bp",
+                    "signal mults",
+                    "signal adds",
+                    "signal vs bp",
+                    "extra params",
+                    "activations",
+                    "vs bp",
+                    "step peak",
+                    "vs bp",
+                ],
+                rows,
+            )
+        )
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "model": args.model,
+                        "input": list(shape),
+                        "classes": classes,
+                        "batch": args.batch,
+                        "rules": results,
+                    }
+                )
+            )
+        return 0
+    result = cost_of(args, args.rule, shape, classes)
+    rows = []
+    for b in result["blocks"]:
+        name = "head" if b["index"] < 0 else f"block {b['index']}"
+        rows.append(
+            [
+                name,
+                "x".join(map(str, b["output"])),
+                si(b["forward"]),
+                si(b["weight_grad"]),
+                si(b["input_grad"]),
+                si(b["signal_mults"]),
+                si(b["signal_adds"]),
+                si(b["params"]),
+                si(b["extra_params"]),
+            ]
+        )
+    t = result["totals"]
+    rows.append(
+        [
+            "total",
+            "",
+            si(t["forward"]),
+            si(t["weight_grad"]),
+            si(t["input_grad"]),
+            si(t["signal_mults"]),
+            si(t["signal_adds"]),
+            si(t["params"]),
+            si(t["extra_params"]),
+        ]
+    )
+    config = ", ".join(f"{k}={v}" for k, v in result["rule_config"].items() if k != "name")
+    print(f"{where}, rule {result['rule']}({config}); multiply-adds per training sample")
+    print(
+        table(
+            [
+                "",
+                "output",
+                "forward",
+                "weight grad",
+                "input grad",
+                "signal mults",
+                "signal adds",
+                "params",
+                "extra",
+            ],
+            rows,
+        )
+    )
+    print(f"step multiply-adds (forward + backward + learning signal): {si(t['step_macs'])}")
+    m = result.get("memory")
+    if m:
+        print(
+            f"memory, batch {m['batch']}: parameters {mib(m['param_bytes'])}, optimizer state "
+            f"{mib(m['optimizer_bytes'])}, activations held for backward at the peak "
+            f"{mib(m['activation_peak_bytes'])}, step peak {mib(m.get('step_peak_bytes'))} "
+            f"({m.get('step_peak_method', 'not measured')})"
+        )
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench, summarize
+    from .report_format import mib, ratio, table
+
+    shape, classes = problem_shape(args)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run_bench(
+        args.model,
+        shape,
+        classes,
+        args.rules.split(","),
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=str(device),
+        channels_last=args.channels_last,
+        compile_blocks=args.compile,
+        measure_peak=not args.no_memory,
+    )
+    summary = summarize(results)
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes, batch {args.batch}, "
+        f"{args.steps} interleaved steps per rule after {args.warmup} warm-up, {name}, "
+        f"torch {torch.__version__}"
+    )
+    rows = []
+    for label, r in summary.items():
+        rows.append(
+            [
+                label,
+                f"{1000 * r['step_seconds_median']:.1f} ms",
+                f"{1000 * r['step_seconds_p25']:.1f}-{1000 * r['step_seconds_p75']:.1f}",
+                f"{r['images_per_second']:.0f}",
+                f"{r['gflops']:.1f}",
+                mib(r["peak_memory_bytes"]),
+                ratio(r.get("time_ratio_to_bp")),
+                ratio(r.get("memory_ratio_to_bp")),
+            ]
+        )
+    print(
+        table(
+            [
+                "rule",
+                "step (median)",
+                "IQR (ms)",
+                "images/s",
+                "GFLOP/s",
+                "step peak",
+                "time vs bp",
+                "memory vs bp",
+            ],
+            rows,
+        )
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "input": list(shape),
+                    "classes": classes,
+                    "batch": args.batch,
+                    "device": str(device),
+                    "device_name": name,
+                    "torch_version": torch.__version__,
+                    "rules": summary,
+                }
+            )
+        )
+    return 0
+
+
+def add_cost_commands(commands) -> None:
+    def shape_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="smallconv")
+        p.add_argument("--dataset", help="take the input shape and class count from a dataset")
+        p.add_argument("--input", type=parse_input, help="C,H,W")
+        p.add_argument("--classes", type=positive_int)
+        p.add_argument("--batch", type=positive_int, default=128)
+        p.add_argument("--device", help="cpu (default on machines without CUDA), cuda")
+        p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+        p.add_argument("--json", action="store_true", help="print a JSON object as the last line of stdout")
+
+    cost = commands.add_parser("cost", help="multiply-adds, parameters and memory of a training step")
+    shape_options(cost)
+    cost.add_argument("--rule", default="lls", help="rule, optionally with options: lls:basis=periodic")
+    cost.add_argument("--compare", action="store_true", help="all rules side by side, with ratios to bp")
+    cost.add_argument("--rules", help=f"rules for --compare (default {','.join(COMPARE_RULES)})")
+    cost.set_defaults(func=cmd_cost)
+
+    bench = commands.add_parser("bench", help="time training steps of several rules, interleaved")
+    shape_options(bench)
+    bench.add_argument("--rules", default="lls,bp", help="comma-separated rules (name[:key=value])")
+    bench.add_argument("--steps", type=positive_int, default=20)
+    bench.add_argument("--warmup", type=positive_int, default=3)
+    bench.add_argument("--threads", type=positive_int, help="torch threads (default: all cores)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile every block first")
+    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    bench.set_defaults(func=cmd_bench)

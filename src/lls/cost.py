@@ -1,0 +1,398 @@
+"""What a training step costs, per sample: multiply-adds, parameters and memory (``lls cost``).
+
+Multiply-add counts of convolutions and linear layers come from PyTorch's own FLOP counter
+(``torch.utils.flop_counter``; one multiply-add = 2 FLOPs), measured block by block:
+
+- ``forward``: the block's forward pass;
+- ``weight_grad``: its backward pass with a detached input (the weight gradients only);
+- ``input_grad``: the extra backward work when the input needs a gradient (what BP spends to
+  propagate the error to the block before; local rules never do it).
+
+The *learning signal* is what a rule spends to give each block its gradient at the block output:
+
+- ``bp``: the error propagated back through the next block (its ``input_grad``);
+- ``dfa`` / ``drtp``: the feedback projection ``t @ F_l``, K x (size of the block output) multiply-adds;
+- LLS family: pooling, normalisation and scoring against the basis, forward and backward, with
+  multiplies and additions counted apart (closed form below) because the square basis needs no
+  multiplies; ``local-classifier``: the same without normalisation, plus its own weight gradient.
+
+Memory is measured, not estimated: parameters plus optimizer state after a real step; the
+activations autograd saves for backward at the peak of a step (saved-tensor hooks); and the peak
+memory of a whole step (CUDA: the allocator's peak; CPU: the process's peak resident memory in a
+fresh subprocess whose allocator returns large blocks to the system).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import create_model
+from .net import LocalNet
+from .rules import BP, ProjectionSignal, Rule, create_rule
+from .trainer import Trainer
+
+COUNT_BATCH = 2  # FLOP counts are exact and linear in the batch; 2 keeps BatchNorm1d in train mode happy
+
+
+@dataclass
+class BlockCost:
+    """Per-sample costs of one block (or of the head, ``index == -1``)."""
+
+    index: int
+    output: list[int]
+    forward: int
+    weight_grad: int
+    input_grad: int  # spent by this rule (0 unless the rule back-propagates through this module)
+    signal_mults: int
+    signal_adds: int
+    params: int
+    extra_params: int
+
+    @property
+    def name(self) -> str:
+        return "head" if self.index < 0 else f"block {self.index}"
+
+
+@dataclass
+class CostReport:
+    model: str
+    rule: str
+    rule_config: dict[str, Any]
+    input_shape: list[int]
+    classes: int
+    blocks: list[BlockCost]
+    memory: dict[str, Any] = field(default_factory=dict)
+
+    def total(self, key: str) -> int:
+        return sum(getattr(b, key) for b in self.blocks)
+
+    @property
+    def step_macs(self) -> int:
+        """Every multiply-add of a training step: forward, backward and the learning signal."""
+        keys = ("forward", "weight_grad", "input_grad")
+        own = sum(self.total(k) for k in keys)
+        # BP's signal *is* its input gradients; do not count them twice
+        return own + (0 if self.rule == "bp" else self.total("signal_mults"))
+
+    def as_dict(self) -> dict[str, Any]:
+        totals = {
+            k: self.total(k)
+            for k in (
+                "forward",
+                "weight_grad",
+                "input_grad",
+                "signal_mults",
+                "signal_adds",
+                "params",
+                "extra_params",
+            )
+        }
+        return {**asdict(self), "totals": {**totals, "step_macs": self.step_macs}}
+
+
+def _count(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def module_costs(module: nn.Module, x: torch.Tensor) -> tuple[int, int, int, torch.Tensor]:
+    """(forward, weight-grad, input-grad) multiply-adds per sample, and the output, of one module."""
+    n = x.shape[0]
+    out = module(x.detach())
+    forward = _count(lambda: module(x.detach()))
+    grad = torch.ones_like(out)
+    weight = _count(lambda: module(x.detach()).backward(grad)) - forward  # the counts include the forward
+    both = _count(lambda: module(x.detach().requires_grad_(True)).backward(grad)) - forward
+    module.zero_grad(set_to_none=True)
+    return forward // n, weight // n, (both - weight) // n, out.detach()
+
+
+def projection_signal_ops(signal: ProjectionSignal, out_shape: torch.Size) -> tuple[int, int]:
+    """(multiplies, additions) per sample of an LLS-family signal, forward and backward.
+
+    Pooling sums the C*H*W activations into C*p*p bins (additions) and scales each bin (one
+    multiply); its backward scales the C*p*p bin gradients and broadcasts them (no arithmetic).
+    Normalisation: d squares + d-1 additions for the norm, d divisions; backward
+    ``(g - z (z.g)) / |a|``: 3d multiplies and 2d additions. Scoring ``z @ B^T`` and its backward
+    ``g @ B``: K*d multiplies and K*d additions each, no multiplies for the square basis. A learned
+    classifier also computes its weight gradient (K*d more multiply-adds). Modulation: K (vector)
+    or R*K (matrix) multiply-adds forward, twice that backward. The softmax cross-entropy on K
+    scores (O(K)) is not counted.
+    """
+    d, rows = signal.dim, signal.rows
+    mults = adds = 0
+    if len(out_shape) == 3 and signal.pool is not None:
+        c, h, w = out_shape
+        bins = c * signal.pool * signal.pool
+        adds += c * h * w - bins
+        mults += 2 * bins  # forward scale, backward scale
+    if signal.normalize:
+        mults += d + d + 3 * d
+        adds += (d - 1) + 2 * d
+    multiplies_by_basis = signal.readout != "square"
+    products = 2 * rows * d if signal.classifier is None else 3 * rows * d
+    adds += products
+    mults += products if multiplies_by_basis else 0
+    if signal.modulation is not None:
+        size = signal.modulation.numel()
+        mults += 3 * size
+        adds += 3 * size
+    return mults, adds
+
+
+def count_costs(
+    model: str | LocalNet,
+    rule: str | Rule,
+    input_shape: tuple[int, int, int],
+    classes: int,
+) -> CostReport:
+    """Per-sample multiply-adds and parameters of one training step of ``rule`` on ``model``."""
+    rule = create_rule(rule) if isinstance(rule, str) else rule
+    net = (
+        create_model(
+            model,
+            in_channels=input_shape[0],
+            input_size=input_shape[1:],
+            num_classes=classes,
+            activation=rule.activation,
+        )
+        if isinstance(model, str)
+        else model
+    )
+    net.train()
+    trainer = Trainer(net, rule, input_shape=input_shape)
+    extra = trainer.extra_parameters()
+    x = torch.randn(COUNT_BATCH, *input_shape)
+    costs: list[BlockCost] = []
+    input_grads: list[int] = []
+    for i, (block, after) in enumerate(zip(net.blocks, net.between, strict=True)):
+        forward, weight, inputs, out = module_costs(block, x)
+        input_grads.append(inputs)
+        params = sum(p.numel() for p in block.parameters())
+        costs.append(BlockCost(i, list(out.shape[1:]), forward, weight, 0, 0, 0, params, extra[i]))
+        x = after(out)
+    forward, weight, inputs, out = module_costs(net.head, x)
+    head_params = sum(p.numel() for p in net.head.parameters())
+    head = BlockCost(-1, list(out.shape[1:]), forward, weight, 0, 0, 0, head_params, 0)
+    input_grads.append(inputs)
+    if isinstance(rule, BP):
+        # BP computes every input gradient but the first block's (its input is the data)
+        for i, block_cost in enumerate(costs):
+            if i > 0:
+                block_cost.input_grad = input_grads[i]
+            downstream = input_grads[i + 1]
+            block_cost.signal_mults = block_cost.signal_adds = downstream
+        head.input_grad = input_grads[-1]
+    else:
+        for block_cost, signal in zip(costs, trainer.signals, strict=True):
+            out_shape = torch.Size(block_cost.output)
+            if isinstance(signal, ProjectionSignal):
+                block_cost.signal_mults, block_cost.signal_adds = projection_signal_ops(signal, out_shape)
+            else:  # feedback projection t @ F
+                size = classes * math.prod(out_shape)
+                block_cost.signal_mults = block_cost.signal_adds = size
+    costs.append(head)
+    return CostReport(
+        model if isinstance(model, str) else "custom",
+        rule.name,
+        rule.config(),
+        list(input_shape),
+        classes,
+        costs,
+    )
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+class SavedTensorMeter:
+    """Bytes of activations autograd holds for backward, and their peak, via saved-tensor hooks.
+
+    Each saved tensor is counted once per storage while any graph still holds it; a weak reference
+    on the packed handle tells when autograd lets go of it.
+    """
+
+    def __init__(self, exclude: list[torch.Tensor] = ()) -> None:
+        self.alive: dict[int, list[int]] = {}  # storage pointer -> [bytes, holders]
+        self.current = self.peak = 0
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}  # parameters are not activations
+
+    def _pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if key in self.exclude:
+            return _Handle(tensor)
+        entry = self.alive.setdefault(key, [size, 0])
+        if entry[1] == 0:
+            self.current += size
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        handle = _Handle(tensor)
+        weakref.finalize(handle, self._release, key)
+        return handle
+
+    def _release(self, key: int) -> None:
+        entry = self.alive.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.alive[key]
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda handle: handle.tensor)
+
+
+class _Handle:
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def state_bytes(trainer: Trainer) -> tuple[int, int]:
+    """(parameter bytes, optimizer state bytes) of a trainer."""
+    params = sum(p.numel() * p.element_size() for p in trainer.net.parameters())
+    params += sum(p.numel() * p.element_size() for s in trainer.signals for p in s.parameters())
+    optim = 0
+    for optimizer in trainer.optimizers:
+        for state in optimizer.state.values():
+            optim += sum(
+                v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim() > 0
+            )
+    return params, optim
+
+
+def build_trainer(
+    model: str, rule: str, input_shape, classes: int, device: torch.device, channels_last: bool, options=None
+) -> Trainer:
+    r = create_rule(rule, **(options or {}))
+    torch.manual_seed(0)
+    net = create_model(
+        model,
+        in_channels=input_shape[0],
+        input_size=input_shape[1:],
+        num_classes=classes,
+        activation=r.activation,
+    ).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return Trainer(net, r, input_shape=input_shape)
+
+
+def example_batch(input_shape, classes: int, batch: int, device: torch.device, channels_last: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *input_shape, generator=g).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, classes, (batch,), generator=g).to(device)
+
+
+def measure_memory(
+    model: str,
+    rule: str,
+    input_shape,
+    classes: int,
+    *,
+    batch: int = 128,
+    device: str = "cpu",
+    channels_last: bool = True,
+    subprocess_peak: bool = True,
+    rule_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Measured memory of one training step (bytes, whole batch)."""
+    dev = torch.device(device)
+    trainer = build_trainer(model, rule, input_shape, classes, dev, channels_last, rule_options)
+    x, y = example_batch(input_shape, classes, batch, dev, channels_last)
+    trainer.train_step(x, y)  # creates the optimizer state
+    params, optim = state_bytes(trainer)
+    params_and_signals = [*trainer.net.parameters(), *(p for s in trainer.signals for p in s.parameters())]
+    meter = SavedTensorMeter(exclude=params_and_signals)
+    with meter.hooks():
+        trainer.train_step(x, y)
+    result = {
+        "batch": batch,
+        "param_bytes": params,
+        "optimizer_bytes": optim,
+        "activation_peak_bytes": meter.peak,
+    }
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        trainer.train_step(x, y)
+        torch.cuda.synchronize(dev)
+        result["step_peak_bytes"] = torch.cuda.max_memory_allocated(dev) - base
+        result["step_peak_method"] = "torch.cuda.max_memory_allocated above the memory held between steps"
+    elif subprocess_peak:
+        result.update(
+            cpu_step_peak(model, rule, input_shape, classes, batch, channels_last, rule_options or {})
+        )
+    return result
+
+
+def cpu_step_peak(
+    model: str, rule: str, input_shape, classes: int, batch: int, channels_last: bool, options: dict[str, Any]
+) -> dict[str, Any]:
+    """Peak resident memory of one step above the memory held between steps, in a fresh process."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return {"step_peak_bytes": None, "step_peak_method": "unavailable: needs Linux /proc"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    spec = json.dumps([model, rule, list(input_shape), classes, batch, channels_last, options])
+    done = subprocess.run(
+        [sys.executable, "-m", "lls.cost", spec], capture_output=True, text=True, env=env, timeout=1800
+    )
+    if done.returncode != 0:
+        return {
+            "step_peak_bytes": None,
+            "step_peak_method": f"measurement failed: {done.stderr.strip()[-200:]}",
+        }
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _read_status(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _peak_in_this_process(model, rule, input_shape, classes, batch, channels_last, options) -> dict[str, Any]:
+    import gc
+
+    trainer = build_trainer(
+        model, rule, tuple(input_shape), classes, torch.device("cpu"), channels_last, options
+    )
+    x, y = example_batch(tuple(input_shape), classes, batch, torch.device("cpu"), channels_last)
+    for _ in range(2):  # the optimizer state and the backends' caches exist before the measured step
+        trainer.train_step(x, y)
+    gc.collect()
+    base = _read_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set size to the current one
+    trainer.train_step(x, y)
+    peak = _read_status("VmHWM")
+    return {
+        "step_peak_bytes": peak - base,
+        "step_peak_method": "peak resident memory of the process during one step minus before it "
+        "(glibc returns blocks over 64 KiB to the system, so freed tensors leave the count)",
+    }
+
+
+if __name__ == "__main__":  # the fresh process of cpu_step_peak
+    args = json.loads(sys.argv[1])
+    print(json.dumps(_peak_in_this_process(*args)))
