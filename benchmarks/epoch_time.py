@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     args = parser.parse_args()
+    lls.tune_malloc()  # as the lls command does
 
     data = lls.load_dataset(args.dataset)
     loaders = lls.Loaders.for_dataset(data, args.batch_size, channels_last=args.channels_last)

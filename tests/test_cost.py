@@ -169,3 +169,12 @@ def test_cost_compare_and_bench_json(capsys):
 def test_cost_needs_a_shape(capsys):
     assert main(["cost", "--model", "vgg8"]) == 2
     assert "--input C,H,W" in capsys.readouterr().err
+
+
+def test_grouped_and_strided_convolutions_by_formula():
+    from lls.cost import module_costs
+
+    depthwise = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+    assert module_costs(depthwise, torch.randn(2, 32, 16, 16))[:3] == (16 * 16 * 32 * 9,) * 3
+    strided = torch.nn.Conv2d(3, 8, 3, padding=1, stride=2)
+    assert module_costs(strided, torch.randn(2, 3, 16, 16))[:3] == (8 * 8 * 8 * 27,) * 3

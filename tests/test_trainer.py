@@ -125,7 +125,8 @@ def test_evaluation_swaps_in_averaged_weights_and_refreshes_batchnorm():
 def test_evaluate_counts_accuracy():
     trainer = tiny_trainer("lls")
     x, y = tiny_batch(n=40)
-    loss, accuracy = trainer.evaluate([(x[:25], y[:25]), (x[25:], y[25:])])
+    result = trainer.evaluate([(x[:25], y[:25]), (x[25:], y[25:])])
+    loss, accuracy = result.loss, result.accuracy
     with trainer.evaluation() as net, torch.no_grad():
         logits = net(x)
     assert accuracy == pytest.approx((logits.argmax(1) == y).float().mean().item())

@@ -13,10 +13,11 @@ from .basis import BASIS_KINDS, basis
 from .data import Dataset, Split, TensorLoader, list_datasets, load_dataset
 from .errors import LLSError
 from .fit import EpochRecord, History, Loaders, evaluate, fit, train_epoch
+from .malloc import tune_malloc
 from .models import create_model, list_models
 from .net import LocalNet
 from .rules import BlockSignal, Rule, create_rule, list_rules, register_rule
-from .trainer import StepResult, Trainer
+from .trainer import Evaluation, StepResult, Trainer
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "BlockSignal",
     "Dataset",
     "EpochRecord",
+    "Evaluation",
     "History",
     "LLSError",
     "Loaders",
@@ -46,4 +48,5 @@ __all__ = [
     "load_dataset",
     "register_rule",
     "train_epoch",
+    "tune_malloc",
 ]

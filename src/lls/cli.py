@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,19 +16,12 @@ import torch
 from . import __version__
 from .data import DATASETS, check_dataset, fetch_dataset, list_datasets, load_dataset
 from .errors import LLSError
-from .fit import REFRESH_BATCHES, EpochRecord, History, Interrupted, TrainingDiverged, fit
+from .fit import REFRESH_BATCHES
+from .malloc import tune_malloc
 from .models import list_models
 from .optim import OPTIMIZERS
 from .rules import RULES, create_rule, list_rules
-from .run import (
-    RunDir,
-    TrainConfig,
-    build_session,
-    checkpoint_state,
-    environment,
-    graceful_interrupt,
-    restore,
-)
+from .run import RunDir, TrainConfig, build_session, train_run
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -93,120 +86,43 @@ def resumed_config(args: argparse.Namespace, saved: TrainConfig, run: RunDir) ->
     return dataclasses.replace(saved, epochs=args.epochs if args.epochs is not None else saved.epochs)
 
 
-def epoch_line(record: EpochRecord, epochs: int) -> str:
-    blocks = " ".join(f"{b:.3f}" for b in record.block_losses)
-    return (
-        f"epoch {record.epoch}/{epochs}: train loss {record.train_loss:.4f} "
-        f"acc {100 * record.train_accuracy:.2f}% | test loss {record.test_loss:.4f} "
-        f"acc {100 * record.test_accuracy:.2f}% | {record.train_seconds:.1f}s train, "
-        f"{record.eval_seconds:.1f}s eval" + (f" | block losses {blocks}" if blocks else "")
-    )
-
-
-def tensorboard_writer(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise LLSError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(path))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.resume:
         run = RunDir.open(args.resume)
-        config = resumed_config(args, run.read_config(), run)
-        state = run.load_checkpoint()
+        config, out = resumed_config(args, run.read_config(), run), run.path
     else:
         config = config_from_args(args)
-        run, state = None, None
-    session = build_session(
-        config, device=device, data_dir=args.data_dir, download=not args.no_download, quiet=args.json
+        out = Path(args.out) if args.out else RUNS_ROOT / config.default_name()
+    outcome = train_run(
+        config,
+        out,
+        resume=bool(args.resume),
+        device=device,
+        data_dir=args.data_dir,
+        download=not args.no_download,
+        progress=not args.quiet,
+        tensorboard=args.tensorboard,
+        quiet_data=args.json,
+        block_accuracy=args.block_accuracy,
     )
-    if run is None:
-        run = RunDir.create(
-            args.out or RUNS_ROOT / config.default_name(),
-            config,
-            {
-                **environment(),
-                "device": str(device),
-                "data_dir": args.data_dir,
-                "data_source": session.data.source,
-            },
-        )
-    history, start_epoch, progress = restore(session, state) if state is not None else (History(), 0, None)
-    trainer, loaders, rule = session.trainer, session.loaders, session.rule
-    describe = ", ".join(f"{k}={v}" for k, v in rule.config().items() if k != "name")
-    where = f"resuming {run.path} at epoch {start_epoch + 1}" if state is not None else f"run {run.path}"
-    if progress is not None:
-        where += f", step {progress.step}"
-    print(
-        f"{where}: {config.model} on {config.dataset} ({len(loaders.train.labels)} train / "
-        f"{len(loaders.test.labels)} test, from {session.data.source}) with {rule.name}({describe}), "
-        f"{config.optimizer} lr {config.lr}, batch {config.batch_size}, seed {config.seed}, {device}",
-        flush=True,
-    )
-    for record in history.records:
-        print(epoch_line(record, config.epochs))
-    writer = tensorboard_writer(run.path / "tensorboard") if args.tensorboard else None
-    title = f"{config.model} / {config.dataset} / {rule.name} ({describe})"
-
-    def on_epoch(record: EpochRecord) -> None:
-        run.save_checkpoint(checkpoint_state(session, history, record.epoch, None))
-        records = [r.as_dict() for r in history.records]
-        run.write_metrics(records)
-        run.plot(records, title)
-        if writer is not None:
-            for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_seconds"):
-                writer.add_scalar(key, getattr(record, key), record.epoch)
-            for b, value in enumerate(record.block_losses):
-                writer.add_scalar(f"block_loss/{b}", value, record.epoch)
-            writer.flush()
-        print(epoch_line(record, config.epochs), flush=True)
-
-    start = time.perf_counter()
-    try:
-        with graceful_interrupt() as should_stop:
-            fit(
-                trainer,
-                loaders,
-                config.epochs,
-                start_epoch=start_epoch,
-                history=history,
-                progress=not args.quiet,
-                resume=progress,
-                on_epoch=on_epoch,
-                should_stop=should_stop,
-            )
-    except Interrupted as stop:
-        if stop.progress is not None:
-            run.save_checkpoint(checkpoint_state(session, history, stop.progress.epoch, stop.progress))
+    if outcome.status == "interrupted":
         print(
-            f"lls: interrupted; checkpoint saved, continue with `lls train --resume {run.path}`",
+            f"lls: interrupted; checkpoint saved, continue with `lls train --resume {outcome.run.path}`",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    except TrainingDiverged as error:
-        kept = f"the last good checkpoint (epoch {len(history.records)}) is kept in {run.path}"
-        print(
-            f"lls: error: {error}; {kept if history.records else 'no checkpoint was written'}",
-            file=sys.stderr,
-        )
+    if outcome.status == "diverged":
+        print(f"lls: error: {outcome.error}", file=sys.stderr)
         return EXIT_DIVERGED
-    finally:
-        if writer is not None:
-            writer.close()
-    wall = time.perf_counter() - start
-    if not history.records:
-        print("nothing to train: the run is already complete")
-        return 0
-    best = max(history.records, key=lambda r: r.test_accuracy)
+    history, session = outcome.history, outcome.session
     epochs = len(history.records)
+    best = max(history.records, key=lambda r: r.test_accuracy)
     print(
         f"test accuracy {100 * history.final_test_accuracy:.2f}% after {epochs} epoch(s) "
         f"(best {100 * best.test_accuracy:.2f}% at epoch {best.epoch}); "
         f"training {history.train_seconds:.1f}s ({history.train_seconds / epochs:.1f}s/epoch); "
-        f"{wall:.1f}s in this session; run saved in {run.path}"
+        f"{outcome.wall:.1f}s in this session; run saved in {outcome.run.path}"
     )
     if args.json:
         summary = {
@@ -214,15 +130,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             "best_test_accuracy": history.best_test_accuracy,
             "epochs": epochs,
             "train_seconds": history.train_seconds,
-            "wall_seconds": wall,
-            "rule": rule.name,
-            "rule_config": rule.config(),
+            "wall_seconds": outcome.wall,
+            "rule": session.rule.name,
+            "rule_config": session.rule.config(),
             "model": config.model,
             "dataset": config.dataset,
             "config": config.as_dict(),
-            "run_dir": str(run.path),
+            "run_dir": str(outcome.run.path),
             "device": str(device),
-            "extra_parameters": sum(trainer.extra_parameters()),
+            "extra_parameters": sum(session.trainer.extra_parameters()),
             "history": [r.as_dict() for r in history.records],
             "lls_version": __version__,
             "torch_version": torch.__version__,
@@ -285,7 +201,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         refresh = islice(
             session.loaders.train.epoch(state["progress"]["epoch"], stream="refresh"), REFRESH_BATCHES
         )
-    loss, accuracy = session.trainer.evaluate(test.epoch(), refresh=refresh)
+    result = session.trainer.evaluate(test.epoch(), refresh=refresh)
+    loss, accuracy = result.loss, result.accuracy
     epoch = state["epoch"]
     print(
         f"{run.path} (epoch {epoch}) on {name} {args.split}: accuracy {100 * accuracy:.2f}%, loss {loss:.4f}"
@@ -386,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
     train.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
+    train.add_argument(
+        "--block-accuracy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log each block's own test accuracy every epoch (default on; never changes training)",
+    )
     train.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
@@ -413,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=cmd_data)
 
     add_cost_commands(commands)
+    add_reproduce_commands(commands)
+    add_diagnose_commands(commands)
 
     listing = commands.add_parser("list", help="list rules, models, datasets and optimizers")
     listing.set_defaults(func=cmd_list)
@@ -421,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_malloc()  # the largest single speed-up on CPU; see malloc.py
     try:
         return args.func(args)
     except LLSError as error:
@@ -429,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lls: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lls ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 # --- lls cost / lls bench -------------------------------------------------------------------------
@@ -733,3 +662,199 @@ def add_cost_commands(commands) -> None:
     bench.add_argument("--compile", action="store_true", help="torch.compile every block first")
     bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     bench.set_defaults(func=cmd_bench)
+
+
+# --- lls reproduce / lls report -------------------------------------------------------------------
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .presets import PRESETS, select, with_epochs
+    from .run import RunDir
+
+    if args.list:
+        chosen = select(args.table, args.dataset, args.model, args.rule) if args.table else list(PRESETS)
+        for p in chosen:
+            augment = f", augment {p.augment}" if p.augment else ""
+            print(f"{p.name:58s} {p.rule} {p.rule_options or ''} {p.epochs} epochs{augment}")
+        return 0
+    if not args.table:
+        raise LLSError("name a table (table1, table2, table3, compare) or use --list")
+    presets = [with_epochs(p, args.epochs) for p in select(args.table, args.dataset, args.model, args.rule)]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    device = resolve_device(args.device)
+    root = Path(args.out)
+    dirs = []
+    for preset in presets:
+        for seed in seeds:
+            out = root / preset.table / f"{preset.dataset}-{preset.model}-{preset.slug}-s{seed}"
+            dirs.append(out)
+            config = preset.config(seed)
+            done = 0
+            if (out / "config.json").exists():
+                state = RunDir.open(out).load_checkpoint()
+                done = state["epoch"] if state is not None and state["progress"] is None else -1
+            if done >= config.epochs:
+                print(f"done:    {preset.name} seed {seed} ({done} epochs in {out})")
+                continue
+            if args.dry_run:
+                print(f"to run:  {preset.name} seed {seed} -> {out}")
+                continue
+            print(f"running: {preset.name} seed {seed} -> {out}", flush=True)
+            outcome = train_run(
+                config,
+                out,
+                resume=(out / "config.json").exists(),
+                device=device,
+                data_dir=args.data_dir,
+                download=not args.no_download,
+                progress=not args.quiet,
+            )
+            if outcome.status == "interrupted":
+                print(f"lls: interrupted; run the same command again to continue from {out}", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            if outcome.status == "diverged":
+                print(f"lls: warning: {outcome.error}", file=sys.stderr)
+    if args.report and not args.dry_run:
+        return write_report(dirs, Path(args.out) / f"report-{args.table}", with_costs=not args.no_costs)
+    return 0
+
+
+def write_report(paths: list[Path], folder: Path, with_costs: bool = True) -> int:
+    from .report import collect, markdown, plot, summarize
+
+    runs = collect([p for p in paths if p.exists()] or paths)
+    rows = summarize(runs, with_costs=with_costs)
+    if not rows:
+        raise LLSError("none of the runs has finished all its epochs yet")
+    folder.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    figures = plot(rows, folder)
+    text = table + "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
+    (folder / "report.md").write_text(text)
+    (folder / "report.json").write_text(json.dumps(rows, indent=1))
+    unfinished = [r.path for r in runs if not r.finished]
+    print(table)
+    print(f"\nreport, figures and JSON written to {folder}")
+    if unfinished:
+        print(f"not included (unfinished): {', '.join(map(str, unfinished))}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.runs]
+    return write_report(paths, Path(args.out) if args.out else Path("report"), with_costs=not args.no_costs)
+
+
+def add_reproduce_commands(commands) -> None:
+    reproduce = commands.add_parser("reproduce", help="run the paper's experiments (resumable sweep)")
+    reproduce.add_argument("table", nargs="?", help="table1, table2, table3 or compare")
+    reproduce.add_argument("--list", action="store_true", help="show the presets")
+    reproduce.add_argument("--dataset")
+    reproduce.add_argument("--model")
+    reproduce.add_argument("--rule", help="rule name or row slug (e.g. lls-square)")
+    reproduce.add_argument("--epochs", type=positive_int, help="override the paper's budget")
+    reproduce.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    reproduce.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    reproduce.add_argument("--out", default="runs/reproduce", help="root of the run directories")
+    reproduce.add_argument("--report", action="store_true", help="write the report when the sweep is done")
+    reproduce.add_argument("--no-costs", action="store_true", help="report without lls cost columns")
+    reproduce.add_argument("--dry-run", action="store_true", help="say what would run")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_data_options(reproduce)
+    reproduce.set_defaults(func=cmd_reproduce)
+
+    report = commands.add_parser("report", help="collect finished runs into tables and figures")
+    report.add_argument("runs", nargs="+", help="run directories, or folders holding them")
+    report.add_argument("--out", help="folder for report.md, report.json and figures (default ./report)")
+    report.add_argument("--no-costs", action="store_true", help="skip the lls cost columns")
+    report.set_defaults(func=cmd_report)
+
+
+# --- lls diagnose / lls plot ----------------------------------------------------------------------
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from .diagnose import diagnose, plot_diagnosis
+    from .report_format import table
+
+    device = resolve_device(args.device)
+    run = RunDir.open(args.run)
+    config = run.read_config()
+    state = run.load_checkpoint()
+    if state is None:
+        raise LLSError(f"{run.path} has no checkpoint yet; train at least one epoch first")
+    session = build_session(
+        config, device=device, data_dir=args.data_dir, download=not args.no_download, quiet=True
+    )
+    try:
+        session.trainer.load_state_dict(state["trainer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise LLSError(
+            f"the checkpoint does not fit the model ({str(error).splitlines()[0][:160]})"
+        ) from None
+    batches = islice(session.loaders.train.epoch(state["epoch"], stream="diagnose"), args.batches)
+    results = diagnose(session.trainer, batches)
+    folder = Path(args.out) if args.out else run.path / "diagnose"
+    title = f"{config.model} / {config.dataset} / {session.rule.name}, epoch {state['epoch']}"
+    figures = plot_diagnosis(results, folder, title)
+    rows = []
+    for r in results:
+        margin, sync = r.sync_margin, r.sync_accuracy
+        rows.append(
+            [
+                f"block {r.index}",
+                f"{r.cosine:+.3f}",
+                f"{r.norm_ratio:.3g}",
+                "-" if margin is None else f"{margin:+.3f}",
+                "-" if sync is None else f"{100 * sync:.0f}%",
+            ]
+        )
+    print(f"{title}; {args.batches} training batches of {config.batch_size}")
+    print(table(["", "cosine to BP", "norm ratio", "sync margin", "classes synced"], rows))
+    print(f"figures: {', '.join(str(f) for f in figures)}")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run_dir": str(run.path),
+                    "epoch": state["epoch"],
+                    "rule": session.rule.name,
+                    "blocks": [r.as_dict() for r in results],
+                }
+            )
+        )
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .basis import BASIS_KINDS
+    from .diagnose import plot_basis
+
+    if args.kind not in BASIS_KINDS:
+        raise LLSError(f"unknown basis {args.kind!r}; known bases: {', '.join(BASIS_KINDS)}")
+    path = Path(args.out or f"basis-{args.kind}-{args.classes}x{args.dim}.png")
+    plot_basis(args.classes, args.dim, args.kind, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_diagnose_commands(commands) -> None:
+    diagnose = commands.add_parser("diagnose", help="alignment with BP and synchronisation of every block")
+    diagnose.add_argument("run", help="run directory")
+    diagnose.add_argument("--batches", type=positive_int, default=10, help="training batches to average over")
+    diagnose.add_argument("--out", help="folder for the figures (default RUN_DIR/diagnose)")
+    diagnose.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    add_data_options(diagnose)
+    diagnose.add_argument("--json", action="store_true")
+    diagnose.set_defaults(func=cmd_diagnose)
+
+    plot = commands.add_parser("plot", help="pictures")
+    what = plot.add_subparsers(dest="what", required=True, metavar="WHAT")
+    basis = what.add_parser("basis", help="the rows of an LLS basis")
+    basis.add_argument("--classes", type=positive_int, default=10)
+    basis.add_argument("--dim", type=positive_int, default=512)
+    basis.add_argument("--kind", default="square", help="square, periodic or random")
+    basis.add_argument("--out", help="PNG path (default basis-KIND-KxD.png)")
+    basis.set_defaults(func=cmd_plot)

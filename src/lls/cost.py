@@ -101,8 +101,33 @@ class CostReport:
         return {**asdict(self), "totals": {**totals, "step_macs": self.step_macs}}
 
 
+def _conv_backward_flops(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    bias,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    output_mask,
+    out_shape=None,
+    **kwargs,
+) -> int:
+    """Each gradient of a convolution costs what its forward does: 2 * N * C_out * H_out * W_out *
+    (C_in / groups) * kh * kw FLOPs. (torch 2.13's own formula ignores ``groups`` for the weight
+    gradient and counts a depthwise convolution's C times over.)"""
+    forward = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+COUNTER_FIXES = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+
+
 def _count(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=COUNTER_FIXES) as counter:
         fn()
     return counter.get_total_flops() // 2
 

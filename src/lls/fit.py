@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -12,9 +13,10 @@ from itertools import islice
 import torch
 from tqdm import tqdm
 
-from .data import BatchLoader, Dataset, make_loader
+from .data import BatchLoader, Dataset, FileSplit, make_loader
 from .errors import LLSError
-from .trainer import Trainer
+from .readout import PROBE_IMAGES
+from .trainer import Evaluation, Trainer
 
 REFRESH_BATCHES = 50  # BatchNorm refresh before each evaluation (the paper's procedure)
 EVAL_BATCH_SIZE = 250  # results do not depend on it in eval mode; larger is slower on CPU
@@ -36,6 +38,8 @@ class EpochRecord:
     train_seconds: float
     eval_seconds: float
     lr: float
+    block_accuracy: list[float] = field(default_factory=list)  # each block's own test accuracy
+    readout: str | None = None  # how blocks are read out: "basis", "learned classifier", "ridge probe"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +65,7 @@ class EpochProgress:
 class Loaders:
     train: BatchLoader
     test: BatchLoader
+    probe: BatchLoader | None = None  # unaugmented training images for the per-block ridge probes
 
     @classmethod
     def for_dataset(
@@ -75,11 +80,14 @@ class Loaders:
     ) -> Loaders:
         layout = torch.channels_last if channels_last else torch.contiguous_format
         common = {"mean": data.mean, "std": data.std, "device": device, "memory_format": layout}
+        train = data.train.head(limit)
+        probe = train.head(min(PROBE_IMAGES, len(train)))
+        if isinstance(probe, FileSplit):
+            probe = dataclasses.replace(probe, random_crop=False)
         return cls(
-            train=make_loader(
-                data.train.head(limit), batch_size, augment=data.augment, shuffle=True, seed=seed, **common
-            ),
+            train=make_loader(train, batch_size, augment=data.augment, shuffle=True, seed=seed, **common),
             test=make_loader(data.test.head(limit), EVAL_BATCH_SIZE, **common),
+            probe=make_loader(probe, EVAL_BATCH_SIZE, **common),
         )
 
 
@@ -200,12 +208,14 @@ def _postfix(loss: float, accuracy: float, blocks: list[float]) -> str:
     return text
 
 
-def evaluate(trainer: Trainer, loaders: Loaders, epoch: int) -> tuple[float, float, float]:
-    """The paper's evaluation: averaged weights, BN refresh on 50 training batches, test set."""
+def evaluate(trainer: Trainer, loaders: Loaders, epoch: int, blocks: bool = True) -> tuple[Evaluation, float]:
+    """The paper's evaluation (averaged weights, BN refresh on 50 training batches, test set),
+    with each block's own accuracy when ``blocks``; returns it with the seconds it took."""
     start = time.perf_counter()
     refresh = islice(loaders.train.epoch(epoch, stream="refresh"), REFRESH_BATCHES)
-    loss, accuracy = trainer.evaluate(loaders.test.epoch(), refresh=refresh)
-    return loss, accuracy, time.perf_counter() - start
+    probes = loaders.probe.epoch() if blocks and loaders.probe is not None else ()
+    result = trainer.evaluate(loaders.test.epoch(), refresh=refresh, blocks=blocks, probe_batches=probes)
+    return result, time.perf_counter() - start
 
 
 def fit(
@@ -219,6 +229,7 @@ def fit(
     resume: EpochProgress | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    block_accuracy: bool = True,
 ) -> History:
     """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after each."""
     history = history or History()
@@ -234,21 +245,23 @@ def fit(
             resume=resume if resume is not None and resume.epoch == epoch else None,
             should_stop=should_stop,
         )
-        test_loss, test_accuracy, eval_seconds = evaluate(trainer, loaders, epoch)
+        result, eval_seconds = evaluate(trainer, loaders, epoch, blocks=block_accuracy)
         record = EpochRecord(
             epoch=epoch + 1,
             train_loss=done.loss_sum / done.seen,
             train_accuracy=done.correct / done.seen,
             block_losses=[b / done.seen for b in done.block_sums],
-            test_loss=test_loss,
-            test_accuracy=test_accuracy,
+            test_loss=result.loss,
+            test_accuracy=result.accuracy,
             train_seconds=done.seconds,
             eval_seconds=eval_seconds,
             lr=trainer.lr,
+            block_accuracy=result.block_accuracy,
+            readout=result.readout,
         )
-        if not math.isfinite(test_loss):
+        if not math.isfinite(result.loss):
             raise TrainingDiverged(
-                f"evaluation after epoch {epoch + 1} gave a test loss of {test_loss}; lower --lr"
+                f"evaluation after epoch {epoch + 1} gave a test loss of {result.loss}; lower --lr"
             )
         history.records.append(record)
         if on_epoch is not None:

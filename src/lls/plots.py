@@ -30,7 +30,8 @@ def plot_curves(records: Sequence[dict], path: Path, title: str = "") -> None:
 
     epochs = [r["epoch"] for r in records]
     blocks = len(records[0]["block_losses"]) if records else 0
-    panels = 3 if blocks else 2
+    readouts = len(records[0].get("block_accuracy", [])) if records else 0
+    panels = 2 + bool(blocks) + bool(readouts)
     figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
     axes[0].plot(epochs, [100 * r["train_accuracy"] for r in records], "o-", label="train")
     axes[0].plot(epochs, [100 * r["test_accuracy"] for r in records], "o-", label="test")
@@ -38,10 +39,20 @@ def plot_curves(records: Sequence[dict], path: Path, title: str = "") -> None:
     axes[1].plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
     axes[1].plot(epochs, [r["test_loss"] for r in records], "o-", label="test")
     axes[1].set(xlabel="epoch", ylabel="cross-entropy", title="head loss")
+    panel = 2
     if blocks:
         for b in range(blocks):
-            axes[2].plot(epochs, [r["block_losses"][b] for r in records], "o-", label=f"block {b}")
-        axes[2].set(xlabel="epoch", ylabel="local loss", title="per-block local loss")
+            axes[panel].plot(epochs, [r["block_losses"][b] for r in records], "o-", label=f"block {b}")
+        axes[panel].set(xlabel="epoch", ylabel="local loss", title="per-block local loss")
+        panel += 1
+    if readouts:
+        for b in range(readouts):
+            axes[panel].plot(
+                epochs, [100 * r["block_accuracy"][b] for r in records], "o-", label=f"block {b}"
+            )
+        axes[panel].plot(epochs, [100 * r["test_accuracy"] for r in records], "k--", label="network")
+        readout = records[-1].get("readout") or ""
+        axes[panel].set(xlabel="epoch", ylabel="test accuracy (%)", title=f"per-block accuracy ({readout})")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

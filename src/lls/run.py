@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -210,13 +211,14 @@ class RunDir:
         _atomic_write(self.metrics_jsonl, lines.encode())
         if not records:
             return
-        blocks = len(records[0]["block_losses"])
+        losses, accuracies = len(records[0]["block_losses"]), len(records[0].get("block_accuracy", []))
         scalar = [k for k, v in records[0].items() if not isinstance(v, list)]
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(scalar + [f"block_{b}_loss" for b in range(blocks)])
+        header = scalar + [f"block_{b}_loss" for b in range(losses)]
+        writer.writerow(header + [f"block_{b}_accuracy" for b in range(accuracies)])
         for r in records:
-            writer.writerow([r[k] for k in scalar] + r["block_losses"])
+            writer.writerow([r[k] for k in scalar] + r["block_losses"] + r.get("block_accuracy", []))
         _atomic_write(self.metrics_csv, out.getvalue().encode())
 
     def plot(self, records: list[dict[str, Any]], title: str) -> None:
@@ -256,9 +258,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def git_commit() -> str:
+    """The commit of the lls source tree (with ``+dirty`` for local changes), or ``unknown``."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def environment() -> dict[str, Any]:
     return {
         "lls_version": __version__,
+        "commit": git_commit(),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
@@ -322,3 +348,128 @@ def restore(session: Session, state: dict[str, Any]) -> tuple[History, int, Epoc
     history = History([EpochRecord(**r) for r in state["history"]])
     progress = EpochProgress(**state["progress"]) if state["progress"] is not None else None
     return history, state["epoch"], progress
+
+
+# --- a whole run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOutcome:
+    status: str  # "finished", "interrupted" (checkpoint saved) or "diverged" (last good one kept)
+    run: RunDir
+    session: Session
+    history: History
+    wall: float
+    error: str | None = None
+
+
+def epoch_line(record: EpochRecord, epochs: int) -> str:
+    blocks = " ".join(f"{b:.3f}" for b in record.block_losses)
+    accuracies = " ".join(f"{100 * b:.1f}" for b in record.block_accuracy)
+    return (
+        f"epoch {record.epoch}/{epochs}: train loss {record.train_loss:.4f} "
+        f"acc {100 * record.train_accuracy:.2f}% | test loss {record.test_loss:.4f} "
+        f"acc {100 * record.test_accuracy:.2f}% | {record.train_seconds:.1f}s train, "
+        f"{record.eval_seconds:.1f}s eval"
+        + (f" | block losses {blocks}" if blocks else "")
+        + (f" | block acc ({record.readout}) {accuracies}" if accuracies else "")
+    )
+
+
+def tensorboard_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LLSError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(path))
+
+
+def train_run(
+    config: TrainConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    device: torch.device,
+    data_dir: str | None = None,
+    download: bool = True,
+    progress: bool = True,
+    tensorboard: bool = False,
+    quiet_data: bool = False,
+    block_accuracy: bool = True,
+    log=print,
+) -> RunOutcome:
+    """Train ``config`` in run directory ``out`` (a new one, or the one being resumed)."""
+    from .fit import Interrupted, TrainingDiverged, fit
+
+    run = RunDir.open(out) if resume else None
+    state = run.load_checkpoint() if run is not None else None
+    session = build_session(config, device=device, data_dir=data_dir, download=download, quiet=quiet_data)
+    if run is None:
+        extra = {
+            **environment(),
+            "device": str(device),
+            "data_dir": data_dir,
+            "data_source": session.data.source,
+        }
+        run = RunDir.create(out, config, extra)
+    history, start_epoch, progress_state = (
+        restore(session, state) if state is not None else (History(), 0, None)
+    )
+    trainer, loaders, rule = session.trainer, session.loaders, session.rule
+    describe = ", ".join(f"{k}={v}" for k, v in rule.config().items() if k != "name")
+    where = f"resuming {run.path} at epoch {start_epoch + 1}" if state is not None else f"run {run.path}"
+    if progress_state is not None:
+        where += f", step {progress_state.step}"
+    log(
+        f"{where}: {config.model} on {config.dataset} ({len(loaders.train.labels)} train / "
+        f"{len(loaders.test.labels)} test, from {session.data.source}) with {rule.name}({describe}), "
+        f"{config.optimizer} lr {config.lr}, batch {config.batch_size}, seed {config.seed}, {device}",
+        flush=True,
+    )
+    for record in history.records:
+        log(epoch_line(record, config.epochs))
+    writer = tensorboard_writer(run.path / "tensorboard") if tensorboard else None
+    title = f"{config.model} / {config.dataset} / {rule.name} ({describe})"
+
+    def on_epoch(record: EpochRecord) -> None:
+        run.save_checkpoint(checkpoint_state(session, history, record.epoch, None))
+        records = [r.as_dict() for r in history.records]
+        run.write_metrics(records)
+        run.plot(records, title)
+        if writer is not None:
+            for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_seconds"):
+                writer.add_scalar(key, getattr(record, key), record.epoch)
+            for b, value in enumerate(record.block_losses):
+                writer.add_scalar(f"block_loss/{b}", value, record.epoch)
+            for b, value in enumerate(record.block_accuracy):
+                writer.add_scalar(f"block_accuracy/{b}", value, record.epoch)
+            writer.flush()
+        log(epoch_line(record, config.epochs), flush=True)
+
+    start = time.perf_counter()
+    try:
+        with graceful_interrupt() as should_stop:
+            fit(
+                trainer,
+                loaders,
+                config.epochs,
+                start_epoch=start_epoch,
+                history=history,
+                progress=progress,
+                resume=progress_state,
+                on_epoch=on_epoch,
+                should_stop=should_stop,
+                block_accuracy=block_accuracy,
+            )
+    except Interrupted as stop:
+        if stop.progress is not None:
+            run.save_checkpoint(checkpoint_state(session, history, stop.progress.epoch, stop.progress))
+        return RunOutcome("interrupted", run, session, history, time.perf_counter() - start)
+    except TrainingDiverged as error:
+        kept = f"the last good checkpoint (epoch {len(history.records)}) is kept in {run.path}"
+        message = f"{error}; {kept if history.records else 'no checkpoint was written'}"
+        return RunOutcome("diverged", run, session, history, time.perf_counter() - start, message)
+    finally:
+        if writer is not None:
+            writer.close()
+    return RunOutcome("finished", run, session, history, time.perf_counter() - start)

@@ -9,7 +9,7 @@ one loss at the head, one backward pass through everything.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +33,14 @@ class StepResult:
     logits: torch.Tensor  # (N, K) head output in training mode
     loss: torch.Tensor  # head cross-entropy
     block_losses: torch.Tensor  # (L,) each block's local loss; empty for rules without any (bp)
+
+
+@dataclass
+class Evaluation:
+    loss: float  # mean cross-entropy of the head
+    accuracy: float  # 0..1
+    block_accuracy: list[float]  # each block's own accuracy (empty unless asked for)
+    readout: str | None = None  # how blocks were read out: "basis", "learned classifier", "ridge probe"
 
 
 class Trainer:
@@ -86,6 +94,17 @@ class Trainer:
         """One minibatch: every block updated from its own signal, the head from cross-entropy."""
         if self.rule.timing == "end-to-end":
             return self._end_to_end_step(x, y)
+        return self.local_pass(x, y, self._update)
+
+    def local_pass(
+        self, x: torch.Tensor, y: torch.Tensor, consume: Callable[[int, torch.Tensor], torch.Tensor]
+    ) -> StepResult:
+        """Forward through the blocks of a local rule, handing each loss to ``consume(index, loss)``
+        as soon as it is known (index L is the head); ``consume`` runs the backward pass.
+
+        Training passes :meth:`_update` (backward + this block's optimizer step); diagnostics pass
+        a function that only collects gradients.
+        """
         blocks, between, head = self.net.blocks, self.net.between, self.net.head
         block_losses = []
         held: list[torch.Tensor] = []  # block outputs waiting for the head's output (DFA)
@@ -93,14 +112,14 @@ class Trainer:
         for i, (block, after, signal) in enumerate(zip(blocks, between, self.signals, strict=True)):
             a = block(h.detach())  # detach: nothing this block learns from reaches block i-1
             if self.rule.timing == "block":
-                block_losses.append(self._update(i, signal(a, y)))
+                block_losses.append(consume(i, signal(a, y)))
             else:
                 held.append(a)
             h = after(a.detach())
         logits = head(h.detach())
-        loss = self._update(len(blocks), F.cross_entropy(logits, y))
+        loss = consume(len(blocks), F.cross_entropy(logits, y))
         for i, a in enumerate(held):
-            block_losses.append(self._update(i, self.signals[i](a, y, logits.detach())))
+            block_losses.append(consume(i, self.signals[i](a, y, logits.detach())))
         return StepResult(logits.detach(), loss, torch.stack(block_losses))
 
     def _update(self, index: int, loss: torch.Tensor) -> torch.Tensor:
@@ -150,19 +169,42 @@ class Trainer:
             self._train_mode()
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[Batch], refresh: Iterable[Batch] = ()) -> tuple[float, float]:
-        """(mean cross-entropy, accuracy in 0..1) of the evaluation-mode network on ``batches``."""
+    def evaluate(
+        self,
+        batches: Iterable[Batch],
+        refresh: Iterable[Batch] = (),
+        *,
+        blocks: bool = False,
+        probe_batches: Iterable[Batch] = (),
+    ) -> Evaluation:
+        """Loss and accuracy of the evaluation-mode network on ``batches`` (the paper's procedure).
+
+        With ``blocks``, also each block's own accuracy (see ``readout.py``): the rule's basis or
+        learned classifier where it has one, else ridge probes fitted on ``probe_batches``.
+        """
+        from .readout import block_predictions, fit_probes, readout_kind, walk
+
         total_loss = torch.zeros((), dtype=torch.float64)
         correct, count = 0, 0
+        kind = readout_kind(self.signals) if blocks else None
+        block_correct = [0] * len(self.net.blocks)
         with self.evaluation(refresh) as net:
+            probes = fit_probes(net, probe_batches, self.num_classes) if kind == "ridge probe" else None
             for x, y in batches:
-                logits = net(x)
+                if kind is None:
+                    logits = net(x)
+                else:
+                    *outputs, logits = walk(net, x)
+                    for i, a in enumerate(outputs):
+                        predicted = block_predictions(self.signals, probes, i, a, net.latent_pool[i])
+                        block_correct[i] += int((predicted == y).sum())
                 total_loss += F.cross_entropy(logits, y, reduction="sum").double().cpu()
                 correct += int((logits.argmax(1) == y).sum())
                 count += len(y)
         if count == 0:
             raise LLSError("evaluation got no batches")
-        return float(total_loss) / count, correct / count
+        block_accuracy = [c / count for c in block_correct] if kind is not None else []
+        return Evaluation(float(total_loss) / count, correct / count, block_accuracy, kind)
 
     # --- state ---------------------------------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""Per-block accuracy: how well each block classifies on its own.
+
+LLS blocks come with a classifier for free: a block's signal scores its latent against the class
+basis, so ``argmax`` of those scores is a prediction ("basis readout"; for local classifiers, their
+learned matrix). Blocks of other rules get a cheap linear probe instead: ridge regression from the
+block's pooled latent (METHOD.md's latent, not normalised) to one-hot labels, solved in closed form
+on a fixed subset of the training set without augmentation ("ridge probe").
+
+Readouts run in evaluation mode without gradients and draw no random numbers, so they never change
+training (tested: weights are identical with readouts on and off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .rules import ProjectionSignal, latent
+
+PROBE_IMAGES = 2048  # training images the ridge probes are fitted on (the first ones, unaugmented)
+RIDGE = 1e-3  # ridge strength, relative to the mean eigenvalue of the latents' Gram matrix
+
+
+def readout_kind(signals: list) -> str:
+    if signals and all(isinstance(s, ProjectionSignal) for s in signals):
+        return "learned classifier" if signals[0].classifier is not None else "basis"
+    return "ridge probe"
+
+
+class RidgeProbe:
+    """Closed-form ridge regression to one-hot targets on centred features."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, classes: int) -> None:
+        x = features.double()
+        self.mean = x.mean(0)
+        x = x - self.mean
+        y = F.one_hot(labels, classes).double()
+        gram = x.T @ x
+        strength = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        self.weight = torch.linalg.solve(gram + strength * eye, x.T @ (y - y.mean(0)))
+        self.bias = y.mean(0)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features.double() - self.mean) @ self.weight + self.bias).argmax(1)
+
+
+def walk(net, x: torch.Tensor):
+    """Yield every block's output, then the head's logits (for a network in eval mode)."""
+    h = x
+    for block, after in zip(net.blocks, net.between, strict=True):
+        a = block(h)
+        yield a
+        h = after(a)
+    yield net.head(h)
+
+
+@torch.no_grad()
+def fit_probes(net, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: int) -> list[RidgeProbe]:
+    features: list[list[torch.Tensor]] = [[] for _ in net.blocks]
+    labels = []
+    for x, y in batches:
+        outputs = list(walk(net, x))[:-1]
+        for i, a in enumerate(outputs):
+            features[i].append(latent(a, net.latent_pool[i]))
+        labels.append(y)
+    y = torch.cat(labels)
+    return [RidgeProbe(torch.cat(f), y, classes) for f in features]
+
+
+def block_predictions(
+    signals: list, probes: list[RidgeProbe] | None, index: int, a: torch.Tensor, pool
+) -> torch.Tensor:
+    if probes is not None:
+        return probes[index].predict(latent(a, pool))
+    return signals[index].scores(a).argmax(1)

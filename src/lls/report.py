@@ -1,0 +1,204 @@
+"""``lls report``: finished runs collected into the paper's tables, with costs and figures."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import LLSError
+from .run import RunDir, TrainConfig
+
+
+@dataclass
+class RunResult:
+    path: Path
+    config: TrainConfig
+    records: list[dict[str, Any]]
+    environment: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        basis = self.config.rule_options.get("basis")
+        reduced = self.config.rule_options.get("reduced")
+        name = self.config.rule + (f" ({basis})" if basis and self.config.rule == "lls" else "")
+        return name + (f" R={reduced}" if reduced else "")
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        return (self.config.dataset, self.config.model, self.label)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.records) >= self.config.epochs
+
+
+def collect(paths: list[Path]) -> list[RunResult]:
+    """Every run directory under ``paths`` (a run directory itself, or a folder of them)."""
+    found = []
+    for root in paths:
+        if not root.exists():
+            raise LLSError(f"{root} does not exist")
+        candidates = (
+            [root]
+            if (root / "config.json").is_file()
+            else sorted(p.parent for p in root.rglob("config.json"))
+        )
+        for path in candidates:
+            run = RunDir.open(path)
+            record = json.loads(run.config_path.read_text())
+            rows = []
+            if run.metrics_jsonl.is_file():
+                rows = [
+                    json.loads(line) for line in run.metrics_jsonl.read_text().splitlines() if line.strip()
+                ]
+            found.append(RunResult(path, run.read_config(), rows, record))
+    if not found:
+        raise LLSError(f"no run directories (with config.json) under {', '.join(map(str, paths))}")
+    return found
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def summarize(runs: list[RunResult], with_costs: bool = True) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        if run.finished:
+            groups[run.group].append(run)
+    rows = []
+    for (dataset, model, label), members in sorted(groups.items()):
+        config = members[0].config
+        row: dict[str, Any] = {
+            "dataset": dataset,
+            "model": model,
+            "rule": label,
+            "seeds": sorted(m.config.seed for m in members),
+            "epochs": config.epochs,
+            "final": [m.records[config.epochs - 1]["test_accuracy"] for m in members],
+            "best": [max(r["test_accuracy"] for r in m.records[: config.epochs]) for m in members],
+            "train_hours": sum(
+                sum(r["train_seconds"] + r["eval_seconds"] for r in m.records) for m in members
+            )
+            / 3600,
+            "curves": [[r["test_accuracy"] for r in m.records[: config.epochs]] for m in members],
+            "commit": sorted({m.environment.get("commit", "?") for m in members}),
+        }
+        if with_costs:
+            row.update(costs_of(config))
+        rows.append(row)
+    return rows
+
+
+def costs_of(config: TrainConfig) -> dict[str, Any]:
+    """Learning-signal multiply-adds, extra parameters and activation memory from ``lls cost``."""
+    from .cli import DATASET_SHAPES
+    from .cost import count_costs, measure_memory
+    from .rules import create_rule
+
+    if config.dataset not in DATASET_SHAPES:
+        return {}
+    shape, classes = DATASET_SHAPES[config.dataset]
+    rule = create_rule(config.rule, **config.rule_options)
+    report = count_costs(config.model, rule, shape, classes)
+    memory = measure_memory(
+        config.model,
+        config.rule,
+        shape,
+        classes,
+        batch=config.batch_size,
+        rule_options=config.rule_options,
+        subprocess_peak=False,
+    )
+    return {
+        "extra_params": report.total("extra_params"),
+        "signal_mults": report.total("signal_mults"),
+        "signal_adds": report.total("signal_adds"),
+        "step_macs": report.step_macs,
+        "activation_bytes": memory["activation_peak_bytes"],
+    }
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    from .report_format import si
+
+    lines = [
+        "| dataset | model | rule | seeds | epochs | final test acc. (%) | best test acc. over epochs (%) | "
+        "extra params | signal mults / adds per sample | step MACs per sample | activations (batch) | "
+        "hours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        signal = f"{si(r['signal_mults'])} / {si(r['signal_adds'])}" if "signal_mults" in r else "-"
+        memory = f"{r['activation_bytes'] / 2**20:.0f} MiB" if "activation_bytes" in r else "-"
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {r['rule']} | {len(r['seeds'])} | {r['epochs']} | "
+            f"**{mean_std(r['final'])}** | {mean_std(r['best'])} | {si(r.get('extra_params'))} | {signal} | "
+            f"{si(r.get('step_macs'))} | {memory} | {r['train_hours']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Test-accuracy curves of the rules side by side, and cost ratios to BP, per (dataset, model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    written = []
+    by_problem: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        by_problem[(r["dataset"], r["model"])].append(r)
+    for (dataset, model), members in by_problem.items():
+        figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for r in members:
+            length = min(len(c) for c in r["curves"])
+            mean = [100 * statistics.fmean(c[i] for c in r["curves"]) for i in range(length)]
+            axes[0].plot(range(1, length + 1), mean, label=r["rule"])
+        axes[0].set(
+            xlabel="epoch", ylabel="test accuracy (%, mean over seeds)", title=f"{model} on {dataset}"
+        )
+        axes[0].grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        bp = next((r for r in members if r["rule"] == "bp"), None)
+        if bp is not None and "step_macs" in bp:
+            others = [r for r in members if r is not bp]
+            keys = (
+                ("step_macs", "step MACs"),
+                ("signal_mults", "signal multiplies"),
+                ("activation_bytes", "activations"),
+            )
+            width = 0.8 / len(keys)
+            for k, (key, name) in enumerate(keys):
+                values = [max(r[key], 1) / max(bp[key], 1) for r in others]
+                axes[1].bar([i + k * width for i in range(len(others))], values, width, label=name)
+            axes[1].set_xticks(
+                [i + width for i in range(len(others))],
+                [r["rule"] for r in others],
+                rotation=30,
+                ha="right",
+                fontsize=7,
+            )
+            axes[1].set_yscale("log")
+            axes[1].axhline(1.0, color="black", linewidth=0.8)
+            axes[1].set(ylabel="ratio to BP (log scale)", title="cost per training sample, relative to BP")
+            axes[1].legend(fontsize=7)
+        else:
+            axes[1].set_axis_off()
+        path = folder / f"{dataset}-{model}.png"
+        save_figure(figure, path)
+        plt.close(figure)
+        written.append(path)
+    return written

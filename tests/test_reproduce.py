@@ -1,0 +1,83 @@
+"""Presets of the paper's tables, the resumable sweep and the report."""
+
+import json
+
+import pytest
+
+import lls
+from lls.cli import main
+from lls.presets import PRESETS, Preset, select
+
+pytestmark = pytest.mark.usefixtures("digits")
+
+
+def test_table1_is_the_basis_ablation():
+    rows = select("table1")
+    assert len(rows) == 4 * 2 * 3
+    assert {p.rule_options["basis"] for p in rows} == {"random", "periodic", "square"}
+    vgg_long = {(p.dataset, p.epochs, p.augment) for p in rows if p.model == "vgg8"}
+    assert ("cifar10", 300, "aug") in vgg_long and ("imagenette", 300, "aug") in vgg_long
+    assert ("mnist", 100, None) in vgg_long
+    small = {(p.dataset, p.augment) for p in rows if p.model == "smallconv"}
+    assert ("cifar10", "basic") in small and ("imagenette", "basic") in small
+
+
+def test_table2_and_table3_rows():
+    t2 = select("table2")
+    assert {(p.dataset, p.rule) for p in t2} == {
+        (d, r) for d in ("mnist", "cifar10", "cifar100") for r in ("bp", "dfa", "lls")
+    }
+    assert all(p.model == "smallconvl" and p.epochs == 100 for p in t2)
+    t3 = select("table3")
+    assert {p.dataset for p in t3} == {"cifar10", "cifar100", "imagenette", "tinyimagenet", "vww"}
+    assert all(p.model == "vgg8" and p.epochs == 300 for p in t3)
+    reduced = [p for p in t3 if p.rule_options.get("reduced")]
+    assert {p.dataset for p in reduced} == {"cifar100", "tinyimagenet"} and reduced[0].rule_options[
+        "reduced"
+    ] == 100
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_names_registered_things(preset):
+    config = preset.config(seed=3)
+    lls.create_rule(config.rule, **config.rule_options)
+    assert config.model in lls.list_models() and config.dataset in lls.list_datasets()
+    assert config.batch_size == 128 and config.lr == 5e-3 and config.optimizer == "adamw-sf"
+    assert len({p.name for p in PRESETS}) == len(PRESETS)
+
+
+def test_sweep_skips_finished_rows_and_reports_mean_and_std(tmp_path, monkeypatch, capsys):
+    tiny = (
+        Preset("compare", "digits", "smallconv", "bp", "BP", 2),
+        Preset("compare", "digits", "smallconv", "lls", "LLS (square)", 2, None, {"basis": "square"}),
+    )
+    monkeypatch.setattr("lls.presets.PRESETS", tiny)
+    out = tmp_path / "sweep"
+    args = ["reproduce", "compare", "--dataset", "digits", "--seeds", "0,1", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--report"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done:") == 4 and "running:" not in printed
+    report = json.loads((out / "report-compare" / "report.json").read_text())
+    assert {r["rule"] for r in report} == {"bp", "lls (square)"}
+    row = next(r for r in report if r["rule"] == "lls (square)")
+    assert row["seeds"] == [0, 1] and len(row["final"]) == 2 and row["extra_params"] == 0
+    assert row["signal_mults"] > 0 and row["activation_bytes"] > 0
+    markdown = (out / "report-compare" / "report.md").read_text()
+    assert "±" in markdown and "digits-smallconv.png" in markdown
+    assert (out / "report-compare" / "digits-smallconv.png").exists()
+    # more epochs later: the finished rows resume instead of starting over
+    assert main([*args, "--epochs", "3"]) == 0
+    assert capsys.readouterr().out.count("running:") == 4
+    assert len((out / "compare" / "digits-smallconv-bp-s0" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no run directories" in capsys.readouterr().err
+
+
+def test_unknown_table(capsys):
+    assert main(["reproduce", "table9"]) == 2
+    assert "known: table1, table2, table3, compare" in capsys.readouterr().err
