@@ -105,7 +105,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         tensorboard=args.tensorboard,
         quiet_data=args.json,
         block_accuracy=args.block_accuracy,
+        parallel=args.parallel,
+        stages=args.stages,
+        sync_bn=args.sync_bn,
+        dist_timeout=args.dist_timeout,
     )
+    if outcome.run is None:  # a rank other than 0 of a parallel run: rank 0 reports
+        return {"finished": 0, "interrupted": EXIT_INTERRUPTED}.get(outcome.status, EXIT_DIVERGED)
     if outcome.status == "interrupted":
         print(
             f"lls: interrupted; checkpoint saved, continue with `lls train --resume {outcome.run.path}`",
@@ -303,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
     train.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
+    train.add_argument(
+        "--parallel",
+        choices=("ddp", "pipeline"),
+        help="under torchrun: data-parallel over the processes, or blocks pipelined across them",
+    )
+    train.add_argument(
+        "--stages", help="pipeline: blocks of each stage, e.g. 0-2,3-5,6-7 (default: balanced)"
+    )
+    train.add_argument("--sync-bn", action="store_true", help="ddp on CUDA: synchronise BatchNorm statistics")
+    train.add_argument(
+        "--dist-timeout", type=positive_float, default=300.0, help="seconds before a silent peer is an error"
+    )
     train.add_argument(
         "--block-accuracy",
         action=argparse.BooleanOptionalAction,

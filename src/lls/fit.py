@@ -230,8 +230,15 @@ def fit(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     block_accuracy: bool = True,
+    evaluator: Callable[..., tuple[Evaluation, float]] | None = None,
+    reduce: Callable[[EpochProgress], EpochProgress] = lambda done: done,
 ) -> History:
-    """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after each."""
+    """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after each.
+
+    ``evaluator`` replaces :func:`evaluate` and ``reduce`` combines an epoch's sums across
+    processes (both for data parallelism).
+    """
+    evaluator = evaluator or evaluate
     history = history or History()
     if resume is not None:
         start_epoch = resume.epoch
@@ -245,7 +252,8 @@ def fit(
             resume=resume if resume is not None and resume.epoch == epoch else None,
             should_stop=should_stop,
         )
-        result, eval_seconds = evaluate(trainer, loaders, epoch, blocks=block_accuracy)
+        done = reduce(done)
+        result, eval_seconds = evaluator(trainer, loaders, epoch, blocks=block_accuracy)
         record = EpochRecord(
             epoch=epoch + 1,
             train_loss=done.loss_sum / done.seen,

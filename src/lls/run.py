@@ -320,13 +320,13 @@ def graceful_interrupt() -> Iterator[callable]:
 
 
 def checkpoint_state(
-    session: Session, history: History, epoch: int, progress: EpochProgress | None
+    session: Session, history: History, epoch: int, progress: EpochProgress | None, trainer_state=None
 ) -> dict[str, Any]:
     return {
         "config": session.config.as_dict(),
         "epoch": epoch,  # completed epochs
         "progress": progress.as_dict() if progress is not None else None,
-        "trainer": session.trainer.state_dict(),
+        "trainer": trainer_state if trainer_state is not None else session.trainer.state_dict(),
         "history": [r.as_dict() for r in history.records],
         "rng": rng_state(),
     }
@@ -397,29 +397,62 @@ def train_run(
     quiet_data: bool = False,
     block_accuracy: bool = True,
     log=print,
+    parallel: str | None = None,
+    stages: str | None = None,
+    sync_bn: bool = False,
+    dist_timeout: float = 300.0,
 ) -> RunOutcome:
-    """Train ``config`` in run directory ``out`` (a new one, or the one being resumed)."""
+    """Train ``config`` in run directory ``out`` (a new one, or the one being resumed).
+
+    With ``parallel`` ("ddp" or "pipeline") this is one of the processes ``torchrun`` started; rank 0
+    writes the run directory, the others stay quiet.
+    """
+    from . import distributed
     from .fit import Interrupted, TrainingDiverged, fit
 
-    run = RunDir.open(out) if resume else None
+    ctx = None
+    if parallel is not None:
+        if parallel not in ("ddp", "pipeline"):
+            raise LLSError(f"unknown --parallel {parallel!r}; use ddp or pipeline")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        ctx = distributed.init(device, dist_timeout)
+    main = ctx is None or ctx.main
+    if not main:
+        log, progress, tensorboard = (lambda *a, **k: None), False, False
+
+    run = RunDir.open(out) if resume and main else None
     state = run.load_checkpoint() if run is not None else None
-    session = build_session(config, device=device, data_dir=data_dir, download=download, quiet=quiet_data)
-    if run is None:
-        extra = {
-            **environment(),
-            "device": str(device),
-            "data_dir": data_dir,
-            "data_source": session.data.source,
-        }
-        run = RunDir.create(out, config, extra)
-    history, start_epoch, progress_state = (
-        restore(session, state) if state is not None else (History(), 0, None)
+    if ctx is not None and resume:
+        shared = [state]
+        torch.distributed.broadcast_object_list(shared, 0)
+        state = shared[0]
+    session = build_session(
+        config, device=device, data_dir=data_dir, download=download, quiet=quiet_data or not main
     )
+    if sync_bn:
+        session.trainer.net = distributed.convert_sync_batchnorm(session.trainer.net, device)
+    if main and run is None:
+        extra = {"device": str(device), "data_dir": data_dir, "data_source": session.data.source}
+        if ctx is not None:
+            extra.update(parallel=parallel, world_size=ctx.world, stages=stages, sync_bn=sync_bn)
+        run = RunDir.create(out, config, {**environment(), **extra})
+    if ctx is not None:
+        torch.distributed.barrier()  # the run directory exists before anyone writes
+    history, start_epoch, progress_state = History(), 0, None
+    if state is not None:
+        history, start_epoch, progress_state = restore(session, state)
+        if progress_state is not None and not main:  # the saved sums are global: rank 0 carries them
+            progress_state = EpochProgress(
+                progress_state.epoch, progress_state.step, seconds=progress_state.seconds
+            )
     trainer, loaders, rule = session.trainer, session.loaders, session.rule
     describe = ", ".join(f"{k}={v}" for k, v in rule.config().items() if k != "name")
-    where = f"resuming {run.path} at epoch {start_epoch + 1}" if state is not None else f"run {run.path}"
+    where = f"resuming {out} at epoch {start_epoch + 1}" if state is not None else f"run {out}"
     if progress_state is not None:
         where += f", step {progress_state.step}"
+    if ctx is not None:
+        where += f" ({parallel} over {ctx.world} processes, {ctx.backend})"
     log(
         f"{where}: {config.model} on {config.dataset} ({len(loaders.train.labels)} train / "
         f"{len(loaders.test.labels)} test, from {session.data.source}) with {rule.name}({describe}), "
@@ -428,11 +461,11 @@ def train_run(
     )
     for record in history.records:
         log(epoch_line(record, config.epochs))
-    writer = tensorboard_writer(run.path / "tensorboard") if tensorboard else None
+    writer = tensorboard_writer(out / "tensorboard") if tensorboard else None
     title = f"{config.model} / {config.dataset} / {rule.name} ({describe})"
 
-    def on_epoch(record: EpochRecord) -> None:
-        run.save_checkpoint(checkpoint_state(session, history, record.epoch, None))
+    def save(record: EpochRecord, trainer_state=None) -> None:
+        run.save_checkpoint(checkpoint_state(session, history, record.epoch, None, trainer_state))
         records = [r.as_dict() for r in history.records]
         run.write_metrics(records)
         run.plot(records, title)
@@ -446,30 +479,84 @@ def train_run(
             writer.flush()
         log(epoch_line(record, config.epochs), flush=True)
 
+    def on_epoch(record: EpochRecord) -> None:
+        if main:
+            save(record)
+
     start = time.perf_counter()
     try:
-        with graceful_interrupt() as should_stop:
-            fit(
-                trainer,
-                loaders,
-                config.epochs,
-                start_epoch=start_epoch,
-                history=history,
-                progress=progress,
-                resume=progress_state,
-                on_epoch=on_epoch,
-                should_stop=should_stop,
-                block_accuracy=block_accuracy,
-            )
+        with graceful_interrupt() as local_stop:
+            if parallel == "pipeline":
+                from .cost import count_costs
+
+                blocks = len(trainer.net.blocks)
+                if stages:
+                    layout = distributed.parse_stages(stages, blocks)
+                else:
+                    report = count_costs(
+                        config.model, rule, session.data.input_shape, session.data.num_classes
+                    )
+                    costs = [b.forward + b.weight_grad + b.signal_mults for b in report.blocks[:-1]]
+                    layout = distributed.balance_stages(costs, ctx.world)
+                if progress_state is not None:
+                    raise LLSError(
+                        "this checkpoint is mid-epoch; finish that epoch without --parallel pipeline first"
+                    )
+                stage = distributed.PipelineStage(ctx, trainer, layout, session.data.input_shape)
+                log(f"stages: {', '.join(f'{r.start}-{r.stop - 1}' for r in layout)}", flush=True)
+
+                distributed.pipeline_fit(
+                    ctx,
+                    stage,
+                    loaders,
+                    layout,
+                    config.epochs,
+                    start_epoch=start_epoch,
+                    history=history,
+                    on_epoch=save,
+                    should_stop=local_stop,
+                    block_accuracy=block_accuracy,
+                    lr=config.lr,
+                )
+            else:
+                options = {}
+                if parallel == "ddp":
+                    dp = distributed.DataParallel(ctx, trainer, loaders)
+                    options = {
+                        "evaluator": dp.evaluator,
+                        "reduce": dp.reduce,
+                        "should_stop": dp.should_stop(local_stop),
+                    }
+                fit(
+                    trainer,
+                    loaders,
+                    config.epochs,
+                    start_epoch=start_epoch,
+                    history=history,
+                    progress=progress,
+                    resume=progress_state,
+                    on_epoch=on_epoch,
+                    block_accuracy=block_accuracy,
+                    **{"should_stop": local_stop, **options},
+                )
     except Interrupted as stop:
         if stop.progress is not None:
-            run.save_checkpoint(checkpoint_state(session, history, stop.progress.epoch, stop.progress))
+            progress_now = dp.reduce(stop.progress) if parallel == "ddp" else stop.progress
+            if main:
+                run.save_checkpoint(checkpoint_state(session, history, stop.progress.epoch, progress_now))
         return RunOutcome("interrupted", run, session, history, time.perf_counter() - start)
     except TrainingDiverged as error:
-        kept = f"the last good checkpoint (epoch {len(history.records)}) is kept in {run.path}"
+        kept = f"the last good checkpoint (epoch {len(history.records)}) is kept in {out}"
         message = f"{error}; {kept if history.records else 'no checkpoint was written'}"
         return RunOutcome("diverged", run, session, history, time.perf_counter() - start, message)
+    except (RuntimeError, torch.distributed.DistError) as error:
+        if ctx is None:
+            raise
+        raise distributed.lost_peer(error, ctx) from None
     finally:
         if writer is not None:
             writer.close()
+    if ctx is not None:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return RunOutcome("finished", run, session, history, time.perf_counter() - start)

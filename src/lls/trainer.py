@@ -86,12 +86,17 @@ class Trainer:
         self.optimizers = [create_optimizer(optimizer, group, lr, weight_decay) for group in groups]
         self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
         self.input_shape = tuple(input_shape)
+        # Called with an optimizer between its gradients and its step; data parallelism averages the
+        # gradients across processes here, so every block still steps on its own signal alone.
+        self.sync_gradients: Callable[[torch.optim.Optimizer], None] | None = None
+        self.batch_size_in_step = 0
         self._train_mode()
 
     # --- training ------------------------------------------------------------------------------
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One minibatch: every block updated from its own signal, the head from cross-entropy."""
+        self.batch_size_in_step = len(y)  # read by data parallelism to weight this process's gradients
         if self.rule.timing == "end-to-end":
             return self._end_to_end_step(x, y)
         return self.local_pass(x, y, self._update)
@@ -126,6 +131,8 @@ class Trainer:
         optimizer = self.optimizers[index]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.sync_gradients is not None:
+            self.sync_gradients(optimizer)
         optimizer.step()
         return loss.detach()
 
@@ -136,6 +143,8 @@ class Trainer:
         loss = F.cross_entropy(logits, y)
         loss.backward()
         for optimizer in self.optimizers:
+            if self.sync_gradients is not None:
+                self.sync_gradients(optimizer)
             optimizer.step()
         return StepResult(logits.detach(), loss.detach(), loss.new_zeros(0))
 

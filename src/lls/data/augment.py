@@ -33,6 +33,14 @@ class Draws:
     flip: torch.Tensor | None  # (n,) bool
     erase: torch.Tensor | None  # (5, n): apply?, area, log-aspect, top, left
 
+    def select(self, part: slice) -> Draws:
+        """The draws of the images in ``part`` (a data-parallel rank's share of the batch)."""
+        return Draws(
+            self.crop[:, part] if self.crop is not None else None,
+            self.flip[part] if self.flip is not None else None,
+            self.erase[:, part] if self.erase is not None else None,
+        )
+
 
 def draw(n: int, augment: Augment, random_crop: bool, generator: torch.Generator) -> Draws:
     crop = torch.rand(2, n, generator=generator) if random_crop else None

@@ -51,6 +51,7 @@ class BatchLoader:
         self.device = torch.device(device)
         self.labels = labels.to(self.device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.shard: tuple[int, int] | None = None  # (rank, world): yield only this rank's share
         self.augment = augment or Augment()
         self.dtype, self.memory_format = dtype, memory_format
         shape = (1, -1, 1, 1)
@@ -72,8 +73,13 @@ class BatchLoader:
         for step, first in enumerate(range(0, n, self.batch_size)):
             index = order[first : first + self.batch_size]
             draws = draw(len(index), self.augment, self.random_crop, generator)
-            if step >= start:
-                yield index, draws
+            if step < start:
+                continue
+            if self.shard is not None:  # this rank's share of the global batch (data parallelism)
+                rank, world = self.shard
+                part = shard_slice(len(index), rank, world)
+                index, draws = index[part], draws.select(part)
+            yield index, draws
 
     def finish(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
         """uint8 batch on the device -> flipped, normalised, erased float batch."""
@@ -211,6 +217,13 @@ def decode_image(path, resize: int | None, size: int, crop: list[float] | None) 
         top, left = min(int(crop[0] * (h - size + 1)), h - size), min(int(crop[1] * (w - size + 1)), w - size)
     image = image.crop((left, top, left + size, top + size))
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def shard_slice(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``n`` items split ``world`` ways (sizes differ by <= 1)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
 
 
 def make_loader(split: Split | FileSplit, batch_size: int, **options) -> BatchLoader:
