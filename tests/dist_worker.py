@@ -39,3 +39,8 @@ for epoch in range(2):
         trainer.train_step(x, y)
 if os.environ.get("RANK", "0") == "0":
     torch.save(trainer.net.state_dict(), out)
+if "WORLD_SIZE" in os.environ:
+    # gloo's threads abort the process ("terminate called without an active exception") if the
+    # interpreter exits with the group still up; leave it together and cleanly, as `lls train` does
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
