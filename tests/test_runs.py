@@ -224,3 +224,19 @@ def test_data_check_and_fetch_commands(capsys):
 
 def test_checkpoint_leaves_no_temp_files(reference):
     assert not [p for p in os.listdir(reference) if p.endswith(".tmp")]
+
+
+def test_holdout_evaluates_on_training_images_the_run_never_trains_on(tmp_path, capsys):
+    from lls.run import TrainConfig, build_session
+
+    session = build_session(TrainConfig(dataset="digits", holdout=300), device=torch.device("cpu"))
+    full = lls.load_dataset("digits")
+    assert len(session.data.train) == len(full.train) - 300 and len(session.data.test) == 300
+    train_rows = {tuple(x.flatten().tolist()) for x in session.data.train.images}
+    held_rows = [tuple(x.flatten().tolist()) for x in session.data.test.images]
+    assert sum(r in train_rows for r in held_rows) <= 3  # digits has a few duplicate images, no more
+    again = build_session(TrainConfig(dataset="digits", holdout=300, seed=5), device=torch.device("cpu"))
+    assert torch.equal(again.data.test.labels, session.data.test.labels)  # fixed, whatever the seed
+    assert main([*DIGITS_RUN, "--holdout", "300", "--out", str(tmp_path / "r")]) == 0
+    assert "(1138 train / 300 test" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["holdout"] == 300

@@ -21,7 +21,7 @@ from .malloc import tune_malloc
 from .models import list_models
 from .optim import OPTIMIZERS
 from .rules import RULES, create_rule, list_rules
-from .run import RunDir, TrainConfig, build_session, train_run
+from .run import RunDir, TrainConfig, open_trained, train_run
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -30,6 +30,7 @@ RUNS_ROOT = Path("runs")
 
 # options of `lls train` that make up a TrainConfig; all default to None so that explicit ones stand out
 CONFIG_OPTIONS = (
+    "holdout",
     "dataset",
     "model",
     "rule",
@@ -149,26 +150,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             "lls_version": __version__,
             "torch_version": torch.__version__,
         }
+        if getattr(history, "busy_fractions", None) is not None:
+            summary["stage_busy_fractions"] = history.busy_fractions
         print(json.dumps(summary))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    run = RunDir.open(args.run)
-    config = run.read_config()
-    state = run.load_checkpoint()
-    if state is None:
-        raise LLSError(f"{run.path} has no checkpoint yet; train at least one epoch first")
-    session = build_session(
-        config, device=device, data_dir=args.data_dir, download=not args.no_download, quiet=True
+    run, config, state, session = open_trained(
+        args.run, device=device, data_dir=args.data_dir, download=not args.no_download
     )
-    try:
-        session.trainer.load_state_dict(state["trainer"])
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise LLSError(
-            f"the checkpoint does not fit the model ({str(error).splitlines()[0][:160]})"
-        ) from None
     test = session.loaders.test
     name = config.dataset
     if args.dataset and args.dataset != config.dataset:
@@ -296,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--augment", help="augmentation preset of the dataset (e.g. cifar10: basic, aug, none)"
     )
     train.add_argument("--image-size", type=positive_int, help="imagefolder: side of the square crops (64)")
+    train.add_argument(
+        "--holdout",
+        type=positive_int,
+        help="hold out N training images and evaluate on them instead of the test set (for tuning)",
+    )
     train.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -798,20 +795,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from .report_format import table
 
     device = resolve_device(args.device)
-    run = RunDir.open(args.run)
-    config = run.read_config()
-    state = run.load_checkpoint()
-    if state is None:
-        raise LLSError(f"{run.path} has no checkpoint yet; train at least one epoch first")
-    session = build_session(
-        config, device=device, data_dir=args.data_dir, download=not args.no_download, quiet=True
+    run, config, state, session = open_trained(
+        args.run, device=device, data_dir=args.data_dir, download=not args.no_download
     )
-    try:
-        session.trainer.load_state_dict(state["trainer"])
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise LLSError(
-            f"the checkpoint does not fit the model ({str(error).splitlines()[0][:160]})"
-        ) from None
     batches = islice(session.loaders.train.epoch(state["epoch"], stream="diagnose"), args.batches)
     results = diagnose(session.trainer, batches)
     folder = Path(args.out) if args.out else run.path / "diagnose"

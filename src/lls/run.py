@@ -62,6 +62,7 @@ class TrainConfig:
     augment: str | None = None
     image_size: int | None = None
     channels_last: bool = True
+    holdout: int | None = None  # evaluate on this many held-out training images instead of the test set
 
     # may differ when a run is resumed: more epochs, another device, files moved
     RESUMABLE = ("epochs",)
@@ -95,6 +96,35 @@ class Session:
     device: torch.device
 
 
+HOLDOUT_SEED = "holdout"  # the validation split is fixed, whatever the run's seed
+
+
+def hold_out(data: Dataset, count: int) -> Dataset:
+    """The dataset with ``count`` training images (a fixed random choice) as its evaluation split.
+
+    For tuning without looking at the test set: the held-out images leave the training set, and
+    every "test" figure of the run is measured on them (the run's config records it)."""
+    from .data import FileSplit, Split, seeded_generator
+
+    n = len(data.train)
+    if not 0 < count < n:
+        raise LLSError(f"--holdout takes between 1 and {n - 1} images for {data.name}, got {count}")
+    order = torch.randperm(n, generator=seeded_generator(HOLDOUT_SEED, data.name))
+    keep, held = order[count:].sort().values, order[:count].sort().values
+    train = data.train
+    if isinstance(train, Split):
+        fit, val = (
+            Split(train.images[keep], train.labels[keep]),
+            Split(train.images[held], train.labels[held]),
+        )
+    else:
+        pick = lambda idx, crop: FileSplit(  # noqa: E731
+            [train.files[i] for i in idx.tolist()], train.labels[idx], train.size, train.resize, crop
+        )
+        fit, val = pick(keep, train.random_crop), pick(held, False)
+    return dataclasses.replace(data, name=f"{data.name} (holdout)", train=fit, test=val)
+
+
 def build_session(
     config: TrainConfig,
     *,
@@ -112,6 +142,8 @@ def build_session(
         augment=config.augment,
         image_size=config.image_size,
     )
+    if config.holdout:
+        data = hold_out(data, config.holdout)
     torch.manual_seed(config.seed)  # the network's (and rule's) initial weights
     net = create_model(
         config.model,
@@ -330,6 +362,26 @@ def checkpoint_state(
         "history": [r.as_dict() for r in history.records],
         "rng": rng_state(),
     }
+
+
+def load_trainer_state(trainer: Trainer, state: dict[str, Any]) -> None:
+    try:
+        trainer.load_state_dict(state["trainer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise LLSError(f"the checkpoint does not fit the model ({first[:160]})") from None
+
+
+def open_trained(path: str | Path, *, device: torch.device, data_dir: str | None, download: bool):
+    """(run, config, checkpoint state, session with the checkpoint loaded) of a finished epoch or more."""
+    run = RunDir.open(path)
+    config = run.read_config()
+    state = run.load_checkpoint()
+    if state is None:
+        raise LLSError(f"{run.path} has no checkpoint yet; train at least one epoch first")
+    session = build_session(config, device=device, data_dir=data_dir, download=download, quiet=True)
+    load_trainer_state(session.trainer, state)
+    return run, config, state, session
 
 
 def restore(session: Session, state: dict[str, Any]) -> tuple[History, int, EpochProgress | None]:

@@ -34,22 +34,22 @@ class BatchLoader:
 
     def __init__(
         self,
-        labels: torch.Tensor,
+        split: Split | FileSplit,
         batch_size: int,
         *,
         mean: tuple[float, ...],
         std: tuple[float, ...],
-        augment: Augment | None,
-        shuffle: bool,
-        seed: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        memory_format: torch.memory_format,
+        augment: Augment | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.labels = labels.to(self.device)
+        self.labels = split.labels.to(self.device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.shard: tuple[int, int] | None = None  # (rank, world): yield only this rank's share
         self.augment = augment or Augment()
@@ -97,32 +97,8 @@ class BatchLoader:
 class TensorLoader(BatchLoader):
     """Batches of an in-memory :class:`Split`; ``loader.epoch(e)`` yields normalised ``(x, y)``."""
 
-    def __init__(
-        self,
-        split: Split,
-        batch_size: int,
-        *,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        augment: Augment | None = None,
-        shuffle: bool = False,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        memory_format: torch.memory_format = torch.contiguous_format,
-    ) -> None:
-        super().__init__(
-            split.labels,
-            batch_size,
-            mean=mean,
-            std=std,
-            augment=augment,
-            shuffle=shuffle,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-            memory_format=memory_format,
-        )
+    def __init__(self, split: Split, batch_size: int, **options) -> None:
+        super().__init__(split, batch_size, **options)
         self.images = split.images.to(self.device)
         self.random_crop = bool(self.augment.crop_padding)
 
@@ -138,33 +114,8 @@ class TensorLoader(BatchLoader):
 class StreamLoader(BatchLoader):
     """Batches of a :class:`FileSplit`, decoded by a thread pool ahead of training."""
 
-    def __init__(
-        self,
-        split: FileSplit,
-        batch_size: int,
-        *,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        augment: Augment | None = None,
-        shuffle: bool = False,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        memory_format: torch.memory_format = torch.contiguous_format,
-        workers: int | None = None,
-    ) -> None:
-        super().__init__(
-            split.labels,
-            batch_size,
-            mean=mean,
-            std=std,
-            augment=augment,
-            shuffle=shuffle,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-            memory_format=memory_format,
-        )
+    def __init__(self, split: FileSplit, batch_size: int, *, workers: int | None = None, **options) -> None:
+        super().__init__(split, batch_size, **options)
         self.split = split
         self.random_crop = split.random_crop
         self.workers = workers or os.cpu_count() or 2
