@@ -67,6 +67,11 @@ def test_sweep_skips_finished_rows_and_reports_mean_and_std(tmp_path, monkeypatc
     markdown = (out / "report-compare" / "report.md").read_text()
     assert "±" in markdown and "digits-smallconv.png" in markdown
     assert (out / "report-compare" / "digits-smallconv.png").exists()
+    # per-block accuracy: each seed's curve of (epoch x block), read out as each rule does
+    assert row["readout"] == "basis" and [len(c) for c in row["block_curves"]] == [2, 2]
+    assert len(row["block_curves"][0][-1]) == 4 and all(0 <= a <= 1 for a in row["block_curves"][0][-1])
+    assert next(r for r in report if r["rule"] == "bp")["readout"] == "ridge probe"
+    assert (out / "report-compare" / "blocks-digits-smallconv.png").exists()
     # more epochs later: the finished rows resume instead of starting over
     assert main([*args, "--epochs", "3"]) == 0
     assert capsys.readouterr().out.count("running:") == 4

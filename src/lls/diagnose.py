@@ -200,7 +200,9 @@ def plot_basis(num_classes: int, dim: int, kind: str, path: Path, seed: int = 0)
     from .plots import save_figure
 
     b = basis(num_classes, dim, kind, seed, dtype=torch.float64).numpy()
-    figure, axes = plt.subplots(2, 1, figsize=(9, 5.2), gridspec_kw={"height_ratios": [1.3, 1]})
+    figure, axes = plt.subplots(
+        2, 1, figsize=(9, 5.2), gridspec_kw={"height_ratios": [1.3, 1]}, layout="constrained"
+    )
     axes[0].imshow(
         b, aspect="auto", cmap="RdBu_r", interpolation="nearest", vmin=-abs(b).max(), vmax=abs(b).max()
     )

@@ -91,6 +91,10 @@ def summarize(runs: list[RunResult], with_costs: bool = True) -> list[dict[str, 
             )
             / 3600,
             "curves": [[r["test_accuracy"] for r in m.records[: config.epochs]] for m in members],
+            "block_curves": [
+                [r.get("block_accuracy", []) for r in m.records[: config.epochs]] for m in members
+            ],
+            "readout": members[0].records[-1].get("readout"),
             "commit": sorted({m.environment.get("commit", "?") for m in members}),
         }
         if with_costs:
@@ -162,7 +166,7 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     for r in rows:
         by_problem[(r["dataset"], r["model"])].append(r)
     for (dataset, model), members in by_problem.items():
-        figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
         for r in members:
             length = min(len(c) for c in r["curves"])
             mean = [100 * statistics.fmean(c[i] for c in r["curves"]) for i in range(length)]
@@ -201,4 +205,41 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
         save_figure(figure, path)
         plt.close(figure)
         written.append(path)
+        written.extend(
+            plot_block_accuracy(members, folder / f"blocks-{dataset}-{model}.png", f"{model} on {dataset}")
+        )
     return written
+
+
+def plot_block_accuracy(members: list[dict[str, Any]], path: Path, title: str) -> list[Path]:
+    """Each block's own test accuracy over epochs (mean over seeds), one panel per rule."""
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    members = [r for r in members if r["block_curves"] and r["block_curves"][0] and r["block_curves"][0][0]]
+    if not members:
+        return []
+    columns = min(3, len(members))
+    rows = -(-len(members) // columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False, layout="constrained"
+    )
+    for ax, r in zip(axes.flat, members, strict=False):
+        curves = r["block_curves"]
+        epochs = min(len(c) for c in curves)
+        blocks = len(curves[0][0])
+        for b in range(blocks):
+            mean = [100 * statistics.fmean(c[e][b] for c in curves) for e in range(epochs)]
+            ax.plot(range(1, epochs + 1), mean, "o-", markersize=3, label=f"block {b}")
+        network = [100 * statistics.fmean(c[e] for c in r["curves"]) for e in range(epochs)]
+        ax.plot(range(1, epochs + 1), network, "k--", label="network")
+        ax.set(title=f"{r['rule']} ({r['readout']})", xlabel="epoch", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(members) :]:
+        ax.set_axis_off()
+    figure.suptitle(f"per-block accuracy, {title}", fontsize=10)
+    save_figure(figure, path)
+    plt.close(figure)
+    return [path]
