@@ -16,6 +16,7 @@ l produced for that batch: the same algorithm as one process (tested to the bit 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -60,6 +61,13 @@ def init(device: torch.device, timeout_seconds: float) -> DistContext:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), backend)
+
+
+def leave() -> None:
+    """Leave the process group if this process is in one (best effort: a peer may be gone)."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(RuntimeError, dist.DistError):
+            dist.destroy_process_group()
 
 
 def lost_peer(error: Exception, ctx: DistContext) -> LLSError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -436,6 +437,23 @@ def tensorboard_writer(path: Path):
     return SummaryWriter(str(path))
 
 
+def _leaves_process_group(train):
+    """However a run ends, its process leaves the process group before returning: gloo's threads
+    abort the interpreter at exit ("terminate called without an active exception") otherwise."""
+
+    @functools.wraps(train)
+    def wrapper(*args, **kwargs):
+        from . import distributed
+
+        try:
+            return train(*args, **kwargs)
+        finally:
+            distributed.leave()
+
+    return wrapper
+
+
+@_leaves_process_group
 def train_run(
     config: TrainConfig,
     out: Path,
@@ -609,6 +627,5 @@ def train_run(
         if writer is not None:
             writer.close()
     if ctx is not None:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()  # everyone has finished before anyone leaves the group
     return RunOutcome("finished", run, session, history, time.perf_counter() - start)
