@@ -68,6 +68,22 @@ def test_rule_option_that_does_not_apply():
     )
 
 
+def test_feedback_kind_reaches_the_rule_and_the_run_config(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "drtp"
+    args = ("train", "--dataset", "digits", "--rule", "drtp", "--limit", "256", "--quiet", "--out", str(out))
+    result = lls_cli(*args, "--feedback", "centred")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["rule_options"]["feedback"] == "centred"
+    # a resume may not change it
+    resumed = lls_cli("train", "--resume", str(out), "--feedback", "uniform", "--epochs", "2")
+    assert_one_line_error(resumed, "--feedback uniform (the run has centred)")
+    assert_one_line_error(
+        lls_cli("train", "--rule", "lls", "--feedback", "centred"), "rule 'lls' has no option 'feedback'"
+    )
+
+
 def test_json_summary_is_the_last_line(tmp_path):
     pytest.importorskip("sklearn")
     result = lls_cli(

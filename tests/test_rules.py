@@ -126,19 +126,24 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+@pytest.mark.parametrize("feedback", ["uniform", "centred"])
 @pytest.mark.parametrize("rule", ["dfa", "drtp"])
-def test_feedback_gradient_at_block_output(batch, rule):
+def test_feedback_gradient_at_block_output(batch, rule, feedback):
     a, y = batch
     a = a.clone().requires_grad_(True)
     logits = torch.randn(len(y), K, dtype=torch.float64)
-    signal = make_signal(rule, seed=2)
-    feedback = signal.feedback.numpy()
-    assert feedback.shape == (K, C * H * W)
-    assert feedback.min() >= 0 and feedback.max() < FEEDBACK_SCALE
+    signal = make_signal(rule, seed=2, feedback=feedback)
+    feedback_matrix = signal.feedback.numpy()
+    assert feedback_matrix.shape == (K, C * H * W)
+    low = 0 if feedback == "uniform" else -FEEDBACK_SCALE  # U[0, s) as specified, or U[-s, s)
+    assert feedback_matrix.min() >= low and feedback_matrix.max() < FEEDBACK_SCALE
+    if feedback == "centred":  # both signs, mean near 0 (K*C*H*W draws)
+        assert feedback_matrix.min() < 0 < feedback_matrix.max()
+        assert abs(feedback_matrix.mean()) < 0.1 * FEEDBACK_SCALE
     (grad,) = torch.autograd.grad(signal(a, y, logits), a)
     onehot = np.eye(K)[y.numpy()]
     e = softmax(logits.numpy()) - onehot if rule == "dfa" else onehot
-    np.testing.assert_allclose(grad.reshape(len(y), -1).numpy(), e @ feedback, rtol=1e-10, atol=1e-20)
+    np.testing.assert_allclose(grad.reshape(len(y), -1).numpy(), e @ feedback_matrix, rtol=1e-10, atol=1e-20)
 
 
 def test_dfa_trainer_sends_the_heads_error_to_every_block():
@@ -223,3 +228,8 @@ def test_latent_is_adaptive_average_pooling_in_any_memory_format(size, pool):
         (grad,) = torch.autograd.grad((z * weights).sum(), x)
         (ref,) = torch.autograd.grad((latent(a.requires_grad_(True), pool) * weights).sum(), a)
         torch.testing.assert_close(grad, ref)
+
+
+def test_unknown_feedback_kind_names_the_known_ones():
+    with pytest.raises(lls.LLSError, match="known kinds: uniform, centred"):
+        lls.create_rule("drtp", feedback="gaussian")

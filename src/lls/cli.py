@@ -20,7 +20,7 @@ from .fit import REFRESH_BATCHES
 from .malloc import tune_malloc
 from .models import list_models
 from .optim import OPTIMIZERS
-from .rules import RULES, create_rule, list_rules
+from .rules import FEEDBACK_KINDS, RULES, create_rule, list_rules
 from .run import RunDir, TrainConfig, open_trained, train_run
 
 EXIT_USER_ERROR = 2
@@ -45,7 +45,7 @@ CONFIG_OPTIONS = (
     "image_size",
     "channels_last",
 )
-RULE_OPTIONS = ("basis", "temperature", "reduced")
+RULE_OPTIONS = ("basis", "temperature", "reduced", "feedback")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -277,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--basis", help="LLS basis: square (default), periodic or random")
     train.add_argument("--temperature", type=positive_float, help="LLS temperature (default 0.5)")
     train.add_argument("--reduced", type=positive_int, help="lls-mxm: use R < K basis rows")
+    train.add_argument(
+        "--feedback",
+        choices=FEEDBACK_KINDS,
+        help="dfa / drtp feedback matrices: uniform U[0, 1e-4) (default, as specified) "
+        "or centred U[-1e-4, 1e-4)",
+    )
     train.add_argument("--epochs", type=positive_int, help=f"default {d.epochs}")
     train.add_argument("--batch-size", type=positive_int, help=f"default {d.batch_size}")
     train.add_argument("--lr", type=positive_float, help=f"default {d.lr}")

@@ -33,7 +33,10 @@ Timing = Literal["block", "head", "end-to-end"]
 NORMALIZE_EPS = 1e-12  # eps of the row-wise L2 normalisation max(||a||, eps)
 MODULATION_INIT_STD = 0.01  # N(0, 0.01^2) init of LLS-M's vector and LLS-MxM's matrix
 CLASSIFIER_INIT_STD = 0.1  # N(0, 0.1^2) init of the local learned classifiers
-FEEDBACK_SCALE = 1e-4  # DFA / DRTP feedback matrices are drawn from U[0, 1e-4)
+FEEDBACK_SCALE = 1e-4  # DFA / DRTP feedback matrices are drawn from U[0, 1e-4) (the specification)
+# U[0, s) is the reference code's draw (all entries positive); "centred" draws from U[-s, s), zero
+# mean, so that onehot(y) @ F does not push every unit of a block the same way for every class
+FEEDBACK_KINDS = ("uniform", "centred")
 
 
 def latent(a: torch.Tensor, pool: int | None) -> torch.Tensor:
@@ -156,11 +159,14 @@ class FeedbackSignal(BlockSignal):
     regenerated from its seed (a non-persistent buffer), like the LLS basis.
     """
 
-    def __init__(self, num_classes: int, out_shape: torch.Size, *, use_error: bool, seed: int) -> None:
+    def __init__(
+        self, num_classes: int, out_shape: torch.Size, *, use_error: bool, seed: int, kind: str = "uniform"
+    ) -> None:
         super().__init__()
         self.num_classes, self.use_error = num_classes, use_error
         generator = torch.Generator().manual_seed(seed)
-        feedback = FEEDBACK_SCALE * torch.rand(num_classes, math.prod(out_shape), generator=generator)
+        draw = torch.rand(num_classes, math.prod(out_shape), generator=generator)
+        feedback = FEEDBACK_SCALE * (draw if kind == "uniform" else 2 * draw - 1)
         self.register_buffer("feedback", feedback, persistent=False)
 
     def target(self, y: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
@@ -303,16 +309,28 @@ class LocalClassifier(Rule):
 @register_rule("dfa")
 @dataclass
 class DFA(Rule):
-    """Direct feedback alignment: the head's error through a fixed random matrix to every block."""
+    """Direct feedback alignment: the head's error through a fixed random matrix to every block.
+
+    ``feedback``: "uniform" draws the matrices from U[0, 1e-4) as METHOD.md specifies, "centred"
+    from U[-1e-4, 1e-4)."""
 
     seed: int = 0
+    feedback: str = "uniform"
 
     timing: ClassVar[Timing] = "head"
     use_error: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        if self.feedback not in FEEDBACK_KINDS:
+            raise LLSError(f"unknown feedback {self.feedback!r}; known kinds: {', '.join(FEEDBACK_KINDS)}")
+
     def signal(self, index, out_shape, pool, num_classes):
         return FeedbackSignal(
-            num_classes, out_shape, use_error=self.use_error, seed=block_seed(self.seed, index)
+            num_classes,
+            out_shape,
+            use_error=self.use_error,
+            seed=block_seed(self.seed, index),
+            kind=self.feedback,
         )
 
 
