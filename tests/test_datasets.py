@@ -235,6 +235,25 @@ def test_imagefolder_with_train_and_val(tmp_path):
     assert x[0, 0, 8, 8].item() == pytest.approx(red, abs=1e-5)
 
 
+def test_holdout_of_a_streamed_set_moves_files_and_drops_random_crops(tmp_path):
+    from lls.run import hold_out
+
+    for c, color in (("cat", (200, 0, 0)), ("dog", (0, 200, 0))):
+        for i in range(5):
+            write_image(tmp_path / "train" / c / f"{i}.png", (40, 30), color)
+            write_image(tmp_path / "val" / c / f"{i}.png", (40, 30), color)
+    data = lls.load_dataset("imagefolder", tmp_path, image_size=16)
+    held = hold_out(data, 4)
+    assert len(held.train) == 6 and len(held.test) == 4
+    assert not set(held.train.files) & set(held.test.files)
+    assert set(held.train.files) | set(held.test.files) == set(data.train.files)
+    for split in (held.train, held.test):  # every file keeps its own label
+        assert [
+            data.train.labels[data.train.files.index(f)].item() for f in split.files
+        ] == split.labels.tolist()
+    assert held.train.random_crop == data.train.random_crop and not held.test.random_crop
+
+
 def test_imagefolder_without_split_holds_out_every_class(tmp_path):
     for c in ("a", "b", "c"):
         for i in range(20):

@@ -119,10 +119,12 @@ def hold_out(data: Dataset, count: int) -> Dataset:
             Split(train.images[held], train.labels[held]),
         )
     else:
-        pick = lambda idx, crop: FileSplit(  # noqa: E731
-            [train.files[i] for i in idx.tolist()], train.labels[idx], train.size, train.resize, crop
-        )
-        fit, val = pick(keep, train.random_crop), pick(held, False)
+
+        def pick(idx: torch.Tensor, crop: bool) -> FileSplit:
+            files = [train.files[i] for i in idx.tolist()]
+            return FileSplit(files, train.labels[idx], train.size, train.resize, crop)
+
+        fit, val = pick(keep, train.random_crop), pick(held, False)  # no random crops to evaluate on
     return dataclasses.replace(data, name=f"{data.name} (holdout)", train=fit, test=val)
 
 
@@ -392,11 +394,7 @@ def restore(session: Session, state: dict[str, Any]) -> tuple[History, int, Epoc
         raise LLSError(
             "the checkpoint was written by a run with another configuration; it cannot be resumed here"
         )
-    try:
-        session.trainer.load_state_dict(state["trainer"])
-    except (RuntimeError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise LLSError(f"the checkpoint does not fit the model ({first[:160]})") from None
+    load_trainer_state(session.trainer, state)
     set_rng_state(state["rng"])
     history = History([EpochRecord(**r) for r in state["history"]])
     progress = EpochProgress(**state["progress"]) if state["progress"] is not None else None
