@@ -86,3 +86,27 @@ def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
 def test_unknown_table(capsys):
     assert main(["reproduce", "table9"]) == 2
     assert "known: table1, table2, table3, compare" in capsys.readouterr().err
+
+
+def test_report_rows_merge_seeds_and_nothing_else(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    base = ["train", "--dataset", "digits", "--limit", "256", "--batch-size", "64", "--quiet"]
+    for name, extra in {
+        "s0": ["--seed", "0"],
+        "s1": ["--seed", "1"],
+        "t25": ["--temperature", "0.25"],
+        "t50": ["--temperature", "0.5"],  # the default, said explicitly: the same row as s0 and s1
+        "held": ["--holdout", "64"],
+        "long": ["--epochs", "2"],
+    }.items():
+        assert main([*base, *extra, "--out", str(runs / name)]) == 0
+    assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
+    capsys.readouterr()
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())
+    found = sorted((r["dataset"], r["rule"], r["epochs"], r["seeds"]) for r in rows)
+    assert found == [  # every row says what sets it apart from the defaults (here also batch and limit)
+        ("digits", "lls (square) batch_size=64 limit=256", 1, [0, 0, 1]),
+        ("digits", "lls (square) batch_size=64 limit=256", 2, [0]),
+        ("digits", "lls (square) temperature=0.25 batch_size=64 limit=256", 1, [0]),
+        ("digits (holdout 64)", "lls (square) batch_size=64 limit=256", 1, [0]),
+    ]

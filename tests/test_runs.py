@@ -76,6 +76,10 @@ def test_resume_continues_to_the_same_metrics(reference, tmp_path):
     assert metrics(out) == metrics(reference)
     for name, tensor in final_weights(reference).items():
         assert torch.equal(tensor, final_weights(out)[name]), name
+    # config.json now describes the 3-epoch run, and records the extension
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"] == json.loads((reference / "config.json").read_text())["config"]
+    assert [r["epochs"] for r in record["resumed"]] == [[1, 3]] and "commit" in record["resumed"][0]
 
 
 def test_kill_9_at_any_moment_then_resume(reference, tmp_path):

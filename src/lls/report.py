@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -10,7 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LLSError
+from .rules import RULES
 from .run import RunDir, TrainConfig
+
+# configuration fields that make runs of the same rule different rows (when not the default);
+# the budget too, which the table shows in its own column
+DISTINGUISHING = (
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "augment",
+    "limit",
+    "image_size",
+    "channels_last",
+)
 
 
 @dataclass
@@ -22,14 +38,34 @@ class RunResult:
 
     @property
     def label(self) -> str:
-        basis = self.config.rule_options.get("basis")
-        reduced = self.config.rule_options.get("reduced")
-        name = self.config.rule + (f" ({basis})" if basis and self.config.rule == "lls" else "")
-        return name + (f" R={reduced}" if reduced else "")
+        """The rule, and whatever else sets this run apart from the defaults (seeds aside)."""
+        fields = dataclasses.fields(RULES.get(self.config.rule))
+        defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+        given = {**defaults, **self.config.rule_options}  # an option left out is its default
+        basis, reduced = given.pop("basis", None), given.pop("reduced", None)
+        options = {k: v for k, v in given.items() if k != "seed" and v != defaults.get(k)}
+        # LLS rows always name their basis; the variants only when it is not the default
+        shown_basis = basis if self.config.rule == "lls" or basis != defaults.get("basis") else None
+        name = self.config.rule + (f" ({shown_basis})" if shown_basis else "")
+        extras = [f"R={reduced}"] if reduced else []
+        extras += [f"{k}={v}" for k, v in sorted(options.items())]
+        default = TrainConfig()
+        extras += [
+            f"{field}={getattr(self.config, field)}"
+            for field in DISTINGUISHING
+            if getattr(self.config, field) != getattr(default, field)
+        ]
+        return " ".join([name, *extras])
 
     @property
-    def group(self) -> tuple[str, str, str]:
-        return (self.config.dataset, self.config.model, self.label)
+    def dataset(self) -> str:
+        holdout = self.config.holdout
+        return self.config.dataset + (f" (holdout {holdout})" if holdout else "")
+
+    @property
+    def group(self) -> tuple[str, str, str, int]:
+        """Runs that differ only in their seed are one row; anything else makes another."""
+        return (self.dataset, self.config.model, self.label, self.config.epochs)
 
     @property
     def finished(self) -> bool:
@@ -76,7 +112,7 @@ def summarize(runs: list[RunResult], with_costs: bool = True) -> list[dict[str, 
         if run.finished:
             groups[run.group].append(run)
     rows = []
-    for (dataset, model, label), members in sorted(groups.items()):
+    for (dataset, model, label, _), members in sorted(groups.items()):
         config = members[0].config
         row: dict[str, Any] = {
             "dataset": dataset,
@@ -166,11 +202,14 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     for r in rows:
         by_problem[(r["dataset"], r["model"])].append(r)
     for (dataset, model), members in by_problem.items():
+        rules = [r["rule"] for r in members]
+        for r in members:  # the same rule at several budgets: say which curve is which
+            r["name"] = r["rule"] + (f", {r['epochs']} epochs" if rules.count(r["rule"]) > 1 else "")
         figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
         for r in members:
             length = min(len(c) for c in r["curves"])
             mean = [100 * statistics.fmean(c[i] for c in r["curves"]) for i in range(length)]
-            axes[0].plot(range(1, length + 1), mean, label=r["rule"])
+            axes[0].plot(range(1, length + 1), mean, label=r["name"])
         axes[0].set(
             xlabel="epoch", ylabel="test accuracy (%, mean over seeds)", title=f"{model} on {dataset}"
         )
@@ -190,7 +229,7 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
                 axes[1].bar([i + k * width for i in range(len(others))], values, width, label=name)
             axes[1].set_xticks(
                 [i + width for i in range(len(others))],
-                [r["rule"] for r in others],
+                [r["name"] for r in others],
                 rotation=30,
                 ha="right",
                 fontsize=7,
@@ -201,13 +240,12 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
             axes[1].legend(fontsize=7)
         else:
             axes[1].set_axis_off()
-        path = folder / f"{dataset}-{model}.png"
+        stem = re.sub(r"[^A-Za-z0-9]+", "-", f"{dataset}-{model}").strip("-")  # a plain file name
+        path = folder / f"{stem}.png"
         save_figure(figure, path)
         plt.close(figure)
         written.append(path)
-        written.extend(
-            plot_block_accuracy(members, folder / f"blocks-{dataset}-{model}.png", f"{model} on {dataset}")
-        )
+        written.extend(plot_block_accuracy(members, folder / f"blocks-{stem}.png", f"{model} on {dataset}"))
     return written
 
 
@@ -234,7 +272,9 @@ def plot_block_accuracy(members: list[dict[str, Any]], path: Path, title: str) -
             ax.plot(range(1, epochs + 1), mean, "o-", markersize=3, label=f"block {b}")
         network = [100 * statistics.fmean(c[e] for c in r["curves"]) for e in range(epochs)]
         ax.plot(range(1, epochs + 1), network, "k--", label="network")
-        ax.set(title=f"{r['rule']} ({r['readout']})", xlabel="epoch", ylabel="test accuracy (%)")
+        ax.set(
+            title=f"{r.get('name', r['rule'])} ({r['readout']})", xlabel="epoch", ylabel="test accuracy (%)"
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(members) :]:
