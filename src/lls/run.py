@@ -223,7 +223,7 @@ class RunDir:
             raise LLSError(f"{run.path} is not an lls run directory (no config.json)")
         return run
 
-    def record_resume(self, config: TrainConfig, environment: dict[str, Any]) -> None:
+    def record_resume(self, config: TrainConfig) -> None:
         """A resumed run may train for more epochs: config.json keeps saying what the run is (its
         epochs the new target) and lists when, how and by which code it was extended."""
         record = json.loads(self.config_path.read_text())
@@ -232,7 +232,8 @@ class RunDir:
         change = {"epochs": [record["config"]["epochs"], config.epochs]}
         record["config"] = config.as_dict()
         keep = ("commit", "lls_version", "torch_version", "command", "created")
-        record.setdefault("resumed", []).append({**change, **{k: environment.get(k) for k in keep}})
+        now = environment()
+        record.setdefault("resumed", []).append({**change, **{k: now[k] for k in keep}})
         _atomic_write(self.config_path, (json.dumps(record, indent=2) + "\n").encode())
 
     def read_config(self) -> TrainConfig:
@@ -522,12 +523,12 @@ def train_run(
     history, start_epoch, progress_state = History(), 0, None
     if state is not None:
         history, start_epoch, progress_state = restore(session, state)
-    if main and resume:
-        run.record_resume(config, environment())
         if progress_state is not None and not main:  # the saved sums are global: rank 0 carries them
             progress_state = EpochProgress(
                 progress_state.epoch, progress_state.step, seconds=progress_state.seconds
             )
+    if main and resume:
+        run.record_resume(config)
     trainer, loaders, rule = session.trainer, session.loaders, session.rule
     describe = ", ".join(f"{k}={v}" for k, v in rule.config().items() if k != "name")
     where = f"resuming {out} at epoch {start_epoch + 1}" if state is not None else f"run {out}"
