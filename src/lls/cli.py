@@ -20,7 +20,7 @@ from .fit import REFRESH_BATCHES
 from .malloc import tune_malloc
 from .models import list_models
 from .optim import OPTIMIZERS
-from .rules import FEEDBACK_KINDS, RULES, create_rule, list_rules
+from .rules import FEEDBACK_KINDS, create_rule, list_rules, seeded_options
 from .run import RunDir, TrainConfig, open_trained, train_run
 
 EXIT_USER_ERROR = 2
@@ -64,9 +64,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None}
     config = TrainConfig(**values)
     options = {k: getattr(args, k) for k in RULE_OPTIONS if getattr(args, k) is not None}
-    if "seed" in RULES.get(config.rule).__dataclass_fields__:
-        options["seed"] = config.seed  # the run's seed also seeds a rule's fixed random tensors
-    return dataclasses.replace(config, rule_options=options)
+    return dataclasses.replace(config, rule_options=seeded_options(config.rule, options, config.seed))
 
 
 def resumed_config(args: argparse.Namespace, saved: TrainConfig, run: RunDir) -> TrainConfig:

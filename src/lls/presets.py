@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import LLSError
+from .rules import seeded_options
 from .run import TrainConfig
 
 TABLES = ("table1", "table2", "table3", "compare")
@@ -36,16 +37,13 @@ class Preset:
     def name(self) -> str:
         return f"{self.table}/{self.dataset}/{self.model}/{self.slug}"
 
-    def config(self, seed: int, epochs: int | None = None) -> TrainConfig:
-        options = dict(self.rule_options)
-        if self.rule in ("lls", "lls-m", "lls-mxm", "dfa", "drtp"):
-            options["seed"] = seed  # as `lls train` does: the run's seed seeds fixed random tensors
+    def config(self, seed: int) -> TrainConfig:
         return TrainConfig(
             dataset=self.dataset,
             model=self.model,
             rule=self.rule,
-            rule_options=options,
-            epochs=epochs or self.epochs,
+            rule_options=seeded_options(self.rule, self.rule_options, seed),  # as `lls train` does
+            epochs=self.epochs,
             augment=self.augment,
             seed=seed,
         )
@@ -60,12 +58,9 @@ def _presets() -> list[Preset]:
     # Table 1: basis ablation, SmallConv and VGG8
     for dataset in ("mnist", "fashion-mnist", "cifar10", "imagenette"):
         for model in ("smallconv", "vgg8"):
-            long_run = model == "vgg8" and dataset in ("cifar10", "imagenette")
-            augment = (
-                {"cifar10": "basic", "imagenette": "basic"}.get(dataset) if model == "smallconv" else None
-            )
-            if model == "vgg8" and dataset in ("cifar10", "imagenette"):
-                augment = "aug"
+            natural_images = dataset in ("cifar10", "imagenette")
+            long_run = model == "vgg8" and natural_images
+            augment = ("aug" if model == "vgg8" else "basic") if natural_images else None
             for label, basis in bases:
                 out.append(
                     Preset(

@@ -348,6 +348,13 @@ def list_rules() -> list[str]:
     return RULES.names()
 
 
+def seeded_options(name: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``options`` with the run's ``seed`` for a rule that draws fixed random tensors (a random
+    basis, feedback matrices), so that the run's seed decides them too."""
+    fields = {f.name for f in dataclasses.fields(RULES.get(name))}
+    return {**options, "seed": seed} if "seed" in fields else dict(options)
+
+
 def create_rule(name: str, **options: Any) -> Rule:
     """``create_rule("lls", basis="periodic")``; unknown names or options fail with the valid ones."""
     cls = RULES.get(name)
