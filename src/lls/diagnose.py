@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .readout import walk
 from .rules import ProjectionSignal, latent
 from .trainer import Trainer
 
@@ -124,18 +125,13 @@ def diagnose(trainer: Trainer, batches, *, sync: bool = True) -> list[BlockDiagn
             r.norm_ratios.append(float(g_rule.norm() / g_bp.norm().clamp_min(1e-30)))
         if sync and trainer.signals and isinstance(trainer.signals[0], ProjectionSignal):
             with torch.no_grad():
-                h = x
-                classes = trainer.num_classes
-                onehot = F.one_hot(y, classes).double()
+                onehot = F.one_hot(y, trainer.num_classes).double()
                 counts = onehot.sum(0) if counts is None else counts + onehot.sum(0)
-                for i, (block, after, signal) in enumerate(
-                    zip(probe.net.blocks, probe.net.between, trainer.signals, strict=True)
-                ):
-                    a = block(h)
+                *outputs, _ = walk(probe.net, x)
+                for i, (a, signal) in enumerate(zip(outputs, trainer.signals, strict=True)):
                     z = F.normalize(latent(a, signal.pool).double(), dim=1)
                     per_class = onehot.T @ z  # (K, d) sums of normalised latents
                     sums[i] = per_class if sums[i] is None else sums[i] + per_class
-                    h = after(a)
     if counts is not None:
         for r, total, signal in zip(results, sums, trainer.signals, strict=True):
             if signal.classifier is not None:

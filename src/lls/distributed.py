@@ -386,7 +386,7 @@ def pipeline_evaluate(stage: PipelineStage, loaders: Loaders, epoch: int, blocks
     from itertools import islice
 
     from .fit import REFRESH_BATCHES
-    from .readout import RidgeProbe, readout_kind
+    from .readout import RidgeProbe, block_predictions, readout_kind
     from .rules import latent
 
     trainer, net = stage.trainer, stage.trainer.net
@@ -399,7 +399,7 @@ def pipeline_evaluate(stage: PipelineStage, loaders: Loaders, epoch: int, blocks
         )
         _phase(stage, REFRESH, refresh, lambda x, y: stage.forward(x))
         net.eval()
-        probes: dict[int, RidgeProbe] = {}
+        probes: dict[int, RidgeProbe] | None = None  # this stage's blocks' probes, by block index
         if kind == "ridge probe":
             features: dict[int, list] = {i: [] for i in stage.blocks}
             labels: list = []
@@ -422,11 +422,7 @@ def pipeline_evaluate(stage: PipelineStage, loaders: Loaders, epoch: int, blocks
             for i in stage.blocks:
                 a = net.blocks[i](h)
                 if kind is not None:
-                    predicted = (
-                        probes[i].predict(latent(a, net.latent_pool[i]))
-                        if probes
-                        else (trainer.signals[i].scores(a).argmax(1))
-                    )
+                    predicted = block_predictions(trainer.signals, probes, i, a, net.latent_pool[i])
                     result["blocks"][i] += int((predicted == y).sum())
                 h = net.between[i](a)
             if stage.last:

@@ -12,7 +12,7 @@ training (tested: weights are identical with readouts on and off).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +71,14 @@ def fit_probes(net, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classe
 
 
 def block_predictions(
-    signals: list, probes: list[RidgeProbe] | None, index: int, a: torch.Tensor, pool
+    signals: list,
+    probes: Sequence[RidgeProbe] | Mapping[int, RidgeProbe] | None,
+    index: int,
+    a: torch.Tensor,
+    pool,
 ) -> torch.Tensor:
+    """Block ``index``'s predicted classes from its output ``a``: its ridge probe when ``probes``
+    are given (by block index), else the rule's own basis or learned classifier."""
     if probes is not None:
         return probes[index].predict(latent(a, pool))
     return signals[index].scores(a).argmax(1)
