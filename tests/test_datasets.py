@@ -373,3 +373,10 @@ def test_stream_loader_is_deterministic_and_matches_direct_decoding(tmp_path):
 def test_every_registered_dataset_has_a_reader_test():
     tested = {"mnist", "fashion-mnist", "digits", "cifar10", "cifar100", "imagenette", "tinyimagenet", "vww"}
     assert set(DATASETS.names()) == tested | {"imagefolder"}
+
+
+def test_known_shapes_cover_every_fixed_dataset_and_match_a_loaded_one(digits):
+    from lls.data import DATASET_SHAPES
+
+    assert set(DATASET_SHAPES) == set(DATASETS.names()) - {"imagefolder"}  # its shape is the user's
+    assert DATASET_SHAPES["digits"] == (digits.input_shape, digits.num_classes)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .data import DATASETS, check_dataset, fetch_dataset, list_datasets, load_dataset
+from .data import DATASET_SHAPES, DATASETS, check_dataset, fetch_dataset, list_datasets, load_dataset
 from .errors import LLSError
 from .fit import REFRESH_BATCHES
 from .malloc import tune_malloc
@@ -408,17 +408,6 @@ def problem_shape(args: argparse.Namespace) -> tuple[tuple[int, int, int], int]:
     return args.input, args.classes
 
 
-# the shapes of the paper's datasets, so that costs need no dataset files
-DATASET_SHAPES = {
-    "mnist": ((1, 28, 28), 10),
-    "fashion-mnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-    "cifar100": ((3, 32, 32), 100),
-    "imagenette": ((3, 128, 128), 10),
-    "tinyimagenet": ((3, 64, 64), 200),
-    "vww": ((3, 128, 128), 2),
-    "digits": ((1, 8, 8), 10),
-}
 COMPARE_RULES = ("bp", "lls", "lls:basis=periodic", "lls-m", "lls-mxm", "local-classifier", "dfa", "drtp")
 
 

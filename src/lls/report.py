@@ -141,8 +141,8 @@ def summarize(runs: list[RunResult], with_costs: bool = True) -> list[dict[str, 
 
 def costs_of(config: TrainConfig) -> dict[str, Any]:
     """Learning-signal multiply-adds, extra parameters and activation memory from ``lls cost``."""
-    from .cli import DATASET_SHAPES
     from .cost import count_costs, measure_memory
+    from .data import DATASET_SHAPES
     from .rules import create_rule
 
     if config.dataset not in DATASET_SHAPES:
