@@ -411,6 +411,11 @@ def problem_shape(args: argparse.Namespace) -> tuple[tuple[int, int, int], int]:
 COMPARE_RULES = ("bp", "lls", "lls:basis=periodic", "lls-m", "lls-mxm", "local-classifier", "dfa", "drtp")
 
 
+def problem_record(args: argparse.Namespace, shape, classes: int) -> dict:
+    """What `lls cost` and `lls bench` measured on, as their JSON output starts."""
+    return {"model": args.model, "input": list(shape), "classes": classes, "batch": args.batch}
+
+
 def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
     from .bench import parse_rule_spec
     from .cost import count_costs, measure_memory
@@ -489,17 +494,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
             )
         )
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "model": args.model,
-                        "input": list(shape),
-                        "classes": classes,
-                        "batch": args.batch,
-                        "rules": results,
-                    }
-                )
-            )
+            print(json.dumps({**problem_record(args, shape, classes), "rules": results}))
         return 0
     result = cost_of(args, args.rule, shape, classes)
     rows = []
@@ -629,10 +624,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "model": args.model,
-                    "input": list(shape),
-                    "classes": classes,
-                    "batch": args.batch,
+                    **problem_record(args, shape, classes),
                     "device": str(device),
                     "device_name": name,
                     "torch_version": torch.__version__,
