@@ -366,6 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_malloc()  # the largest single speed-up on CPU; see malloc.py
+    code = _run(args)
+    if getattr(args, "parallel", None) and "WORLD_SIZE" in os.environ:
+        # One of torchrun's processes: everything it wrote is on disk (atomically) and its process
+        # group is gone, yet gloo's threads can still abort the interpreter's teardown now and then
+        # (SIGABRT, "terminate called without an active exception"), turning a clean exit status
+        # into -6. Leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except LLSError as error:

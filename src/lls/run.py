@@ -627,6 +627,8 @@ def train_run(
             progress_now = dp.reduce(stop.progress) if parallel == "ddp" else stop.progress
             if main:
                 run.save_checkpoint(checkpoint_state(session, history, stop.progress.epoch, progress_now))
+        if ctx is not None:  # every rank stopped together; none leaves while rank 0 still writes
+            torch.distributed.barrier()
         return RunOutcome("interrupted", run, session, history, time.perf_counter() - start)
     except TrainingDiverged as error:
         kept = f"the last good checkpoint (epoch {len(history.records)}) is kept in {out}"
