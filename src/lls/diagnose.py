@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .readout import walk
 from .rules import ProjectionSignal, latent
 from .trainer import Trainer
 
@@ -127,8 +126,8 @@ def diagnose(trainer: Trainer, batches, *, sync: bool = True) -> list[BlockDiagn
             with torch.no_grad():
                 onehot = F.one_hot(y, trainer.num_classes).double()
                 counts = onehot.sum(0) if counts is None else counts + onehot.sum(0)
-                *outputs, _ = walk(probe.net, x)
-                for i, (a, signal) in enumerate(zip(outputs, trainer.signals, strict=True)):
+                *outputs, _ = probe.net.walk(x)
+                for (i, a), signal in zip(outputs, trainer.signals, strict=True):
                     z = F.normalize(latent(a, signal.pool).double(), dim=1)
                     per_class = onehot.T @ z  # (K, d) sums of normalised latents
                     sums[i] = per_class if sums[i] is None else sums[i] + per_class

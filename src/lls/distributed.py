@@ -272,18 +272,11 @@ class PipelineStage:
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """This stage's part of a training step: its blocks (and the head on the last stage)."""
         start = time.perf_counter()
-        net, trainer = self.trainer.net, self.trainer
+        trainer = self.trainer
         trainer.batch_size_in_step = len(y)
-        h, losses = x, []
-        for i in self.blocks:
-            a = net.blocks[i](h.detach())
-            losses.append(trainer._update(i, trainer.signals[i](a, y)))
-            h = net.between[i](a.detach())
-        head = None
-        if self.last:
-            logits = net.head(h.detach())
-            loss = trainer._update(len(net.blocks), F.cross_entropy(logits, y))
-            head = (loss, logits.detach())
+        done = trainer.local_pass(x, y, trainer.update, self.blocks)
+        h, losses = done.output, list(done.block_losses)
+        head = (done.loss, done.output) if self.last else None
         self.timer.busy += time.perf_counter() - start
         return h, losses, head
 

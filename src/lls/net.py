@@ -8,7 +8,7 @@ feed-forward network.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,9 +89,31 @@ class LocalNet(nn.Module):
         self.latent_pool: list[int | None] = latent_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block, after in zip(self.blocks, self.between, strict=True):
-            x = after(block(x))
-        return self.head(x)
+        out = x
+        for _, out in self.walk(x):  # noqa: B007 (keep only the last output alive, not every block's)
+            pass
+        return out
+
+    def walk(
+        self, h: torch.Tensor, blocks: range | None = None, *, detach: bool = False
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The one loop over the blocks: yields ``(l, a_l)``, block l's output, for l in ``blocks``
+        (all by default), then ``(stop, out)``: the head's logits when the range ends with the last
+        block, else the input of block ``stop`` (what a pipeline stage passes on).
+
+        ``h`` is the input of the range's first block. With ``detach`` every block and the head get
+        a detached copy of their input, so no gradient can cross from one block to the one before:
+        the walk of every local rule.
+        """
+        blocks = range(len(self.blocks)) if blocks is None else blocks
+        for index in blocks:
+            a = self.blocks[index](h.detach() if detach else h)
+            yield index, a
+            h = self.between[index](a.detach() if detach else a)
+        if blocks.stop == len(self.blocks):
+            yield blocks.stop, self.head(h.detach() if detach else h)
+        else:
+            yield blocks.stop, h
 
     @torch.no_grad()
     def block_output_shapes(self, input_shape: Sequence[int]) -> list[torch.Size]:
@@ -101,12 +123,8 @@ class LocalNet(nn.Module):
         self.eval()  # BatchNorm must not update its statistics on the dummy batch
         try:
             x = torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype)
-            shapes = []
-            for block, after in zip(self.blocks, self.between, strict=True):
-                x = block(x)
-                shapes.append(x.shape[1:])
-                x = after(x)
-            self.head(x)
+            *outputs, _ = self.walk(x)
+            shapes = [a.shape[1:] for _, a in outputs]
         except RuntimeError as error:
             raise LLSError(
                 f"the network does not accept inputs of shape {tuple(input_shape)}: "

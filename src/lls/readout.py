@@ -47,23 +47,13 @@ class RidgeProbe:
         return ((features.double() - self.mean) @ self.weight + self.bias).argmax(1)
 
 
-def walk(net, x: torch.Tensor):
-    """Yield every block's output, then the head's logits (for a network in eval mode)."""
-    h = x
-    for block, after in zip(net.blocks, net.between, strict=True):
-        a = block(h)
-        yield a
-        h = after(a)
-    yield net.head(h)
-
-
 @torch.no_grad()
 def fit_probes(net, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: int) -> list[RidgeProbe]:
     features: list[list[torch.Tensor]] = [[] for _ in net.blocks]
     labels = []
     for x, y in batches:
-        outputs = list(walk(net, x))[:-1]
-        for i, a in enumerate(outputs):
+        *outputs, _ = net.walk(x)
+        for i, a in outputs:
             features[i].append(latent(a, net.latent_pool[i]))
         labels.append(y)
     y = torch.cat(labels)

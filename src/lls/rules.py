@@ -27,6 +27,7 @@ from torch import nn
 
 from .basis import BASIS_KINDS, basis
 from .errors import LLSError
+from .options import check, option, options_of
 from .registry import Registry
 
 Timing = Literal["block", "head", "end-to-end"]
@@ -203,10 +204,15 @@ class Rule:
         return {"name": self.name, **dataclasses.asdict(self)}
 
     def __post_init__(self) -> None:
-        pass
+        check(self, f"rule {self.name!r}: ")
 
 
 RULES: Registry[type[Rule]] = Registry("rule")
+
+
+def seed_option() -> Any:
+    """The seed of a rule's fixed random tensors: the run's --seed (see :func:`seeded_options`)."""
+    return option(0, help="seeds the rule's fixed random tensors", cli=False, minimum=0, maximum=2**63 - 1)
 
 
 def register_rule(name: str):
@@ -233,17 +239,11 @@ class BP(Rule):
 class LLS(Rule):
     """LLS: pooled, L2-normalised activity scored against a fixed periodic/square/random basis."""
 
-    basis: str = "square"
-    temperature: float = 0.5
-    seed: int = 0  # seeds the random basis only
+    basis: str = option("square", help="LLS basis", choices=BASIS_KINDS, known="bases")
+    temperature: float = option(0.5, help="temperature T of the local loss CE(s / T, y)", positive=True)
+    seed: int = seed_option()
 
     modulation: ClassVar[str | None] = None
-
-    def __post_init__(self) -> None:
-        if self.basis not in BASIS_KINDS:
-            raise LLSError(f"unknown basis {self.basis!r}; known bases: {', '.join(BASIS_KINDS)}")
-        if not self.temperature > 0:
-            raise LLSError(f"temperature must be > 0, got {self.temperature}")
 
     def rows(self, num_classes: int) -> int:
         return num_classes
@@ -275,14 +275,9 @@ class LLSM(LLS):
 class LLSMxM(LLS):
     """LLS-MxM: scores mixed by a learned matrix per block; ``reduced=R`` uses R basis rows (R x K)."""
 
-    reduced: int | None = None
+    reduced: int | None = option(None, help="R < K basis rows, mixed by an R x K matrix", minimum=1)
 
     modulation: ClassVar[str | None] = "matrix"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.reduced is not None and self.reduced < 1:
-            raise LLSError(f"reduced must be a positive number of basis rows, got {self.reduced}")
 
     def rows(self, num_classes: int) -> int:
         return self.reduced or num_classes
@@ -293,7 +288,7 @@ class LLSMxM(LLS):
 class LocalClassifier(Rule):
     """Local learned classifiers: like LLS with a trainable K x d matrix and no normalisation."""
 
-    temperature: float = 0.5
+    temperature: float = option(0.5, help="temperature T of the local loss CE(s / T, y)", positive=True)
 
     def signal(self, index, out_shape, pool, num_classes):
         return ProjectionSignal(
@@ -314,15 +309,16 @@ class DFA(Rule):
     ``feedback``: "uniform" draws the matrices from U[0, 1e-4) as METHOD.md specifies, "centred"
     from U[-1e-4, 1e-4)."""
 
-    seed: int = 0
-    feedback: str = "uniform"
+    seed: int = seed_option()
+    feedback: str = option(
+        "uniform",
+        help="feedback matrices: uniform U[0, 1e-4) as specified, or centred U[-1e-4, 1e-4)",
+        choices=FEEDBACK_KINDS,
+        known="kinds",
+    )
 
     timing: ClassVar[Timing] = "head"
     use_error: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        if self.feedback not in FEEDBACK_KINDS:
-            raise LLSError(f"unknown feedback {self.feedback!r}; known kinds: {', '.join(FEEDBACK_KINDS)}")
 
     def signal(self, index, out_shape, pool, num_classes):
         return FeedbackSignal(
@@ -352,7 +348,7 @@ def seeded_options(name: str, options: dict[str, Any], seed: int) -> dict[str, A
     """``options`` with the run's ``seed`` for a rule that draws fixed random tensors (a random
     basis, feedback matrices), so that the run's seed decides them too."""
     fields = {f.name for f in dataclasses.fields(RULES.get(name))}
-    return {**options, "seed": seed} if "seed" in fields else dict(options)
+    return {"seed": seed, **options} if "seed" in fields else dict(options)
 
 
 def create_rule(name: str, **options: Any) -> Rule:
@@ -364,3 +360,14 @@ def create_rule(name: str, **options: Any) -> Rule:
             hint = f"its options: {', '.join(valid)}" if valid else "it takes no options"
             raise LLSError(f"rule {name!r} has no option {key!r}; {hint}")
     return cls(**options)
+
+
+def rule_options() -> dict[str, tuple[dataclasses.Field, type[Rule], list[str]]]:
+    """Every option any rule takes: name -> (field, the first rule class declaring it, rule names)."""
+    found: dict[str, tuple[dataclasses.Field, type[Rule], list[str]]] = {}
+    for name in RULES.names():
+        cls = RULES.get(name)
+        for f in options_of(cls):
+            entry = found.setdefault(f.name, (f, cls, []))
+            entry[2].append(name)
+    return found

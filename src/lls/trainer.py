@@ -12,16 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import LLSError
+from .models import create_model
 from .net import LocalNet
 from .optim import create_optimizer, is_schedule_free
-from .rules import BlockSignal, Rule, create_rule
+from .rules import BlockSignal, Rule, create_rule, seeded_options
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,6 +34,15 @@ class StepResult:
     logits: torch.Tensor  # (N, K) head output in training mode
     loss: torch.Tensor  # head cross-entropy
     block_losses: torch.Tensor  # (L,) each block's local loss; empty for rules without any (bp)
+
+
+@dataclass
+class LocalPass:
+    """What :meth:`Trainer.local_pass` over a range of blocks produced."""
+
+    output: torch.Tensor  # the head's logits (detached), or the input of the block after the range
+    loss: torch.Tensor | None  # the head's cross-entropy, when the range ends with the last block
+    block_losses: torch.Tensor  # (blocks in the range,) each block's local loss
 
 
 @dataclass
@@ -84,7 +94,7 @@ class Trainer:
             if not group:
                 raise LLSError(f"block {i} has no trainable parameters; merge it into a neighbour")
         self.optimizers = [create_optimizer(optimizer, group, lr, weight_decay) for group in groups]
-        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.lr = lr
         self.input_shape = tuple(input_shape)
         # Called with an optimizer between its gradients and its step; data parallelism averages the
         # gradients across processes here, so every block still steps on its own signal alone.
@@ -99,35 +109,48 @@ class Trainer:
         self.batch_size_in_step = len(y)  # read by data parallelism to weight this process's gradients
         if self.rule.timing == "end-to-end":
             return self._end_to_end_step(x, y)
-        return self.local_pass(x, y, self._update)
+        done = self.local_pass(x, y, self.update)
+        return StepResult(done.output, done.loss, done.block_losses)
 
     def local_pass(
-        self, x: torch.Tensor, y: torch.Tensor, consume: Callable[[int, torch.Tensor], torch.Tensor]
-    ) -> StepResult:
-        """Forward through the blocks of a local rule, handing each loss to ``consume(index, loss)``
-        as soon as it is known (index L is the head); ``consume`` runs the backward pass.
+        self,
+        h: torch.Tensor,
+        y: torch.Tensor,
+        consume: Callable[[int, torch.Tensor], torch.Tensor],
+        blocks: range | None = None,
+    ) -> LocalPass:
+        """The block-local step of a local rule over ``blocks`` (all of them by default), ``h`` being
+        the input of the first. Each block sees a detached input; its loss goes to
+        ``consume(index, loss)`` as soon as it is known (index L is the head's, when the range ends
+        with the last block), and ``consume`` runs the backward pass.
 
-        Training passes :meth:`_update` (backward + this block's optimizer step); diagnostics pass
-        a function that only collects gradients.
+        Training passes :meth:`update` (backward + that block's optimizer step); a pipeline stage
+        passes its own range of blocks; diagnostics pass a function that only collects gradients.
         """
-        blocks, between, head = self.net.blocks, self.net.between, self.net.head
-        block_losses = []
-        held: list[torch.Tensor] = []  # block outputs waiting for the head's output (DFA)
-        h = x
-        for i, (block, after, signal) in enumerate(zip(blocks, between, self.signals, strict=True)):
-            a = block(h.detach())  # detach: nothing this block learns from reaches block i-1
-            if self.rule.timing == "block":
-                block_losses.append(consume(i, signal(a, y)))
+        net = self.net
+        blocks = range(len(net.blocks)) if blocks is None else blocks
+        waits_for_head = self.rule.timing == "head"
+        if waits_for_head and blocks.stop != len(net.blocks):
+            raise ValueError(f"rule {self.rule.name} needs the head's output for every block")
+        block_losses, held = [], []  # held: block outputs waiting for the head's output (DFA)
+        for index, a in net.walk(h, blocks, detach=True):
+            if index == blocks.stop:  # the head's logits, or the next stage's input
+                output = a
+            elif waits_for_head:
+                held.append((index, a))
             else:
-                held.append(a)
-            h = after(a.detach())
-        logits = head(h.detach())
-        loss = consume(len(blocks), F.cross_entropy(logits, y))
-        for i, a in enumerate(held):
-            block_losses.append(consume(i, self.signals[i](a, y, logits.detach())))
-        return StepResult(logits.detach(), loss, torch.stack(block_losses))
+                block_losses.append(consume(index, self.signals[index](a, y)))
+        loss = None
+        if blocks.stop == len(net.blocks):
+            loss = consume(len(net.blocks), F.cross_entropy(output, y))
+            output = output.detach()
+        for index, a in held:
+            block_losses.append(consume(index, self.signals[index](a, y, output)))
+        losses = torch.stack(block_losses) if block_losses else h.new_zeros(0)
+        return LocalPass(output, loss, losses)
 
-    def _update(self, index: int, loss: torch.Tensor) -> torch.Tensor:
+    def update(self, index: int, loss: torch.Tensor) -> torch.Tensor:
+        """Backward of block ``index``'s loss (L: the head's) and a step of that block's optimizer."""
         optimizer = self.optimizers[index]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,7 +214,7 @@ class Trainer:
         With ``blocks``, also each block's own accuracy (see ``readout.py``): the rule's basis or
         learned classifier where it has one, else ridge probes fitted on ``probe_batches``.
         """
-        from .readout import block_predictions, fit_probes, readout_kind, walk
+        from .readout import block_predictions, fit_probes, readout_kind
 
         total_loss = torch.zeros((), dtype=torch.float64)
         correct, count = 0, 0
@@ -203,8 +226,8 @@ class Trainer:
                 if kind is None:
                     logits = net(x)
                 else:
-                    *outputs, logits = walk(net, x)
-                    for i, a in enumerate(outputs):
+                    *outputs, (_, logits) = net.walk(x)
+                    for i, a in outputs:
                         predicted = block_predictions(self.signals, probes, i, a, net.latent_pool[i])
                         block_correct[i] += int((predicted == y).sum())
                 total_loss += F.cross_entropy(logits, y, reduction="sum").double().cpu()
@@ -236,6 +259,57 @@ class Trainer:
             signal.load_state_dict(signal_state)
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
+
+
+class HasShape(Protocol):
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+
+def build_trainer(
+    model: str,
+    rule: Rule | str,
+    data: HasShape | Sequence[int],
+    num_classes: int | None = None,
+    *,
+    rule_options: dict[str, Any] | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+    optimizer: str = "adamw-sf",
+    lr: float = 5e-3,
+    weight_decay: float = 0.0,
+) -> Trainer:
+    """A trainer for a registered model and rule, the one way every command builds one.
+
+    ``data`` is a dataset (its input shape and class count are used) or an input shape ``(C, H,
+    W)`` with ``num_classes``. ``seed`` seeds the initial weights and, for rules that draw fixed
+    random tensors (a random basis, feedback matrices), those too. The network is built with the
+    rule's activation (Tanh for DRTP), on ``device``, optionally in channels-last layout.
+
+    ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
+    """
+    if num_classes is None:
+        if not hasattr(data, "input_shape"):
+            raise TypeError("build_trainer needs a dataset, or an input shape and num_classes")
+        input_shape, num_classes = tuple(data.input_shape), data.num_classes
+    else:
+        input_shape = tuple(data)
+    if isinstance(rule, str):
+        rule = create_rule(rule, **seeded_options(rule, rule_options or {}, seed))
+    elif rule_options:
+        raise TypeError("rule_options go with a rule name, not a Rule object")
+    torch.manual_seed(seed)  # the network's (and the rule's extra parameters') initial weights
+    net = create_model(
+        model,
+        in_channels=input_shape[0],
+        input_size=input_shape[1:],
+        num_classes=num_classes,
+        activation=rule.activation,
+    ).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return Trainer(net, rule, input_shape=input_shape, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
 
 
 def _num_classes(head: nn.Module) -> int:
