@@ -14,25 +14,10 @@ from typing import Any
 
 import torch
 
-from .cost import build_trainer, count_costs, example_batch, measure_memory
-from .rules import create_rule
-
-
-def parse_rule_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``lls:basis=periodic`` -> ("lls", {"basis": "periodic"}); values parsed as int/float if they can be."""
-    name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        options[key] = value
-    create_rule(name, **options)  # validate now, with the registry's error messages
-    return name, options
+from .cost import count_costs, example_batch, measure_memory
+from .report_format import mib, ratio, table
+from .rules import create_rule, parse_rule_spec
+from .trainer import build_trainer
 
 
 @dataclass
@@ -75,7 +60,9 @@ def run_bench(
     trainers, costs = {}, {}
     for spec in rules:
         name, options = parse_rule_spec(spec)
-        trainer = build_trainer(model, name, input_shape, classes, dev, channels_last, options)
+        trainer = build_trainer(
+            model, name, input_shape, classes, rule_options=options, device=dev, channels_last=channels_last
+        )
         if compile_blocks:
             for block in trainer.net.blocks:
                 block.compile()
@@ -136,3 +123,23 @@ def summarize(results: list[BenchResult]) -> dict[str, dict[str, Any]]:
                 row["memory_ratio_to_bp"] = None
         table[r.label] = row
     return table
+
+
+def bench_text(summary: dict[str, dict[str, Any]], heading: str) -> str:
+    """``lls bench``'s table: medians, spread, throughput and ratios to BP."""
+    rows = []
+    for label, r in summary.items():
+        rows.append(
+            [
+                label,
+                f"{1000 * r['step_seconds_median']:.1f} ms",
+                f"{1000 * r['step_seconds_p25']:.1f}-{1000 * r['step_seconds_p75']:.1f}",
+                f"{r['images_per_second']:.0f}",
+                f"{r['gflops']:.1f}",
+                mib(r["peak_memory_bytes"]),
+                ratio(r.get("time_ratio_to_bp")),
+                ratio(r.get("memory_ratio_to_bp")),
+            ]
+        )
+    header = ["rule", "step (median)", "IQR (ms)", "images/s", "GFLOP/s", "step peak", "time vs bp"]
+    return heading + "\n" + table([*header, "memory vs bp"], rows)

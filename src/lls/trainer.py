@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import LLSError
 from .models import create_model
-from .net import LocalNet
+from .net import LocalNet, Spec
 from .optim import create_optimizer, is_schedule_free
 from .rules import BlockSignal, Rule, create_rule, seeded_options
 
@@ -267,7 +267,7 @@ class HasShape(Protocol):
 
 
 def build_trainer(
-    model: str,
+    model: str | Sequence[Spec],
     rule: Rule | str,
     data: HasShape | Sequence[int],
     num_classes: int | None = None,
@@ -280,7 +280,8 @@ def build_trainer(
     lr: float = 5e-3,
     weight_decay: float = 0.0,
 ) -> Trainer:
-    """A trainer for a registered model and rule, the one way every command builds one.
+    """A trainer for a model (a registered name, or a list of block specs) and a rule: the one way
+    every command builds one.
 
     ``data`` is a dataset (its input shape and class count are used) or an input shape ``(C, H,
     W)`` with ``num_classes``. ``seed`` seeds the initial weights and, for rules that draw fixed
