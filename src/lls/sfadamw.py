@@ -13,11 +13,11 @@ checkpoint moves freely between the two. It exists because the package keeps the
 warm-up factor, ``lr_max`` and the weight sum in Python floats: a CUDA graph would freeze them at
 their captured values. Here they are float64 tensors on the parameters' device, updated in place
 by the step itself, and ``step()`` neither reads a tensor's value on the host nor branches on one,
-so the whole step (about 14 multi-tensor kernels per parameter group, plus a dozen on 0-dim
-tensors) can be captured and replayed. Hyperparameters (``lr``, betas, ``eps``, weight decay,
-warm-up length) stay Python numbers: eager steps read them anew, a captured graph keeps the values
-it was captured with. Capture after the first eager step (which creates the state) and again after
-``load_state_dict`` (which replaces it).
+so the whole step (13 multi-tensor kernels per parameter group, 14 with weight decay, plus
+about 15 on 0-dim tensors) can be captured and replayed. Hyperparameters (``lr``, betas, ``eps``,
+weight decay, warm-up length) stay Python numbers: eager steps read them anew, a captured graph
+keeps the values it was captured with. Capture after the first eager step (which creates the
+state) and again after ``load_state_dict`` (which replaces it).
 
 ``bias_correction`` selects where Adam's second-moment bias correction goes:
 
