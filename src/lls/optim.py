@@ -26,9 +26,11 @@ OPTIMIZERS.register("sgd")(
 
 
 def create_optimizer(
-    name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
+    name: str | OptimizerFactory, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(name)(list(params), lr, weight_decay)
+    """An optimizer by registered name, or from a factory ``(params, lr, weight_decay)``."""
+    factory = OPTIMIZERS.get(name) if isinstance(name, str) else name
+    return factory(list(params), lr, weight_decay)
 
 
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
