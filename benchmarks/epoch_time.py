@@ -33,20 +33,10 @@ def main() -> None:
 
     data = lls.load_dataset(args.dataset)
     loaders = lls.Loaders.for_dataset(data, args.batch_size, channels_last=args.channels_last)
-    trainers = {}
-    for name in args.rules.split(","):
-        torch.manual_seed(0)
-        rule = lls.create_rule(name)
-        net = lls.create_model(
-            args.model,
-            in_channels=data.input_shape[0],
-            input_size=data.input_shape[1:],
-            num_classes=data.num_classes,
-            activation=rule.activation,
-        )
-        if args.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        trainers[name] = lls.Trainer(net, rule, input_shape=data.input_shape)
+    trainers = {
+        name: lls.build_trainer(args.model, name, data, channels_last=args.channels_last)
+        for name in args.rules.split(",")
+    }
 
     print(
         f"{args.model} on {args.dataset}, batch {args.batch_size}, torch {torch.__version__}, "

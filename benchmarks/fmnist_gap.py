@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 import lls
-from lls.run import hold_out
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     lls.tune_malloc()
     data = lls.load_dataset("fashion-mnist")
     if args.holdout:
-        data = hold_out(data, args.holdout)
+        data = data.hold_out(args.holdout)
     split = "holdout" if args.holdout else "test"
     finals = []
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -26,10 +26,9 @@ allowed to fail without stopping the others (a failure is recorded with its trac
 6. ``paper_run`` (only if the time left allows): the paper's 100-epoch SmallConv Fashion-MNIST LLS
    run with evaluation after every epoch, on the graph engine, wall clock.
 
-The optimizer: the registry's ``adamw-sf`` where it is capturable (lls.sfadamw, once merged),
-else ``torch.optim.Adam(capturable=True)`` as a stand-in for every graph run and for the eager runs
-compared with them; the eager baselines "as people run them" use ``adamw-sf`` either way. The JSON
-says which was used.
+The optimizer: schedule-free AdamW throughout (lr 5e-3, the paper's). Graph runs, and the eager
+runs compared with them step for step, use its capturable implementation (lls.sfadamw); the eager
+baselines "as people run them" use the registry's eager ``adamw-sf`` (the schedulefree package).
 
 ``--dry-run`` runs every stage on the CPU at tiny sizes with the eager engine (graph entries are
 skipped there): it checks the script's code paths, not any figure.
@@ -55,8 +54,8 @@ import torch
 
 import lls
 from lls.data import make_loader
-from lls.engine import WARMUP_STEPS, GraphEngine, is_capturable
-from lls.fit import EVAL_BATCH_SIZE, REFRESH_BATCHES, Loaders, evaluate, train_epoch
+from lls.engine import WARMUP_STEPS, GraphEngine
+from lls.fit import BATCHNORM_MIN_BATCH, EVAL_BATCH_SIZE, REFRESH_BATCHES, Loaders, evaluate, train_epoch
 from lls.optim import create_optimizer
 from lls.trainer import Trainer, build_trainer
 
@@ -66,19 +65,15 @@ ACCURACY_POINTS = 0.3  # graph and eager 3-epoch accuracies must end this close 
 LOSS_TOLERANCE = 1e-3  # per-step loss agreement over 100 steps, relative (a judgment; see the report)
 
 
-def capturable_adam(params, lr, weight_decay):
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, capturable=True)
+def capturable_sf(params, lr, weight_decay):
+    """lls.sfadamw's schedule-free AdamW, the one the graph engine runs."""
+    return create_optimizer("adamw-sf", params, lr, weight_decay, capturable=True)
 
 
-def pick_optimizer(device: torch.device) -> tuple[str | Callable, str]:
-    """The capturable optimizer for graph runs (and the eager runs compared with them)."""
-    if device.type == "cuda":
-        probe = create_optimizer("adamw-sf", [torch.nn.Parameter(torch.zeros(1, device=device))], 1e-3)
-        if is_capturable(probe):
-            return "adamw-sf", f"adamw-sf ({type(probe).__module__}.{type(probe).__name__}, capturable)"
-        return capturable_adam, "torch.optim.Adam(capturable=True), stand-in for a capturable adamw-sf"
-    plain = lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd)  # noqa: E731
-    return plain, "torch.optim.Adam (dry run on the CPU, where capturable Adam cannot step)"
+def pick_optimizer(device: torch.device) -> tuple[Callable, str]:
+    """The optimizer of graph runs, and of the eager runs compared with them step for step."""
+    probe = capturable_sf([torch.nn.Parameter(torch.zeros(1, device=device))], 1e-3, 0.0)
+    return capturable_sf, f"adamw-sf, capturable ({type(probe).__module__}.{type(probe).__name__})"
 
 
 class Run:
@@ -150,13 +145,20 @@ def make_trainer(
     - ``graph-serial-chain``: graph, one stream, autograd's signal (capture alone).
     """
     optimizer = "adamw-sf" if variant == "eager-sf" else run.optimizer
+    graph = variant.startswith("graph")
     trainer = build_trainer(
-        model, rule, shape, classes, seed=seed, device=run.device, channels_last=True, optimizer=optimizer
+        model,
+        rule,
+        shape,
+        classes,
+        seed=seed,
+        device=run.device,
+        channels_last=True,
+        optimizer=optimizer,
+        engine="graph" if graph else "eager",
     )
-    if variant.startswith("graph"):
-        trainer.engine = GraphEngine(
-            trainer, streams=variant == "graph", fused=not variant.endswith("chain"), strict=True
-        )
+    if graph and variant != "graph":  # the engine with one of its parts switched off
+        trainer.engine = GraphEngine(trainer, streams=False, fused=not variant.endswith("chain"), strict=True)
     return trainer
 
 
@@ -336,8 +338,10 @@ def load_data(run: Run):
 
 def loaders_for(run: Run, data, draws: str) -> Loaders:
     common = {"mean": data.mean, "std": data.std, "device": run.device, "memory_format": torch.channels_last}
+    train = make_loader(data.train, 128, augment=data.augment, shuffle=True, seed=0, draws=draws, **common)
+    train.min_batch = BATCHNORM_MIN_BATCH  # as Loaders.for_dataset
     return Loaders(
-        train=make_loader(data.train, 128, augment=data.augment, shuffle=True, seed=0, draws=draws, **common),
+        train=train,
         test=make_loader(data.test, EVAL_BATCH_SIZE, draws=draws, **common),
         probe=make_loader(data.train.head(2048), EVAL_BATCH_SIZE, draws=draws, **common),
     )

@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 from lls.cost import count_costs
-from lls.distributed import balance_stages
+from lls.pipeline import balance_stages
 
 COMMON = [
     "train",

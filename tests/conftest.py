@@ -24,9 +24,7 @@ def tiny_batch(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tiny_trainer(rule: str, seed: int = 0, **options) -> lls.Trainer:
-    rule_obj = lls.create_rule(rule, **options)
-    net = tiny_net(seed, rule_obj.activation)
-    return lls.Trainer(net, rule_obj, input_shape=TINY_INPUT)
+    return lls.build_trainer(TINY_SPECS, rule, TINY_INPUT, NUM_CLASSES, rule_options=options, seed=seed)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
-"""The command line as a user meets it: a subprocess, its exit status and what it prints."""
+"""The command line as a user meets it: exit status and what it prints (in-process, through
+``lls.cli.main``; tests/test_runs.py and tests/test_distributed.py cross real process boundaries)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,48 +9,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lls.cli import main
 from lls.data.idx import write_idx
 from lls.data.mnist import SPLIT_FILES
 
 
-def lls_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lls", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert lines[0].startswith("lls: error: ")
+def one_line_error(capsys, argv: list[str], *fragments: str) -> str:
+    """Run ``lls ARGV``; it must end with status 2 and one ``lls: error:`` line holding ``fragments``."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lls: error: "), err
+    assert "Traceback" not in err
     for fragment in fragments:
-        assert fragment in lines[0]
+        assert fragment in lines[0], lines[0]
+    return lines[0]
 
 
-def test_unknown_rule():
-    assert_one_line_error(lls_cli("train", "--rule", "hebb"), "unknown rule 'hebb'", "known rules: bp, dfa")
+def test_unknown_names_list_the_known_ones(capsys):
+    one_line_error(capsys, ["train", "--rule", "hebb"], "unknown rule 'hebb'", "known rules: bp, dfa")
+    one_line_error(capsys, ["train", "--model", "resnet"], "unknown model 'resnet'", "smallconv")
+    one_line_error(capsys, ["train", "--dataset", "svhn"], "unknown dataset 'svhn'", "fashion-mnist")
+    one_line_error(capsys, ["train", "--basis", "wavelet"], "unknown basis 'wavelet'", "known bases")
 
 
-def test_unknown_model():
-    assert_one_line_error(lls_cli("train", "--model", "resnet"), "unknown model 'resnet'", "smallconv")
+def test_missing_dataset_directory(tmp_path, capsys):
+    one_line_error(capsys, ["train", "--data-dir", str(tmp_path / "missing")], "does not exist", "--data-dir")
 
 
-def test_unknown_dataset():
-    assert_one_line_error(lls_cli("train", "--dataset", "svhn"), "unknown dataset 'svhn'", "fashion-mnist")
-
-
-def test_missing_dataset_directory(tmp_path):
-    result = lls_cli("train", "--data-dir", str(tmp_path / "missing"))
-    assert_one_line_error(result, "does not exist", "--data-dir")
-
-
-def test_truncated_idx_file(tmp_path):
+def test_truncated_idx_file(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for key, stem in SPLIT_FILES.items():
         n = 60_000 if key.startswith("train") else 10_000
@@ -58,39 +46,43 @@ def test_truncated_idx_file(tmp_path):
         write_idx(tmp_path / stem, rng.integers(0, 10, shape, dtype=np.uint8))
     images = tmp_path / SPLIT_FILES["train_images"]
     images.write_bytes(images.read_bytes()[: 16 + 784 * 100])
-    result = lls_cli("train", "--data-dir", str(tmp_path), "--no-download")
-    assert_one_line_error(result, "train-images-idx3-ubyte is truncated", "fetch it again")
+    argv = ["train", "--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "run")]
+    one_line_error(capsys, argv, "train-images-idx3-ubyte is truncated", "fetch it again")
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
-def test_rule_option_that_does_not_apply():
-    assert_one_line_error(
-        lls_cli("train", "--rule", "bp", "--basis", "square"), "rule 'bp' has no option 'basis'"
+def test_rule_option_that_does_not_apply(capsys):
+    one_line_error(
+        capsys,
+        ["train", "--rule", "bp", "--basis", "square"],
+        "rule 'bp' has no option --basis",
+        "lls, lls-m",
     )
 
 
-def test_feedback_kind_reaches_the_rule_and_the_run_config(tmp_path):
-    pytest.importorskip("sklearn")
+def test_feedback_kind_reaches_the_rule_and_the_run_config(digits, tmp_path, capsys):
     out = tmp_path / "drtp"
-    args = ("train", "--dataset", "digits", "--rule", "drtp", "--limit", "256", "--quiet", "--out", str(out))
-    result = lls_cli(*args, "--feedback", "centred")
-    assert result.returncode == 0, result.stderr
+    args = ["train", "--dataset", "digits", "--rule", "drtp", "--limit", "256", "--quiet", "--out", str(out)]
+    assert main([*args, "--feedback", "centred"]) == 0
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["rule_options"]["feedback"] == "centred"
-    # a resume may not change it
-    resumed = lls_cli("train", "--resume", str(out), "--feedback", "uniform", "--epochs", "2")
-    assert_one_line_error(resumed, "--feedback uniform (the run has centred)")
-    assert_one_line_error(
-        lls_cli("train", "--rule", "lls", "--feedback", "centred"), "rule 'lls' has no option 'feedback'"
-    )
+    capsys.readouterr()
+    # a resume may not change it, but may repeat it, or any default it ran with
+    resume = ["train", "--resume", str(out), "--epochs", "2"]
+    one_line_error(capsys, [*resume, "--feedback", "uniform"], "--feedback uniform (the run has centred)")
+    assert main([*resume, "--feedback", "centred", "--batch-size", "128", "--quiet"]) == 0
+    capsys.readouterr()
+    one_line_error(capsys, ["train", "--rule", "lls", "--feedback", "centred"], "no option --feedback")
 
 
-def test_json_summary_is_the_last_line(tmp_path):
-    pytest.importorskip("sklearn")
-    result = lls_cli(
-        "train", "--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--json", "--quiet"
+def test_json_summary_is_the_last_line(digits, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run directory is ./runs/NAME
+    assert (
+        main(["train", "--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--json", "--quiet"])
+        == 0
     )
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
     for key in ("test_accuracy", "best_test_accuracy", "epochs", "train_seconds", "rule", "model", "dataset"):
         assert key in summary
     assert 0.5 < summary["test_accuracy"] <= summary["best_test_accuracy"] <= 1
@@ -100,16 +92,110 @@ def test_json_summary_is_the_last_line(tmp_path):
         "digits",
         2,
     )
-    assert "epoch 2/2" in result.stdout
+    assert "epoch 2/2" in out
+    assert Path(summary["run_dir"]).parent == Path("runs") and (tmp_path / summary["run_dir"]).is_dir()
 
 
-def test_list():
-    result = lls_cli("list")
-    assert result.returncode == 0
-    assert "lls-mxm" in result.stdout and "mobilenetv1" in result.stdout
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "lls-mxm" in out and "mobilenetv1" in out and "adamw-sf" in out
+
+
+def test_every_command_and_option_has_a_help_text(capsys):
+    import argparse
+
+    from lls.cli import build_parser
+
+    def subcommands(parser):
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return actions[0] if actions else None
+
+    commands = subcommands(build_parser())
+    assert {a.dest for a in commands._choices_actions} == set(commands.choices)  # a line each in `lls --help`
+    assert all(a.help for a in commands._choices_actions)
+    parsers = list(commands.choices.items())
+    while parsers:
+        name, parser = parsers.pop()
+        nested = subcommands(parser)  # lls data fetch|check, lls plot basis
+        if nested is not None:
+            assert all(a.help for a in nested._choices_actions)
+            parsers += [(f"{name} {n}", p) for n, p in nested.choices.items()]
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"lls {name}: {action.option_strings or action.dest} has no help"
+
+
+def test_a_new_rule_option_appears_on_the_command_line_by_itself(monkeypatch):
+    """Declaring a field on a rule is all it takes: flag, help and check come from it."""
+    import dataclasses
+
+    from lls.cli import build_parser
+    from lls.options import option
+    from lls.rules import LLS, RULES
+
+    @dataclasses.dataclass
+    class Sharper(LLS):
+        sharpness: float = option(1.0, help="how sharp the scores are", positive=True)
+
+    Sharper.name = "sharper"
+    monkeypatch.setitem(RULES._entries, "sharper", Sharper)
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--sharpness" in help_text and "how sharp the scores are" in help_text
+    with pytest.raises(Exception, match="--sharpness must be > 0"):
+        from lls.config import config_from_options
+
+        config_from_options({"rule": "sharper"}, {"sharpness": -1.0})
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--epochs", "0"], "--epochs must be >= 1"),
+        (["train", "--epochs", "many"], "invalid int value"),
+        (["train", "--lr", "1e200"], "--lr must be <= 1000"),
+        (["train", "--lr", "nan"], "--lr must be a finite number"),
+        (["train", "--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        (["train", "--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["train", "--seed", "99999999999999999999999"], "--seed must be <="),
+        (["train", "--temperature", "0"], "--temperature must be > 0"),
+        (["train", "--temperature", "abc"], "invalid float value"),
+        (["train", "--batch-size", "-3"], "--batch-size must be >= 1"),
+        (["train", "--optimizer", "lion"], "unknown optimizer 'lion'"),
+        (["train", "--device", "tpu"], "unknown device"),
+        (["train", "--stages", "0-1"], "--stages goes with --parallel pipeline"),
+        (["train", "--resume", "/nonexistent/run"], "does not exist"),
+        (["train", "--frobnicate"], "unrecognized arguments"),
+        (["eval", "/nonexistent/run"], "does not exist"),
+        (["eval"], "the following arguments are required: run"),
+        (["data", "check", "svhn"], "unknown dataset"),
+        (["data", "fetch", "vww"], "docs/datasets.md"),
+        (["data", "check", "digits", "--sample", "0"], "--sample must be at least 1"),
+        (["cost", "--model", "vgg8"], "--input C,H,W"),
+        (["cost", "--input", "3,32", "--classes", "10"], "--input takes C,H,W"),
+        (["cost", "--dataset", "digits", "--rule", "lls:temperature=abc"], "temperature must be a number"),
+        (["cost", "--dataset", "digits", "--rule", "lls:basis"], "key=value"),
+        (["cost", "--dataset", "digits", "--rule", "hebb"], "unknown rule 'hebb'"),
+        (["bench", "--dataset", "digits", "--rules", "lls,hebb"], "unknown rule 'hebb'"),
+        (["bench", "--dataset", "digits", "--steps", "0"], "--steps must be at least 1"),
+        (["reproduce"], "name the experiments"),
+        (["reproduce", "table9"], "known: table1, table2, table3, compare"),
+        (["reproduce", "table1", "--seeds", "a,b"], "comma-separated whole numbers"),
+        (["report"], "the following arguments are required: runs"),
+        (["report", "/nonexistent/runs"], "does not exist"),
+        (["diagnose", "/nonexistent/run"], "does not exist"),
+        (["plot", "basis", "--kind", "triangle"], "invalid choice: 'triangle'"),
+        (["plot", "basis", "--classes", "1"], "--classes must be at least 2"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_end_in_one_line(argv, fragment, capsys):
+    one_line_error(capsys, argv, fragment)
 
 
 def test_module_and_console_script_agree():
+    """The one real interpreter start of this file: the installed script and `python -m lls`."""
     script = Path(sys.executable).parent / "lls"
     if not script.exists():
         pytest.skip("console script not installed in this environment")

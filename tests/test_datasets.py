@@ -54,6 +54,7 @@ def test_cifar10_binary_records(tmp_path):
     source = dataclasses.replace(CIFAR10, counts={})
     data = source.load(tmp_path, download=False)
     assert data.train.images.shape == (20, 3, 32, 32) and len(data.test) == 4
+    assert (data.input_shape, data.num_classes) == CIFAR10.shape()
     np.testing.assert_array_equal(data.train.images.numpy(), images[:20])  # R plane, then G, then B
     np.testing.assert_array_equal(data.test.labels.numpy(), labels[20:])
     assert data.augment == Augment(hflip=True)  # "basic" by default
@@ -68,6 +69,7 @@ def test_cifar100_uses_the_fine_label(tmp_path):
     data = dataclasses.replace(CIFAR100, counts={}).load(tmp_path, download=False, augment="aug")
     np.testing.assert_array_equal(data.train.labels.numpy(), labels)
     assert data.num_classes == 100 and data.augment == Augment(crop_padding=4, hflip=True, erasing=0.2)
+    assert (data.input_shape, data.num_classes) == CIFAR100.shape()
 
 
 def test_cifar_truncated_file_and_standard_counts(tmp_path):
@@ -236,14 +238,12 @@ def test_imagefolder_with_train_and_val(tmp_path):
 
 
 def test_holdout_of_a_streamed_set_moves_files_and_drops_random_crops(tmp_path):
-    from lls.run import hold_out
-
     for c, color in (("cat", (200, 0, 0)), ("dog", (0, 200, 0))):
         for i in range(5):
             write_image(tmp_path / "train" / c / f"{i}.png", (40, 30), color)
             write_image(tmp_path / "val" / c / f"{i}.png", (40, 30), color)
     data = lls.load_dataset("imagefolder", tmp_path, image_size=16)
-    held = hold_out(data, 4)
+    held = data.hold_out(4)
     assert len(held.train) == 6 and len(held.test) == 4
     assert not set(held.train.files) & set(held.test.files)
     assert set(held.train.files) | set(held.test.files) == set(data.train.files)
@@ -289,6 +289,7 @@ def test_imagenette_layout_and_presets(tmp_path):
     source = dataclasses.replace(IMAGENETTE, counts=None)
     data = source.load(tmp_path, download=False)
     assert data.input_shape == (3, 128, 128) and data.classes == tuple(wnids)
+    assert (data.input_shape, data.num_classes) == IMAGENETTE.shape()
     assert (data.train.resize, data.train.random_crop, data.test.random_crop) == (160, True, False)
     assert data.augment == Augment(hflip=True, erasing=0.2)
     basic = source.load(tmp_path, download=False, augment="basic")
@@ -375,8 +376,9 @@ def test_every_registered_dataset_has_a_reader_test():
     assert set(DATASETS.names()) == tested | {"imagefolder"}
 
 
-def test_known_shapes_cover_every_fixed_dataset_and_match_a_loaded_one(digits):
-    from lls.data import DATASET_SHAPES
+def test_declared_shapes_are_what_the_readers_give(digits):
+    from lls.data import dataset_shape
 
-    assert set(DATASET_SHAPES) == set(DATASETS.names()) - {"imagefolder"}  # its shape is the user's
-    assert DATASET_SHAPES["digits"] == (digits.input_shape, digits.num_classes)
+    assert dataset_shape("digits") == (digits.input_shape, digits.num_classes)
+    assert dataset_shape("imagefolder") is None  # its shape is the user's
+    assert all(dataset_shape(name) is not None for name in DATASETS.names() if name != "imagefolder")

@@ -102,7 +102,7 @@ def test_diagnostics_never_change_training(rule, digits, tmp_path):
             )
             == 0
         )
-        runs.append(lls.run.load_checkpoint_file(out / "checkpoint.pt")["trainer"]["net"])
+        runs.append(lls.rundir.load_checkpoint_file(out / "checkpoint.pt")["trainer"]["net"])
     for name, tensor in runs[0].items():
         assert torch.equal(tensor, runs[1][name]), name
     before = (tmp_path / "--block-accuracy" / "checkpoint.pt").read_bytes()

@@ -21,8 +21,9 @@ import lls
 from lls.bench import run_bench, split_engine
 from lls.data import Augment, FileSplit, Split, make_loader
 from lls.data.device import DeviceLoader
-from lls.engine import StreamSchedule, is_capturable, resolve_engine
+from lls.engine import StreamSchedule, check_capturable, is_capturable, optimizer_engine, resolve_engine
 from lls.fused import FusedProjection, block_losses
+from lls.optim import create_optimizer
 from lls.rules import ProjectionSignal, create_rule
 from lls.trainer import Trainer, build_trainer
 
@@ -33,8 +34,14 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (CUDA grap
 
 
 def capturable_adam(params, lr, weight_decay):
-    """The capturable stand-in optimizer (torch's Adam keeps its step count on the device)."""
+    """torch's Adam with its step count on the device (capturable on CUDA)."""
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, capturable=True)
+
+
+def capturable_sf(params, lr, weight_decay):
+    """The schedule-free AdamW the graph engine runs (lls.sfadamw), for eager runs too, so that an
+    eager and a graph trainer compared step for step run the same implementation."""
+    return create_optimizer("adamw-sf", params, lr, weight_decay, capturable=True)
 
 
 # --- engine choice -------------------------------------------------------------------------------
@@ -53,12 +60,21 @@ def test_auto_is_eager_on_a_cpu_and_unknown_engines_are_named():
 
 
 def test_graph_engine_needs_capturable_optimizers():
+    """By name: the registry's capturable implementation or, for ``auto``, the eager engine; a
+    factory's optimizers are checked once built."""
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert is_capturable(capturable_adam(params, 1e-3, 0.0))
+    assert is_capturable(capturable_adam(params, 1e-3, 0.0)) and is_capturable(
+        capturable_sf(params, 1e-3, 0.0)
+    )
     assert not is_capturable(torch.optim.Adam(params))
-    with pytest.raises(lls.LLSError, match="capturable"):
-        resolve_engine("graph", "cuda", [torch.optim.Adam(params)])
-    assert resolve_engine("auto", "cuda", [torch.optim.Adam(params)]) == "eager"
+    assert not is_capturable(create_optimizer("adamw-sf", params, 1e-3))  # the schedulefree package
+    assert optimizer_engine("auto", "cuda", "adamw-sf") == "graph"
+    assert optimizer_engine("auto", "cpu", "adamw-sf") == "eager"
+    assert optimizer_engine("auto", "cuda", "sgd-sf") == "eager"
+    with pytest.raises(lls.LLSError, match=r"'sgd-sf' has none; capturable: .*adamw-sf"):
+        optimizer_engine("graph", "cuda", "sgd-sf")
+    with pytest.raises(lls.LLSError, match="Adam is not"):
+        check_capturable([torch.optim.Adam(params)])
 
 
 def test_eager_engine_steps_exactly_as_before():
@@ -489,15 +505,24 @@ def test_device_draws_need_an_in_memory_split(tmp_path):
 
 
 def test_device_loader_shards_each_batch_like_the_host_loader():
-    split = _split(130)
+    split = _split(140)  # batches of 64, 64, 12: each split 3 ways
     full = list(_loader(split).epoch(1))
     parts = []
     for rank in range(3):
         loader = _loader(split)
         loader.shard = (rank, 3)
         parts.append(list(loader.epoch(1)))
+    assert [len(y) for _, y in full] == [64, 64, 12]
     for step, (x, _) in enumerate(full):
         assert torch.equal(torch.cat([p[step][0] for p in parts]), x)
+
+
+def test_device_loader_merges_a_tiny_last_batch_like_the_host_loader():
+    split = _split(129)  # 64, 64 and 1: BatchNorm cannot train on one image
+    for draws in ("host", "device"):
+        loader = make_loader(split, 64, draws=draws, mean=(0.5,), std=(0.25,), shuffle=True)
+        loader.min_batch = 2
+        assert [len(y) for _, y in loader.epoch(0)] == [64, 65]
 
 
 # --- lls bench with engines --------------------------------------------------------------------
@@ -528,7 +553,7 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _cuda_pair(rule: str, channels_last: bool, **options):
+def _cuda_pair(rule: str, channels_last: bool, optimizer=capturable_adam, **options):
     made = []
     for engine in ("eager", "graph"):
         made.append(
@@ -540,7 +565,7 @@ def _cuda_pair(rule: str, channels_last: bool, **options):
                 rule_options=options,
                 device="cuda",
                 channels_last=channels_last,
-                optimizer=capturable_adam,
+                optimizer=optimizer,
                 lr=1e-3,
                 engine=engine,
             )
@@ -573,8 +598,15 @@ def _assert_same_state(a: Trainer, b: Trainer, tolerance: float) -> None:
             _close(q, p, tolerance, name)
     for o, r in zip(a.optimizers, b.optimizers, strict=True):
         for s, t in zip(o.state.values(), r.state.values(), strict=True):
-            assert torch.equal(t["step"], s["step"])  # one optimizer step per training step
-            _close(t["exp_avg"], s["exp_avg"], tolerance, "exp_avg")
+            for key, value in s.items():
+                if key == "step" or not value.is_floating_point():  # counts: exactly one per step
+                    assert torch.equal(t[key], value), key
+                else:
+                    _close(t[key], value, tolerance, key)
+        for g, h in zip(o.param_groups, r.param_groups, strict=True):  # sfadamw's device scalars
+            for key in ("k", "lr_max", "weight_sum"):
+                if torch.is_tensor(g.get(key)):
+                    _close(h[key], g[key], tolerance, key)
 
 
 @needs_cuda
@@ -592,9 +624,9 @@ def _assert_same_state(a: Trainer, b: Trainer, tolerance: float) -> None:
     ids=str,
 )
 def test_graph_engine_trains_like_the_eager_one(rule, options, channels_last, exact_float32):
-    """12 steps with batches of 32 and, twice, a last batch of 20 (its own graph after warm-up):
-    per-step losses, weights, BatchNorm statistics and optimizer states agree with eager training
-    to float tolerance, and the graphs were captured and replayed."""
+    """12 steps with batches of 32 and, five times, a last batch of 20 (its own graph after its
+    warm-up): per-step losses, weights, BatchNorm statistics and optimizer states agree with eager
+    training to float tolerance, and the graphs were captured and replayed."""
     eager, graph = _cuda_pair(rule, channels_last, **options)
     sizes = [32] * 6 + [20] + [32] * 5 + [20] * 5
     for step, (x, y) in enumerate(_cuda_batches(sizes, channels_last)):
@@ -605,6 +637,30 @@ def test_graph_engine_trains_like_the_eager_one(rule, options, channels_last, ex
     torch.cuda.synchronize()
     assert len(graph.engine.graphs) == 2 and graph.engine.replays >= 4
     _assert_same_state(eager, graph, 1e-4)
+
+
+@needs_cuda
+def test_graph_engine_with_schedule_free_adamw_and_its_averaged_weights(exact_float32):
+    """The paper's optimizer (lls.sfadamw, capturable): graph and eager training agree, step
+    counters and weight sums included, and so do the averaged weights evaluation swaps in."""
+    eager, graph = _cuda_pair("lls", True, optimizer=capturable_sf)
+    assert graph.engine is not None
+    for x, y in _cuda_batches([32] * 9 + [20], True):
+        want, got = eager.train_step(x, y), graph.train_step(x, y)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    _assert_same_state(eager, graph, 1e-4)
+    with eager.evaluation() as a, graph.evaluation() as b:
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            if p.is_floating_point():
+                _close(q, p, 1e-4, name)
+    x, y = next(_cuda_batches([32], True, seed=9))  # and training goes on after the swap back
+    torch.testing.assert_close(graph.train_step(x, y).loss, eager.train_step(x, y).loss, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_auto_engine_on_cuda_captures_with_the_registrys_adamw_sf():
+    trainer = build_trainer("smallconv", "lls", (1, 28, 28), 10, device="cuda", engine="auto")
+    assert trainer.engine is not None and all(is_capturable(o) for o in trainer.optimizers)
 
 
 @needs_cuda

@@ -84,7 +84,7 @@ def test_lls_m_scales_scores_by_a_learned_vector(batch):
     assert signal(a, y).item() == pytest.approx(expected, rel=1e-10)
 
 
-@pytest.mark.parametrize("reduced", [None, 7])
+@pytest.mark.parametrize("reduced", [None, 3])
 def test_lls_mxm_mixes_scores_by_a_learned_matrix(batch, reduced):
     a, y = batch
     signal = make_signal("lls-mxm", reduced=reduced)

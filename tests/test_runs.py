@@ -6,8 +6,6 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,10 @@ import torch
 
 import lls
 from lls.cli import main
-from lls.run import load_checkpoint_file
+from lls.rundir import load_checkpoint_file
+
+from .processes import lls as spawn
+from .processes import wait_for
 
 pytestmark = pytest.mark.usefixtures("digits")
 TIMING_KEYS = ("train_seconds", "eval_seconds")
@@ -30,19 +31,6 @@ def metrics(run: Path) -> list[dict]:
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint_file(run / "checkpoint.pt")["trainer"]["net"]
-
-
-def spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lls", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-
-
-def wait_for(path: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +74,10 @@ def test_resume_continues_to_the_same_metrics(reference, tmp_path):
 def test_kill_9_at_any_moment_then_resume(reference, tmp_path):
     out = tmp_path / "run"
     process = spawn(*DIGITS_RUN, "--epochs", "3", "--out", str(out))
-    wait_for(out / "checkpoint.pt")
+    wait_for(out / "checkpoint.pt", [process])
     time.sleep(0.15)  # somewhere in epoch 2 (or writing its checkpoint)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    process.signal(signal.SIGKILL)
+    assert process.finish()[0] == -signal.SIGKILL
     (out / ".checkpoint.pt.half-written.tmp").write_bytes(b"\x80\x02partial")  # what a kill mid-write leaves
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     assert metrics(out) == metrics(reference)
@@ -99,14 +86,14 @@ def test_kill_9_at_any_moment_then_resume(reference, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(reference, tmp_path):
     out = tmp_path / "run"
     process = spawn(*DIGITS_RUN, "--epochs", "3", "--out", str(out))
-    wait_for(out / "curves.png")  # written last after epoch 1
+    wait_for(out / "curves.png", [process])  # written last after epoch 1
     time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    if process.returncode == 0:
+    process.signal(signal.SIGINT)
+    code, _, stderr = process.finish()
+    if code == 0:
         pytest.skip("the run finished before Ctrl-C arrived")
-    assert process.returncode == 130, stderr
-    assert b"lls train --resume" in stderr and b"Traceback" not in stderr
+    assert code == 130, stderr
+    assert "lls train --resume" in stderr and "Traceback" not in stderr
     state = load_checkpoint_file(out / "checkpoint.pt")
     assert state["progress"] is None or state["progress"]["step"] > 0
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
@@ -228,7 +215,8 @@ def test_checkpoint_leaves_no_temp_files(reference):
 
 
 def test_holdout_evaluates_on_training_images_the_run_never_trains_on(tmp_path, capsys):
-    from lls.run import TrainConfig, build_session
+    from lls.config import TrainConfig
+    from lls.run import build_session
 
     session = build_session(TrainConfig(dataset="digits", holdout=300), device=torch.device("cpu"))
     full = lls.load_dataset("digits")

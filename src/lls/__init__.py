@@ -7,7 +7,11 @@ The public API::
     net = lls.create_model("smallconv", in_channels=1, input_size=28, num_classes=10)
     trainer = lls.Trainer(net, lls.create_rule("lls", basis="square"), input_shape=data.input_shape)
     history = lls.fit(trainer, lls.Loaders.for_dataset(data, batch_size=128), epochs=1)
+
+or, from names: ``trainer = lls.build_trainer("smallconv", "lls", data, rule_options={"basis": "square"})``.
 """
+
+__version__ = "0.1.0"  # the one definition (pyproject.toml reads it)
 
 from .basis import BASIS_KINDS, basis
 from .data import Dataset, Split, TensorLoader, list_datasets, load_dataset
@@ -17,9 +21,7 @@ from .malloc import tune_malloc
 from .models import create_model, list_models
 from .net import LocalNet
 from .rules import BlockSignal, Rule, create_rule, list_rules, register_rule
-from .trainer import Evaluation, StepResult, Trainer
-
-__version__ = "0.1.0"
+from .trainer import Evaluation, StepResult, Trainer, build_trainer
 
 __all__ = [
     "BASIS_KINDS",
@@ -38,6 +40,7 @@ __all__ = [
     "Trainer",
     "__version__",
     "basis",
+    "build_trainer",
     "create_model",
     "create_rule",
     "evaluate",

@@ -22,7 +22,8 @@ import torch
 from .cost import count_costs, example_batch, measure_memory
 from .engine import WARMUP_STEPS
 from .optim import OptimizerFactory
-from .rules import create_rule
+from .report_format import mib, ratio, table
+from .rules import create_rule, parse_rule_spec
 from .trainer import build_trainer
 
 
@@ -30,24 +31,6 @@ def split_engine(spec: str) -> tuple[str, str | None]:
     """``lls:basis=periodic@graph`` -> ("lls:basis=periodic", "graph"); no ``@``: (spec, None)."""
     rule, at, engine = spec.partition("@")
     return rule, (engine if at else None)
-
-
-def parse_rule_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``lls:basis=periodic`` -> ("lls", {"basis": "periodic"}); values parsed as int/float if they can be.
-    A trailing ``@engine`` is ignored (see :func:`split_engine`)."""
-    name, _, rest = split_engine(spec)[0].partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        options[key] = value
-    create_rule(name, **options)  # validate now, with the registry's error messages
-    return name, options
 
 
 @dataclass
@@ -96,7 +79,7 @@ def run_bench(
     dev = torch.device(device)
     trainers, costs, engines = {}, {}, {}
     for spec in rules:
-        name, options = parse_rule_spec(spec)
+        name, options = parse_rule_spec(split_engine(spec)[0])
         engines[spec] = split_engine(spec)[1] or engine
         trainer = build_trainer(
             model,
@@ -130,7 +113,7 @@ def run_bench(
             seconds[spec].append(time.perf_counter() - start)
     results = []
     for spec in trainers:
-        name, options = parse_rule_spec(spec)
+        name, options = parse_rule_spec(split_engine(spec)[0])
         peak = None
         if measure_peak and engines[spec] == "eager":
             memory = measure_memory(
@@ -178,3 +161,28 @@ def summarize(results: list[BenchResult]) -> dict[str, dict[str, Any]]:
             row["time_ratio_to_bp_same_engine"] = r.median / same.median
         table[r.label] = row
     return table
+
+
+def bench_text(summary: dict[str, dict[str, Any]], heading: str) -> str:
+    """``lls bench``'s table: medians, spread, throughput and ratios to BP."""
+    rows = []
+    for label, r in summary.items():
+        rows.append(
+            [
+                label,
+                f"{1000 * r['step_seconds_median']:.1f} ms",
+                f"{1000 * r['step_seconds_p25']:.1f}-{1000 * r['step_seconds_p75']:.1f}",
+                f"{r['images_per_second']:.0f}",
+                f"{r['gflops']:.1f}",
+                mib(r["peak_memory_bytes"]),
+                ratio(r.get("time_ratio_to_bp")),
+                ratio(r.get("memory_ratio_to_bp")),
+            ]
+        )
+    header = ["rule", "step (median)", "IQR (ms)", "images/s", "GFLOP/s", "step peak", "time vs bp"]
+    header.append("memory vs bp")
+    if any("time_ratio_to_bp_same_engine" in r for r in summary.values()):  # engines compared
+        header.append("time vs bp, same engine")
+        for row, r in zip(rows, summary.values(), strict=True):
+            row.append(ratio(r.get("time_ratio_to_bp_same_engine")))
+    return heading + "\n" + table(header, rows)

@@ -37,10 +37,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import create_model
 from .net import LocalNet
+from .report_format import mib, ratio, si, table
 from .rules import BP, ProjectionSignal, Rule, create_rule
-from .trainer import Trainer
+from .trainer import Trainer, build_trainer
 
 COUNT_BATCH = 2  # FLOP counts are exact and linear in the batch; 2 keeps BatchNorm1d in train mode happy
 
@@ -58,10 +58,6 @@ class BlockCost:
     signal_adds: int
     params: int
     extra_params: int
-
-    @property
-    def name(self) -> str:
-        return "head" if self.index < 0 else f"block {self.index}"
 
 
 @dataclass
@@ -185,29 +181,22 @@ def count_costs(
 ) -> CostReport:
     """Per-sample multiply-adds and parameters of one training step of ``rule`` on ``model``."""
     rule = create_rule(rule) if isinstance(rule, str) else rule
-    net = (
-        create_model(
-            model,
-            in_channels=input_shape[0],
-            input_size=input_shape[1:],
-            num_classes=classes,
-            activation=rule.activation,
-        )
-        if isinstance(model, str)
-        else model
-    )
+    if isinstance(model, str):
+        trainer = build_trainer(model, rule, input_shape, classes)
+    else:
+        trainer = Trainer(model, rule, input_shape=input_shape)
+    net = trainer.net
     net.train()
-    trainer = Trainer(net, rule, input_shape=input_shape)
     extra = trainer.extra_parameters()
     x = torch.randn(COUNT_BATCH, *input_shape)
     costs: list[BlockCost] = []
     input_grads: list[int] = []
-    for i, (block, after) in enumerate(zip(net.blocks, net.between, strict=True)):
+    for i, block in enumerate(net.blocks):
         forward, weight, inputs, out = module_costs(block, x)
         input_grads.append(inputs)
         params = sum(p.numel() for p in block.parameters())
         costs.append(BlockCost(i, list(out.shape[1:]), forward, weight, 0, 0, 0, params, extra[i]))
-        x = after(out)
+        x = net.between[i](out)
     forward, weight, inputs, out = module_costs(net.head, x)
     head_params = sum(p.numel() for p in net.head.parameters())
     head = BlockCost(-1, list(out.shape[1:]), forward, weight, 0, 0, 0, head_params, 0)
@@ -301,23 +290,6 @@ def state_bytes(trainer: Trainer) -> tuple[int, int]:
     return params, optim
 
 
-def build_trainer(
-    model: str, rule: str, input_shape, classes: int, device: torch.device, channels_last: bool, options=None
-) -> Trainer:
-    r = create_rule(rule, **(options or {}))
-    torch.manual_seed(0)
-    net = create_model(
-        model,
-        in_channels=input_shape[0],
-        input_size=input_shape[1:],
-        num_classes=classes,
-        activation=r.activation,
-    ).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return Trainer(net, r, input_shape=input_shape)
-
-
 def example_batch(input_shape, classes: int, batch: int, device: torch.device, channels_last: bool):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *input_shape, generator=g).to(device)
@@ -340,7 +312,9 @@ def measure_memory(
 ) -> dict[str, Any]:
     """Measured memory of one training step (bytes, whole batch)."""
     dev = torch.device(device)
-    trainer = build_trainer(model, rule, input_shape, classes, dev, channels_last, rule_options)
+    trainer = build_trainer(
+        model, rule, input_shape, classes, rule_options=rule_options, device=dev, channels_last=channels_last
+    )
     x, y = example_batch(input_shape, classes, batch, dev, channels_last)
     trainer.train_step(x, y)  # creates the optimizer state
     params, optim = state_bytes(trainer)
@@ -400,7 +374,7 @@ def _peak_in_this_process(model, rule, input_shape, classes, batch, channels_las
     import gc
 
     trainer = build_trainer(
-        model, rule, tuple(input_shape), classes, torch.device("cpu"), channels_last, options
+        model, rule, tuple(input_shape), classes, rule_options=options, channels_last=channels_last
     )
     x, y = example_batch(tuple(input_shape), classes, batch, torch.device("cpu"), channels_last)
     for _ in range(2):  # the optimizer state and the backends' caches exist before the measured step
@@ -416,6 +390,64 @@ def _peak_in_this_process(model, rule, input_shape, classes, batch, channels_las
         "step_peak_method": "peak resident memory of the process during one step minus before it "
         "(glibc returns blocks over 64 KiB to the system, so freed tensors leave the count)",
     }
+
+
+# --- tables for the command line -----------------------------------------------------------------
+
+
+def cost_text(result: dict[str, Any], where: str) -> str:
+    """``lls cost``'s table of one rule: every block's counts, the totals and the memory."""
+    keys = ("forward", "weight_grad", "input_grad", "signal_mults", "signal_adds", "params", "extra_params")
+    rows = []
+    for b in result["blocks"]:
+        name = "head" if b["index"] < 0 else f"block {b['index']}"
+        rows.append([name, "x".join(map(str, b["output"])), *(si(b[k]) for k in keys)])
+    t = result["totals"]
+    rows.append(["total", "", *(si(t[k]) for k in keys)])
+    config = ", ".join(f"{k}={v}" for k, v in result["rule_config"].items() if k != "name")
+    header = ["", "output", "forward", "weight grad", "input grad", "signal mults", "signal adds"]
+    lines = [
+        f"{where}, rule {result['rule']}({config}); multiply-adds per training sample",
+        table([*header, "params", "extra"], rows),
+        f"step multiply-adds (forward + backward + learning signal): {si(t['step_macs'])}",
+    ]
+    m = result.get("memory")
+    if m:
+        lines.append(
+            f"memory, batch {m['batch']}: parameters {mib(m['param_bytes'])}, optimizer state "
+            f"{mib(m['optimizer_bytes'])}, activations held for backward at the peak "
+            f"{mib(m['activation_peak_bytes'])}, step peak {mib(m.get('step_peak_bytes'))} "
+            f"({m.get('step_peak_method', 'not measured')})"
+        )
+    return "\n".join(lines)
+
+
+def compare_text(results: dict[str, dict[str, Any]], where: str, batch: int) -> str:
+    """``lls cost --compare``: every rule's totals side by side, with ratios to BP."""
+    bp = results.get("bp")
+    bp_memory = (bp or {}).get("memory", {})
+    rows = []
+    for spec, r in results.items():
+        t, m = r["totals"], r.get("memory", {})
+        fewer = "no multiplies"
+        if spec == "bp":
+            fewer = "-"
+        elif bp is not None and t["signal_mults"]:
+            fewer = f"{bp['totals']['signal_mults'] / t['signal_mults']:.0f}x fewer"
+        step_ratio = t["step_macs"] / bp["totals"]["step_macs"] if bp else None
+        memory = []
+        for key in ("activation_peak_bytes", "step_peak_bytes"):
+            mine, theirs = m.get(key), bp_memory.get(key)
+            memory += [mib(mine), ratio(mine / theirs if mine and theirs else None)]
+        counts = [si(t["step_macs"]), ratio(step_ratio), si(t["signal_mults"]), si(t["signal_adds"])]
+        rows.append([spec, *counts, fewer, si(t["extra_params"]), *memory])
+    header = ["rule", "step MACs", "vs bp", "signal mults", "signal adds", "signal vs bp", "extra params"]
+    return "\n".join(
+        [
+            f"{where}; multiply-adds per training sample; memory of one step with batch {batch}",
+            table([*header, "activations", "vs bp", "step peak", "vs bp"], rows),
+        ]
+    )
 
 
 if __name__ == "__main__":  # the fresh process of cpu_step_peak

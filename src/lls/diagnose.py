@@ -143,6 +143,25 @@ def diagnose(trainer: Trainer, batches, *, sync: bool = True) -> list[BlockDiagn
     return results
 
 
+def diagnosis_text(results: list[BlockDiagnosis]) -> str:
+    """``lls diagnose``'s table: alignment with BP and synchronisation, block by block."""
+    from .report_format import table
+
+    rows = []
+    for r in results:
+        margin, sync = r.sync_margin, r.sync_accuracy
+        rows.append(
+            [
+                f"block {r.index}",
+                f"{r.cosine:+.3f}",
+                f"{r.norm_ratio:.3g}",
+                "-" if margin is None else f"{margin:+.3f}",
+                "-" if sync is None else f"{100 * sync:.0f}%",
+            ]
+        )
+    return table(["", "cosine to BP", "norm ratio", "sync margin", "classes synced"], rows)
+
+
 def plot_diagnosis(results: list[BlockDiagnosis], folder: Path, title: str) -> list[Path]:
     import matplotlib
 

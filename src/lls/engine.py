@@ -5,7 +5,8 @@
   step, and the head's) captured once in a CUDA graph and replayed per batch, so that the host
   issues one launch per step instead of hundreds. The LLS family's signals use their closed-form
   backward (fused.py), other rules their own signal.
-- ``auto``: ``graph`` on CUDA when every optimizer is capturable, else ``eager``.
+- ``auto``: ``graph`` on CUDA when the optimizer has a capturable implementation (the registry's
+  CAPTURABLE_OPTIMIZERS: "adamw-sf" is lls.sfadamw's there), else ``eager``.
 
 Why: on a GPU an eager LLS step is limited by the host issuing ~430 small kernels (VGG8, batch
 128), not by the GPU; see docs/cost.md. Graphs remove the issue cost; block independence, which
@@ -43,13 +44,13 @@ exactly once per step, as in an eager step. Loading a state dict replaces optimi
 so it drops the graphs (``reset``); they are captured again.
 
 Requirements for ``graph``: a CUDA device; optimizers whose step keeps every per-step scalar on
-the device (``capturable``: every param group has ``capturable=True``); no data-parallel gradient
-hook. The learning rate and other hyper-parameters are frozen into the graph at capture time.
+the device (the trainer asks the registry for capturable implementations); no data-parallel
+gradient hook. The learning rate and other hyper-parameters are frozen into the graph at capture time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -66,44 +67,58 @@ WARMUP_STEPS = 3  # eager steps of a batch shape before it is captured (lazy ini
 MAX_GRAPHS = 2  # captured batch shapes (a full batch and an epoch's last); others run eagerly
 
 
-def resolve_engine(
-    name: str, device: torch.device | str, optimizers: Sequence[torch.optim.Optimizer] = ()
-) -> str:
-    """``eager`` or ``graph`` for the engine asked for on ``device``; refuses what cannot run."""
+def resolve_engine(name: str, device: torch.device | str) -> str:
+    """``eager`` or ``graph`` for the engine asked for on ``device`` (``auto``: graph on CUDA);
+    refuses ``graph`` off CUDA. Whether the optimizer allows it is :func:`optimizer_engine`'s."""
     if name not in ENGINES:
         raise LLSError(f"unknown engine {name!r}; known engines: {', '.join(ENGINES)}")
     device = torch.device(device)
     if name == "auto":
-        usable = device.type == "cuda" and all(is_capturable(o) for o in optimizers)
-        return "graph" if usable else "eager"
-    if name == "graph":
-        if device.type != "cuda":
-            raise LLSError(
-                f"engine 'graph' captures CUDA graphs and needs a CUDA device, not {device.type}; "
-                "use --engine eager (or auto)"
-            )
-        for optimizer in optimizers:
-            if not is_capturable(optimizer):
-                raise LLSError(
-                    f"engine 'graph' needs capturable optimizers (every per-step scalar on the device); "
-                    f"{type(optimizer).__name__} is not; choose a capturable optimizer or --engine eager"
-                )
+        return "graph" if device.type == "cuda" else "eager"
+    if name == "graph" and device.type != "cuda":
+        raise LLSError(
+            f"engine 'graph' captures CUDA graphs and needs a CUDA device, not {device.type}; "
+            "use --engine eager (or auto)"
+        )
     return name
 
 
+def optimizer_engine(name: str, device: torch.device | str, optimizer: str | Callable) -> str:
+    """The engine a trainer runs for ``--engine name`` with ``optimizer`` (a registered name; a
+    factory's optimizers are checked once built, :func:`check_capturable`): ``graph`` needs a
+    capturable implementation; ``auto`` falls back to ``eager`` where there is none."""
+    from .optim import CAPTURABLE_OPTIMIZERS
+
+    resolved = resolve_engine(name, device)
+    if resolved == "graph" and isinstance(optimizer, str) and optimizer not in CAPTURABLE_OPTIMIZERS.names():
+        if name == "auto":
+            return "eager"
+        known = ", ".join(CAPTURABLE_OPTIMIZERS.names())
+        raise LLSError(
+            f"engine 'graph' needs a capturable optimizer and {optimizer!r} has none; "
+            f"capturable: {known}; or use --engine eager"
+        )
+    return resolved
+
+
 def is_capturable(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether an optimizer's step can be captured in a CUDA graph (PyTorch's convention: every
-    param group says ``capturable=True``)."""
+    """Whether an optimizer's step can be captured in a CUDA graph: PyTorch's convention (every
+    param group says ``capturable=True``) or lls's schedule-free AdamW (its scalars on the device)."""
+    from .sfadamw import AdamWScheduleFree
+
+    if isinstance(optimizer, AdamWScheduleFree):
+        return True
     return bool(optimizer.param_groups) and all(g.get("capturable", False) for g in optimizer.param_groups)
 
 
-def create_engine(name: str, trainer: Trainer) -> GraphEngine | None:
-    """The engine a trainer delegates its steps to; None for ``eager`` (the trainer's own step)."""
-    param = next(trainer.net.parameters())
-    resolved = resolve_engine(name, param.device, trainer.optimizers)
-    if resolved == "eager":
-        return None
-    return GraphEngine(trainer, strict=name == "graph")
+def check_capturable(optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Refuses, with one line, optimizers a graph cannot replay."""
+    for optimizer in optimizers:
+        if not is_capturable(optimizer):
+            raise LLSError(
+                f"engine 'graph' needs capturable optimizers (every per-step scalar on the device); "
+                f"{type(optimizer).__name__} is not; choose a capturable optimizer or --engine eager"
+            )
 
 
 # --- the stream schedule ---------------------------------------------------------------------------
@@ -254,7 +269,7 @@ class GraphEngine:
         from .fused import block_losses
 
         param = next(trainer.net.parameters())
-        resolve_engine("graph", param.device, trainer.optimizers)
+        resolve_engine("graph", param.device)
         if warmup < 1:
             raise ValueError("a graph needs at least one eager warm-up step of its shape")
         self.trainer, self.warmup, self.max_graphs, self.strict = trainer, warmup, max_graphs, strict

@@ -1,4 +1,10 @@
-"""The training loop around a :class:`~lls.trainer.Trainer`: epochs, evaluation, progress, records."""
+"""The training loop around a :class:`~lls.trainer.Trainer`: epochs, evaluation, progress, records.
+
+:func:`fit` runs epochs through a :class:`Strategy`. The base strategy trains in this process;
+data parallelism and the layer pipeline (``distributed.py``, ``pipeline.py``) are strategies that
+change how an epoch is trained and evaluated across processes, and nothing else: the epoch records,
+the divergence check and the stop requests are the same for all of them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import islice
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -20,11 +27,22 @@ from .trainer import Evaluation, Trainer
 
 REFRESH_BATCHES = 50  # BatchNorm refresh before each evaluation (the paper's procedure)
 EVAL_BATCH_SIZE = 250  # results do not depend on it in eval mode; larger is slower on CPU
+BATCHNORM_MIN_BATCH = 2  # images per process a training batch needs for BatchNorm's batch statistics
 CHECK_EVERY = 10  # steps between finiteness checks and progress updates (each syncs with the device)
 
 
 class TrainingDiverged(LLSError):
     """A loss became NaN or infinite."""
+
+
+class Interrupted(Exception):  # a control-flow signal, not an error
+    """Training stopped on request: mid-epoch at a step boundary (``progress`` says where) or,
+    with ``progress`` None, right after an epoch was recorded."""
+
+    def __init__(self, progress: EpochProgress | None) -> None:
+        where = f"epoch {progress.epoch + 1}, step {progress.step}" if progress else "an epoch boundary"
+        super().__init__(f"interrupted at {where}")
+        self.progress = progress
 
 
 @dataclass
@@ -40,6 +58,7 @@ class EpochRecord:
     lr: float
     block_accuracy: list[float] = field(default_factory=list)  # each block's own test accuracy
     readout: str | None = None  # how blocks are read out: "basis", "learned classifier", "ridge probe"
+    stage_busy: list[float] = field(default_factory=list)  # pipeline: each stage's busy fraction
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,9 +75,40 @@ class EpochProgress:
     seen: int = 0
     block_sums: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    stage_busy: list[float] = field(default_factory=list)  # pipeline: each stage's busy fraction
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EpochProgress:
+        known = {f.name for f in dataclasses.fields(cls)}
+        progress = cls(**{k: v for k, v in values.items() if k in known})
+        counts = (progress.epoch, progress.step, progress.correct, progress.seen)
+        if not all(isinstance(v, int) and v >= 0 for v in counts):
+            raise ValueError(f"epoch, step, correct and seen must be counts, got {counts}")
+        if not all(isinstance(v, (int, float)) for v in (progress.loss_sum, progress.seconds)):
+            raise ValueError("loss_sum and seconds must be numbers")
+        if not isinstance(progress.block_sums, list):
+            raise ValueError("block_sums must be a list")
+        return progress
+
+
+@dataclass
+class History:
+    records: list[EpochRecord] = field(default_factory=list)
+
+    @property
+    def best_test_accuracy(self) -> float:
+        return max((r.test_accuracy for r in self.records), default=float("nan"))
+
+    @property
+    def final_test_accuracy(self) -> float:
+        return self.records[-1].test_accuracy if self.records else float("nan")
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(r.train_seconds for r in self.records)
 
 
 @dataclass
@@ -84,50 +134,45 @@ class Loaders:
         probe = train.head(min(PROBE_IMAGES, len(train)))
         if isinstance(probe, FileSplit):
             probe = dataclasses.replace(probe, random_crop=False)
+        train_loader = make_loader(train, batch_size, augment=data.augment, shuffle=True, seed=seed, **common)
+        train_loader.min_batch = BATCHNORM_MIN_BATCH
         return cls(
-            train=make_loader(train, batch_size, augment=data.augment, shuffle=True, seed=seed, **common),
+            train=train_loader,
             test=make_loader(data.test.head(limit), EVAL_BATCH_SIZE, **common),
             probe=make_loader(probe, EVAL_BATCH_SIZE, **common),
         )
 
 
-@dataclass
-class History:
-    records: list[EpochRecord] = field(default_factory=list)
+class LossWatch:
+    """Keeps each step's losses on the device and checks them every CHECK_EVERY steps (a check
+    waits for the device), raising :class:`TrainingDiverged` that names the first bad loss."""
 
-    @property
-    def best_test_accuracy(self) -> float:
-        return max((r.test_accuracy for r in self.records), default=float("nan"))
+    def __init__(self, names: list[str], epoch: int, first_step: int) -> None:
+        self.names, self.epoch, self.first = names, epoch, first_step
+        self.window: list[torch.Tensor] = []
 
-    @property
-    def final_test_accuracy(self) -> float:
-        return self.records[-1].test_accuracy if self.records else float("nan")
+    def add(self, losses: torch.Tensor) -> None:
+        self.window.append(losses.detach().float())
 
-    @property
-    def train_seconds(self) -> float:
-        return sum(r.train_seconds for r in self.records)
+    def check(self) -> None:
+        if self.window:
+            values = torch.stack(self.window)
+            bad = ~torch.isfinite(values)
+            if bool(bad.any()):
+                row = int(bad.any(1).nonzero()[0])
+                column = int(bad[row].nonzero()[0])
+                raise TrainingDiverged(
+                    f"training diverged at epoch {self.epoch + 1}, step {self.first + row}: "
+                    f"{self.names[column]} is {values[row, column].item()}; lower --lr"
+                )
+        self.first += len(self.window)
+        self.window = []
 
 
-class Interrupted(Exception):  # a control-flow signal, not an error
-    """Training stopped on request: mid-epoch at a step boundary (``progress`` says where) or,
-    with ``progress`` None, right after an epoch was recorded."""
-
-    def __init__(self, progress: EpochProgress | None) -> None:
-        where = f"epoch {progress.epoch + 1}, step {progress.step}" if progress else "an epoch boundary"
-        super().__init__(f"interrupted at {where}")
-        self.progress = progress
-
-
-def _first_bad(window: list[torch.Tensor], first_step: int, blocks: int) -> str | None:
-    """Where the first non-finite loss in ``window`` (rows: steps; columns: blocks..., head) is."""
-    values = torch.stack(window)
-    bad = ~torch.isfinite(values)
-    if not bool(bad.any()):
-        return None
-    row = int(bad.any(1).nonzero()[0])
-    column = int(bad[row].nonzero()[0])
-    who = f"block {column}'s local loss" if column < blocks else "the head's loss"
-    return f"step {first_step + row}: {who} is {values[row, column].item()}"
+def loss_names(trainer: Trainer, blocks: range) -> list[str]:
+    """What each column of a step's losses is: the blocks' local losses, then the head's."""
+    local = [] if trainer.rule.timing == "end-to-end" else [f"block {i}'s local loss" for i in blocks]
+    return [*local, "the head's loss"]
 
 
 def train_epoch(
@@ -142,60 +187,48 @@ def train_epoch(
 ) -> EpochProgress:
     """One pass over the training data, from ``resume``'s step if given.
 
-    Checks every few steps that all losses are finite (raising :class:`TrainingDiverged` naming the
-    first bad block and step) and whether ``should_stop()``; if so it raises :class:`Interrupted`
-    with the sums so far, at a step boundary.
+    Checks every few steps that all losses are finite and whether ``should_stop()``; if so it
+    raises :class:`Interrupted` with the sums so far, at a step boundary.
     """
     state = resume or EpochProgress(epoch)
-    steps, device, blocks = len(loader), loader.device, len(trainer.net.blocks)
+    steps, device = len(loader), loader.device
     loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float64)
     correct = torch.tensor(state.correct, device=device, dtype=torch.int64)
-    block_sum = torch.tensor(state.block_sums or [], device=device, dtype=torch.float64)
-    window: list[torch.Tensor] = []
-    window_start = state.step + 1
+    block_sum = torch.tensor(state.block_sums, device=device, dtype=torch.float64)
+    watch = LossWatch(loss_names(trainer, range(len(trainer.net.blocks))), epoch, state.step + 1)
     bar = tqdm(
         total=steps, initial=state.step, desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True
     )
     start = time.perf_counter() - state.seconds
 
     def snapshot(step: int) -> EpochProgress:
-        return EpochProgress(
-            epoch,
-            step,
-            float(loss_sum),
-            int(correct),
-            state.seen,
-            block_sum.tolist(),
-            time.perf_counter() - start,
-        )
+        sums = (float(loss_sum), int(correct), state.seen, block_sum.tolist())
+        return EpochProgress(epoch, step, *sums, time.perf_counter() - start)
 
     step = state.step
-    for step, (x, y) in enumerate(loader.epoch(epoch, start=state.step), start=state.step + 1):
-        result = trainer.train_step(x, y)
-        n = len(y)
-        if block_sum.numel() != result.block_losses.numel():
-            block_sum = torch.zeros(result.block_losses.numel(), device=device, dtype=torch.float64)
-        loss_sum += result.loss.double() * n
-        block_sum += result.block_losses.double() * n
-        correct += (result.logits.argmax(1) == y).sum()
-        state.seen += n
-        window.append(torch.cat([result.block_losses.float(), result.loss.float().view(1)]))
-        stop = should_stop()
-        if step % CHECK_EVERY == 0 or step == steps or stop:
-            bad = _first_bad(window, window_start, blocks)
-            if bad is not None:
-                bar.close()
-                raise TrainingDiverged(f"training diverged at epoch {epoch + 1}, {bad}; lower --lr")
-            window, window_start = [], step + 1
-            if progress:
-                seen = state.seen
-                text = _postfix(float(loss_sum) / seen, int(correct) / seen, (block_sum / seen).tolist())
-                bar.set_postfix_str(text, refresh=False)
-                bar.update(step - bar.n)
-        if stop and step < steps:
-            bar.close()
-            raise Interrupted(snapshot(step))
-    bar.close()
+    try:
+        for step, (x, y) in enumerate(loader.epoch(epoch, start=state.step), start=state.step + 1):
+            result = trainer.train_step(x, y)
+            n = len(y)
+            if block_sum.numel() != result.block_losses.numel():
+                block_sum = torch.zeros(result.block_losses.numel(), device=device, dtype=torch.float64)
+            loss_sum += result.loss.double() * n
+            block_sum += result.block_losses.double() * n
+            correct += (result.logits.argmax(1) == y).sum()
+            state.seen += n
+            watch.add(torch.cat([result.block_losses.float(), result.loss.float().view(1)]))
+            stop = should_stop()
+            if step % CHECK_EVERY == 0 or step == steps or stop:
+                watch.check()
+                if progress:
+                    seen = state.seen
+                    text = _postfix(float(loss_sum) / seen, int(correct) / seen, (block_sum / seen).tolist())
+                    bar.set_postfix_str(text, refresh=False)
+                    bar.update(step - bar.n)
+            if stop and step < steps:
+                raise Interrupted(snapshot(step))
+    finally:
+        bar.close()
     if state.seen == 0:
         raise LLSError("the training set is empty")
     return snapshot(step)
@@ -218,11 +251,73 @@ def evaluate(trainer: Trainer, loaders: Loaders, epoch: int, blocks: bool = True
     return result, time.perf_counter() - start
 
 
+class Strategy:
+    """How a run's epochs are trained: in this one process. Subclasses spread the work over
+    processes (``torchrun``) by overriding what differs; :func:`fit` drives every one the same way.
+    """
+
+    name = "single"
+    main = True  # this process reports and writes the run directory
+
+    def place(self, device: torch.device) -> torch.device:
+        """The device this process trains on, given the one asked for."""
+        return device
+
+    def setup(self, trainer: Trainer, loaders: Loaders) -> None:
+        """Wire the trainer and loaders for this strategy (once, after any checkpoint is loaded)."""
+
+    def describe(self) -> str:
+        """How the run is spread, for its first line ("" for one process)."""
+        return ""
+
+    def record(self) -> dict[str, Any]:
+        """What config.json records about the strategy."""
+        return {}
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's ``value`` (e.g. the checkpoint being resumed), on every process."""
+        return value
+
+    def agree(self, local: Callable[[], bool]) -> Callable[[], bool]:
+        """A stop request every process sees at the same step."""
+        return local
+
+    def train_epoch(self, trainer: Trainer, loaders: Loaders, epoch: int, **options) -> EpochProgress:
+        """Train one epoch; returns the sums over the whole batch (every process's share)."""
+        return train_epoch(trainer, loaders.train, epoch, **options)
+
+    def evaluate(self, trainer: Trainer, loaders: Loaders, epoch: int, blocks: bool):
+        return evaluate(trainer, loaders, epoch, blocks)
+
+    def progress_record(self, progress: EpochProgress) -> dict[str, Any]:
+        """What a mid-epoch checkpoint stores of an epoch in progress (called on every process)."""
+        return progress.as_dict()
+
+    def resume_progress(self, record: dict[str, Any]) -> EpochProgress:
+        """This process's share of a stored epoch in progress."""
+        return EpochProgress.from_dict(record)
+
+    def trainer_state(self, trainer: Trainer) -> dict[str, Any]:
+        """The whole trainer's state, on the main process (called on every process)."""
+        return trainer.state_dict()
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+
+    def lost(self, error: RuntimeError) -> LLSError | None:
+        """The user-facing error for a failure of the other processes (None: not such a failure)."""
+        return None
+
+    def close(self) -> None:
+        """Leave whatever the strategy joined; called however the run ends."""
+
+
 def fit(
     trainer: Trainer,
     loaders: Loaders,
     epochs: int,
     *,
+    strategy: Strategy | None = None,
     start_epoch: int = 0,
     history: History | None = None,
     progress: bool = True,
@@ -230,30 +325,29 @@ def fit(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     block_accuracy: bool = True,
-    evaluator: Callable[..., tuple[Evaluation, float]] | None = None,
-    reduce: Callable[[EpochProgress], EpochProgress] = lambda done: done,
 ) -> History:
-    """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after each.
-
-    ``evaluator`` replaces :func:`evaluate` and ``reduce`` combines an epoch's sums across
-    processes (both for data parallelism).
-    """
-    evaluator = evaluator or evaluate
+    """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after
+    each epoch with the paper's procedure; ``strategy`` says how (default: in this process)."""
+    strategy = strategy or Strategy()
     history = history or History()
+    should_stop = strategy.agree(should_stop)
     if resume is not None:
         start_epoch = resume.epoch
     for epoch in range(start_epoch, epochs):
-        done = train_epoch(
+        done = strategy.train_epoch(
             trainer,
-            loaders.train,
+            loaders,
             epoch,
-            progress=progress,
+            progress=progress and strategy.main,
             desc=f"epoch {epoch + 1}/{epochs}",
             resume=resume if resume is not None and resume.epoch == epoch else None,
             should_stop=should_stop,
         )
-        done = reduce(done)
-        result, eval_seconds = evaluator(trainer, loaders, epoch, blocks=block_accuracy)
+        result, eval_seconds = strategy.evaluate(trainer, loaders, epoch, block_accuracy)
+        if not math.isfinite(result.loss):
+            raise TrainingDiverged(
+                f"evaluation after epoch {epoch + 1} gave a test loss of {result.loss}; lower --lr"
+            )
         record = EpochRecord(
             epoch=epoch + 1,
             train_loss=done.loss_sum / done.seen,
@@ -266,11 +360,8 @@ def fit(
             lr=trainer.lr,
             block_accuracy=result.block_accuracy,
             readout=result.readout,
+            stage_busy=done.stage_busy,
         )
-        if not math.isfinite(result.loss):
-            raise TrainingDiverged(
-                f"evaluation after epoch {epoch + 1} gave a test loss of {result.loss}; lower --lr"
-            )
         history.records.append(record)
         if on_epoch is not None:
             on_epoch(record)

@@ -80,13 +80,15 @@ def model_specs(name: str) -> tuple[Spec, ...]:
 
 
 def create_model(
-    name: str,
+    name: str | Sequence[Spec],
     *,
     in_channels: int = 3,
     input_size: int | Sequence[int] = 32,
     num_classes: int = 10,
     activation: str = "leaky_relu",
 ) -> LocalNet:
-    """Build a registered model, e.g. ``create_model("vgg8", in_channels=3, input_size=32)``."""
+    """Build a registered model, e.g. ``create_model("vgg8", in_channels=3, input_size=32)``, or
+    one given as its list of block specs."""
     h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    return build(MODELS.get(name), (in_channels, h, w), num_classes, activation, name=name)
+    specs, label = (MODELS.get(name), name) if isinstance(name, str) else (tuple(name), "model")
+    return build(specs, (in_channels, h, w), num_classes, activation, name=label)

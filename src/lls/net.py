@@ -115,16 +115,23 @@ class LocalNet(nn.Module):
         else:
             yield blocks.stop, h
 
-    @torch.no_grad()
     def block_output_shapes(self, input_shape: Sequence[int]) -> list[torch.Size]:
         """Output shape (without batch) of every block for inputs of ``input_shape``."""
+        return [out for _, out in self.block_shapes(input_shape)]
+
+    @torch.no_grad()
+    def block_shapes(self, input_shape: Sequence[int]) -> list[tuple[torch.Size, torch.Size]]:
+        """(input shape, output shape), without batch, of every block for inputs of ``input_shape``."""
         param = next(self.parameters())
         was_training = self.training
         self.eval()  # BatchNorm must not update its statistics on the dummy batch
         try:
-            x = torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype)
-            *outputs, _ = self.walk(x)
-            shapes = [a.shape[1:] for _, a in outputs]
+            h = torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype)
+            shapes = []
+            for index in range(len(self.blocks)):
+                (_, a), (_, after) = self.walk(h, range(index, index + 1))
+                shapes.append((h.shape[1:], a.shape[1:]))
+                h = after
         except RuntimeError as error:
             raise LLSError(
                 f"the network does not accept inputs of shape {tuple(input_shape)}: "

@@ -96,20 +96,28 @@ def check(obj: Any, where: str = "") -> None:
     float field are converted in place.
     """
     cls = type(obj)
+    check_values(cls, {f.name: getattr(obj, f.name) for f in options_of(cls)}, where)
     for field in options_of(cls):
         value = getattr(obj, field.name)
-        problem = _problem(cls, field, value)
-        if problem is not None:
-            raise LLSError(f"{where}{problem}")
         if value_type(cls, field.name) is float and type(value) is int:
             object.__setattr__(obj, field.name, float(value))
 
 
-def _problem(cls: type, field: dataclasses.Field, value: Any) -> str | None:
-    name, meta = field.name, field.metadata
+def check_values(cls: type, values: dict[str, Any], where: str = "", name=lambda n: n) -> None:
+    """Check ``values`` (field name -> value) against the fields of ``cls`` they name; ``name``
+    spells a field in the message (e.g. as its command-line flag)."""
+    fields = {f.name: f for f in options_of(cls)}
+    for key, value in values.items():
+        problem = _problem(cls, fields[key], value, name(key))
+        if problem is not None:
+            raise LLSError(f"{where}{problem}")
+
+
+def _problem(cls: type, field: dataclasses.Field, value: Any, name: str) -> str | None:
+    meta = field.metadata
     if value is None:
-        return None if allows_none(cls, name) else f"{name} must be given, got null"
-    kind = value_type(cls, name)
+        return None if allows_none(cls, field.name) else f"{name} must be given, got null"
+    kind = value_type(cls, field.name)
     numeric = kind in (int, float) and not isinstance(value, bool)
     if kind is float and not (numeric and isinstance(value, (int, float))):
         return f"{name} must be a number, got {value!r}"
@@ -133,8 +141,8 @@ def _problem(cls: type, field: dataclasses.Field, value: Any) -> str | None:
         except LLSError as error:
             return str(error)
     elif choices is not None and value not in choices_of(field):
-        known = meta["known"] or f"{name}s"
-        return f"unknown {name} {value!r}; known {known}: {', '.join(choices_of(field))}"
+        known = meta["known"] or f"{field.name}s"
+        return f"unknown {field.name} {value!r}; known {known}: {', '.join(choices_of(field))}"
     return None
 
 
@@ -163,7 +171,9 @@ def add_arguments(
         choices = choices_of(field)
         if choices:
             help_text += f": {', '.join(choices)}"
-        if default is not None:
+        if isinstance(default, bool):
+            help_text += f" (default {'on' if default else 'off'})"
+        elif default is not None:
             help_text += f" (default {default})"
         if note is not None:
             help_text += note(field)

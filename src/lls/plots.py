@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import LLSError
+from .files import atomic_write, describe_os_error
+
 
 def save_figure(figure, path: Path) -> None:
-    """Write a matplotlib figure atomically (temp file + rename), so a reader never sees half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    """Write a matplotlib figure as a PNG, atomically, so a reader never sees half a picture."""
     try:
-        figure.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LLSError(describe_os_error(error, path.parent)) from None
+    if path.is_dir():
+        raise LLSError(f"{path} is a folder; give a file name ending in .png")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    atomic_write(path, buffer.getvalue())
 
 
 def plot_curves(records: Sequence[dict], path: Path, title: str = "") -> None:

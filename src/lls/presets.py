@@ -11,9 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import TrainConfig
 from .errors import LLSError
 from .rules import seeded_options
-from .run import TrainConfig
 
 TABLES = ("table1", "table2", "table3", "compare")
 

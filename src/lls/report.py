@@ -11,22 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import DISTINGUISHING, TrainConfig
 from .errors import LLSError
+from .files import atomic_write
 from .rules import RULES
-from .run import RunDir, TrainConfig
-
-# configuration fields that make runs of the same rule different rows (when not the default);
-# the budget too, which the table shows in its own column
-DISTINGUISHING = (
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "optimizer",
-    "augment",
-    "limit",
-    "image_size",
-    "channels_last",
-)
+from .rundir import RunDir
 
 
 @dataclass
@@ -85,13 +74,7 @@ def collect(paths: list[Path]) -> list[RunResult]:
         )
         for path in candidates:
             run = RunDir.open(path)
-            record = json.loads(run.config_path.read_text())
-            rows = []
-            if run.metrics_jsonl.is_file():
-                rows = [
-                    json.loads(line) for line in run.metrics_jsonl.read_text().splitlines() if line.strip()
-                ]
-            found.append(RunResult(path, run.read_config(), rows, record))
+            found.append(RunResult(path, run.read_config(), run.read_metrics(), run.read_record()))
     if not found:
         raise LLSError(f"no run directories (with config.json) under {', '.join(map(str, paths))}")
     return found
@@ -142,12 +125,13 @@ def summarize(runs: list[RunResult], with_costs: bool = True) -> list[dict[str, 
 def costs_of(config: TrainConfig) -> dict[str, Any]:
     """Learning-signal multiply-adds, extra parameters and activation memory from ``lls cost``."""
     from .cost import count_costs, measure_memory
-    from .data import DATASET_SHAPES
+    from .data import dataset_shape
     from .rules import create_rule
 
-    if config.dataset not in DATASET_SHAPES:
+    known = dataset_shape(config.dataset)
+    if known is None:
         return {}
-    shape, classes = DATASET_SHAPES[config.dataset]
+    shape, classes = known
     rule = create_rule(config.rule, **config.rule_options)
     report = count_costs(config.model, rule, shape, classes)
     memory = measure_memory(
@@ -283,3 +267,21 @@ def plot_block_accuracy(members: list[dict[str, Any]], path: Path, title: str) -
     save_figure(figure, path)
     plt.close(figure)
     return [path]
+
+
+def write_report(paths: list[Path], folder: Path, with_costs: bool = True) -> tuple[str, list[Path]]:
+    """report.md, report.json and the figures of the finished runs under ``paths``, in ``folder``;
+    returns the markdown table and the runs left out because they have not finished."""
+    runs = collect([p for p in paths if p.exists()] or paths)
+    rows = summarize(runs, with_costs=with_costs)
+    if not rows:
+        raise LLSError("none of the runs has finished all its epochs yet")
+    if folder.exists() and not folder.is_dir():
+        raise LLSError(f"--out {folder} is a file; give a folder for the report")
+    folder.mkdir(parents=True, exist_ok=True)
+    text = markdown(rows)
+    figures = plot(rows, folder)
+    page = text + "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
+    atomic_write(folder / "report.md", page.encode())
+    atomic_write(folder / "report.json", json.dumps(rows, indent=1).encode())
+    return text, [r.path for r in runs if not r.finished]

@@ -275,11 +275,18 @@ class LLSM(LLS):
 class LLSMxM(LLS):
     """LLS-MxM: scores mixed by a learned matrix per block; ``reduced=R`` uses R basis rows (R x K)."""
 
-    reduced: int | None = option(None, help="R < K basis rows, mixed by an R x K matrix", minimum=1)
+    reduced: int | None = option(
+        None, help="use R <= K basis rows, mixed by an R x K matrix (fewer parameters)", minimum=1
+    )
 
     modulation: ClassVar[str | None] = "matrix"
 
     def rows(self, num_classes: int) -> int:
+        if self.reduced is not None and self.reduced > num_classes:
+            raise LLSError(
+                f"reduced ({self.reduced}) must not exceed the number of classes ({num_classes}): "
+                "it is how many basis rows the K x K mixing is reduced to"
+            )
         return self.reduced or num_classes
 
 
@@ -312,7 +319,7 @@ class DFA(Rule):
     seed: int = seed_option()
     feedback: str = option(
         "uniform",
-        help="feedback matrices: uniform U[0, 1e-4) as specified, or centred U[-1e-4, 1e-4)",
+        help="feedback matrices drawn from U[0, 1e-4) (uniform, as specified) or U[-1e-4, 1e-4) (centred)",
         choices=FEEDBACK_KINDS,
         known="kinds",
     )
@@ -371,3 +378,27 @@ def rule_options() -> dict[str, tuple[dataclasses.Field, type[Rule], list[str]]]
             entry = found.setdefault(f.name, (f, cls, []))
             entry[2].append(name)
     return found
+
+
+def parse_rule_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``lls:basis=periodic,temperature=0.25`` -> ("lls", {"basis": "periodic", "temperature": 0.25}).
+
+    Values are read as int or float where they can be; the rule checks them (and names the option).
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LLSError(
+                f"rule options are key=value pairs after a colon (lls:basis=periodic), got {spec!r}"
+            )
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        options[key] = value
+    create_rule(name, **options)  # validate now, with the registry's error messages
+    return name, options

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import SERIAL, Schedule, create_engine
+from .engine import SERIAL, GraphEngine, Schedule, check_capturable, is_capturable, optimizer_engine
 from .errors import LLSError
 from .models import create_model
-from .net import LocalNet
+from .net import LocalNet, Spec
 from .optim import OptimizerFactory, create_optimizer, is_schedule_free
 from .rules import BlockSignal, Rule, create_rule, seeded_options
 
@@ -97,7 +97,20 @@ class Trainer:
         for i, group in enumerate(groups):
             if not group:
                 raise LLSError(f"block {i} has no trainable parameters; merge it into a neighbour")
-        self.optimizers = [create_optimizer(optimizer, group, lr, weight_decay) for group in groups]
+        mode = optimizer_engine(engine, param.device, optimizer)  # "eager" or "graph"
+        if isinstance(optimizer, str):  # the graph engine gets implementations it can capture
+            capturable = mode == "graph"
+            self.optimizers = [
+                create_optimizer(optimizer, group, lr, weight_decay, capturable=capturable)
+                for group in groups
+            ]
+        else:
+            self.optimizers = [optimizer(group, lr, weight_decay) for group in groups]
+            if mode == "graph" and not all(is_capturable(o) for o in self.optimizers):
+                if engine == "auto":
+                    mode = "eager"
+                else:
+                    check_capturable(self.optimizers)
         self.lr = lr
         self.input_shape = tuple(input_shape)
         # Called with an optimizer between its gradients and its step; data parallelism averages the
@@ -105,7 +118,8 @@ class Trainer:
         self.sync_gradients: Callable[[torch.optim.Optimizer], None] | None = None
         self.batch_size_in_step = 0
         self._train_mode()
-        self.engine = create_engine(engine, self)  # None: the eager step below
+        # None: the eager step below. "auto" steps eagerly where a step cannot be captured.
+        self.engine = GraphEngine(self, strict=engine == "graph") if mode == "graph" else None
 
     # --- training ------------------------------------------------------------------------------
 
@@ -295,7 +309,7 @@ class HasShape(Protocol):
 
 
 def build_trainer(
-    model: str,
+    model: str | Sequence[Spec],
     rule: Rule | str,
     data: HasShape | Sequence[int],
     num_classes: int | None = None,
@@ -309,7 +323,8 @@ def build_trainer(
     weight_decay: float = 0.0,
     engine: str = "eager",
 ) -> Trainer:
-    """A trainer for a registered model and rule, the one way every command builds one.
+    """A trainer for a model (a registered name, or a list of block specs) and a rule: the one way
+    every command builds one.
 
     ``data`` is a dataset (its input shape and class count are used) or an input shape ``(C, H,
     W)`` with ``num_classes``. ``seed`` seeds the initial weights and, for rules that draw fixed

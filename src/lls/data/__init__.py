@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..registry import Registry
-from .augment import seeded_generator
-from .base import Augment, Dataset, FileSplit, Split, default_data_root
+from .base import Augment, Dataset, FileSplit, Split, default_data_root, seeded_generator
 from .cifar import CIFAR10, CIFAR100
 from .digits import DIGITS
 from .images import IMAGEFOLDER, IMAGENETTE, TINYIMAGENET, VWW
@@ -18,19 +17,6 @@ DATASETS: Registry[Source] = Registry("dataset")
 for _source in (MNIST, FASHION_MNIST, CIFAR10, CIFAR100, IMAGENETTE, TINYIMAGENET, VWW, IMAGEFOLDER, DIGITS):
     DATASETS.register(_source.name)(_source)
 
-# (input shape, classes) of the registered sets as training sees them (default image size), so that
-# costs and reports need no dataset files; imagefolder's depend on the user's folder
-DATASET_SHAPES = {
-    "mnist": ((1, 28, 28), 10),
-    "fashion-mnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-    "cifar100": ((3, 32, 32), 100),
-    "imagenette": ((3, 128, 128), 10),
-    "tinyimagenet": ((3, 64, 64), 200),
-    "vww": ((3, 128, 128), 2),
-    "digits": ((1, 8, 8), 10),
-}
-
 
 def _path(data_dir: str | Path | None) -> Path | None:
     return Path(data_dir).expanduser() if data_dir is not None else None
@@ -38,6 +24,11 @@ def _path(data_dir: str | Path | None) -> Path | None:
 
 def list_datasets() -> list[str]:
     return DATASETS.names()
+
+
+def dataset_shape(name: str) -> tuple[tuple[int, int, int], int] | None:
+    """(input shape, classes) of a registered dataset, without its files; None for imagefolder."""
+    return DATASETS.get(name).shape()
 
 
 def load_dataset(
@@ -67,7 +58,6 @@ def check_dataset(name: str, data_dir: str | Path | None = None, *, sample: int 
 
 __all__ = [
     "DATASETS",
-    "DATASET_SHAPES",
     "Augment",
     "BatchLoader",
     "Dataset",
@@ -77,6 +67,7 @@ __all__ = [
     "StreamLoader",
     "TensorLoader",
     "check_dataset",
+    "dataset_shape",
     "default_data_root",
     "fetch_dataset",
     "list_datasets",

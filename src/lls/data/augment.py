@@ -7,23 +7,15 @@ numbers without touching any image, and streamed datasets can use the crop draws
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .base import Augment
+from .base import Augment, seeded_generator  # noqa: F401 (seeded_generator: re-exported)
 
 ERASE_SCALE = (0.02, 0.33)  # torchvision RandomErasing defaults: area fraction ...
 ERASE_RATIO = (0.3, 3.3)  # ... and aspect ratio range
-
-
-def seeded_generator(*key: object, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator on ``device`` (the CPU by default) whose seed is a hash of ``key`` (e.g.
-    ``(seed, epoch, "train")``)."""
-    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
-    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 @dataclass

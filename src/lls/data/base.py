@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..errors import LLSError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def seeded_generator(*key: object, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` (the CPU by default) whose seed is a hash of ``key`` (e.g.
+    ``(seed, epoch, "train")``)."""
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def choose(n: int, count: int, *key: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random choice of ``count`` of ``n`` items, decided by ``key`` alone (never by a run's
+    seed): (the others, the chosen), each in increasing order."""
+    order = torch.randperm(n, generator=seeded_generator(*key))
+    return order[count:].sort().values, order[:count].sort().values
 
 
 @dataclass
@@ -39,6 +57,9 @@ class Split:
     def head(self, n: int | None) -> Split:
         """The first ``n`` examples (all of them when ``n`` is None)."""
         return self if n is None else Split(self.images[:n], self.labels[:n])
+
+    def take(self, index: torch.Tensor, evaluation: bool = False) -> Split:
+        return Split(self.images[index], self.labels[index])
 
 
 @dataclass
@@ -72,6 +93,12 @@ class FileSplit:
             return self
         return FileSplit(self.files[:n], self.labels[:n], self.size, self.resize, self.random_crop)
 
+    def take(self, index: torch.Tensor, evaluation: bool = False) -> FileSplit:
+        """The files at ``index``; for evaluation, centre crops instead of random ones."""
+        files = [self.files[i] for i in index.tolist()]
+        crop = self.random_crop and not evaluation
+        return FileSplit(files, self.labels[index], self.size, self.resize, crop)
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -97,6 +124,16 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.train.image_shape
+
+    def hold_out(self, count: int) -> Dataset:
+        """This dataset with ``count`` training images (a fixed random choice, the same for every
+        seed) moved into the evaluation split: for tuning without looking at the test set."""
+        n = len(self.train)
+        if not 0 < count < n:
+            raise LLSError(f"--holdout takes between 1 and {n - 1} images for {self.name}, got {count}")
+        keep, held = choose(n, count, "holdout", self.name)
+        train, test = self.train.take(keep), self.train.take(held, evaluation=True)
+        return dataclasses.replace(self, name=f"{self.name} (holdout)", train=train, test=test)
 
 
 def default_data_root() -> Path:

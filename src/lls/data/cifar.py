@@ -41,6 +41,9 @@ class CifarSource(Source):
     md5: str = ""
     counts: dict[str, int] = field(default_factory=lambda: {"train": 50_000, "test": 10_000})
 
+    def shape(self):
+        return (3, 32, 32), self.num_classes
+
     def folder_in(self, data_dir: Path | None) -> Path | None:
         root = self.root(data_dir)
         for candidate in (root / self.folder, root):

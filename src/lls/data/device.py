@@ -43,24 +43,24 @@ class DeviceLoader(BatchLoader):
         self.chunk_batches = max(1, chunk_bytes // (image_bytes * batch_size))
 
     def epoch(self, epoch: int = 0, stream: str = "train", start: int = 0) -> Iterator[Batch]:
-        n, size, device = len(self.labels), self.batch_size, self.device
+        n, device = len(self.labels), self.device
         generator = seeded_generator(self.seed, epoch, stream, device=device)
         if self.shuffle:
             order = torch.randperm(n, generator=generator, device=device)
         else:
             order = torch.arange(n, device=device)
         draws = draw(n, self.augment, self.random_crop, generator)  # by position in the epoch
-        batches = len(self)
-        for first in range(start, batches, self.chunk_batches):
-            last = min(batches, first + self.chunk_batches)
-            lo, hi = first * size, min(n, last * size)
+        batches = self.batches()  # the same bounds as the host loader's (a tiny last batch merged)
+        for first in range(start, len(batches), self.chunk_batches):
+            chunk = batches[first : first + self.chunk_batches]
+            lo, hi = chunk[0].start, chunk[-1].stop
             index, part = order[lo:hi], draws.select(slice(lo, hi))
             x = self.images[index]
             if part.crop is not None:
                 x = pad_crop(x, self.augment.crop_padding, part.crop)
             x, y = self.finish(x, part), self.labels[index]
-            for step in range(first, last):
-                begin, end = step * size - lo, min(hi, (step + 1) * size) - lo
+            for positions in chunk:
+                begin, end = positions.start - lo, positions.stop - lo
                 if self.shard is not None:  # this rank's share of the global batch
                     share = shard_slice(end - begin, *self.shard)
                     begin, end = begin + share.start, begin + share.stop

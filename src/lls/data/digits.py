@@ -16,6 +16,9 @@ SPLIT_SEED = 0  # the train/test split is fixed, whatever the run's seed
 
 @dataclass
 class DigitsSource(Source):
+    def shape(self):
+        return (1, 8, 8), 10
+
     def fetch(self, data_dir=None, *, quiet=False):
         raise LLSError("digits ships with scikit-learn: pip install scikit-learn; nothing to fetch")
 
@@ -43,4 +46,4 @@ class DigitsSource(Source):
         )
 
 
-DIGITS = DigitsSource(name="digits", fetchable=False)
+DIGITS = DigitsSource(name="digits")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -37,7 +38,7 @@ def parse_idx(data: bytes, path: Path) -> torch.Tensor:
         raise LLSError(f"{path} is truncated inside its header; delete it and fetch it again")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(IDX_TYPES[data[2]])
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no overflow to a small size
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "longer than its header says"
         raise LLSError(

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LLSError
-from .augment import seeded_generator
-from .base import IMAGENET_MEAN, IMAGENET_STD, Augment, Dataset, FileSplit
+from .base import IMAGENET_MEAN, IMAGENET_STD, Augment, Dataset, FileSplit, choose
 from .download import fetch_archive
 from .source import Source
 
@@ -53,6 +52,10 @@ class FileSource(Source):
     size: int = 128
     resize: dict[str, int | None] | None = None  # augmentation name -> shorter side before cropping
     random_crop: bool = True
+    num_classes: int | None = None  # None: as many as the user's folder has
+
+    def shape(self):
+        return None if self.num_classes is None else ((3, self.size, self.size), self.num_classes)
 
     def splits(
         self,
@@ -266,13 +269,12 @@ def holdout(files: list[Path], labels: list[int]) -> tuple[list[Path], list[int]
         by_class.setdefault(label, []).append(f)
     train_f, train_l, test_f, test_l = [], [], [], []
     for label, members in sorted(by_class.items()):
-        order = torch.randperm(
-            len(members), generator=seeded_generator("imagefolder-holdout", label)
-        ).tolist()
         n_test = max(1, round(len(members) * HOLDOUT_FRACTION)) if len(members) > 1 else 0
-        for rank, i in enumerate(order):
-            (test_f if rank < n_test else train_f).append(members[i])
-            (test_l if rank < n_test else train_l).append(label)
+        keep, held = choose(len(members), n_test, "imagefolder-holdout", label)
+        train_f += [members[i] for i in keep.tolist()]
+        test_f += [members[i] for i in held.tolist()]
+        train_l += [label] * len(keep)
+        test_l += [label] * len(held)
     return train_f, train_l, test_f, test_l
 
 
@@ -280,6 +282,7 @@ FILE_AUGMENT = Augment(hflip=True, erasing=0.2)
 
 IMAGENETTE = ImagenetteSource(
     name="imagenette",
+    num_classes=10,
     augmentations={"aug": FILE_AUGMENT, "basic": Augment(hflip=True), "none": Augment()},
     default_augment="aug",
     size=128,
@@ -287,6 +290,7 @@ IMAGENETTE = ImagenetteSource(
 )
 TINYIMAGENET = TinyImageNetSource(
     name="tinyimagenet",
+    num_classes=200,
     augmentations={"aug": FILE_AUGMENT, "none": Augment()},
     default_augment="aug",
     size=64,
@@ -294,9 +298,9 @@ TINYIMAGENET = TinyImageNetSource(
 )
 VWW = VWWSource(
     name="vww",
+    num_classes=2,
     augmentations={"standard": Augment(hflip=True), "none": Augment()},
     default_augment="standard",
-    fetchable=False,
     size=128,
     resize={"standard": 132, "none": 132},
 )
@@ -304,6 +308,5 @@ IMAGEFOLDER = ImageFolderSource(
     name="imagefolder",
     augmentations={"standard": Augment(hflip=True), "none": Augment()},
     default_augment="standard",
-    fetchable=False,
     size=64,
 )

@@ -10,7 +10,6 @@ epoch's batches are the same whenever it is replayed, on any device, including a
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -53,6 +52,8 @@ class BatchLoader:
         self.labels = split.labels.to(self.device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.shard: tuple[int, int] | None = None  # (rank, world): yield only this rank's share
+        # the fewest images a batch may have on each process: BatchNorm in training mode needs 2
+        self.min_batch = 1
         self.augment = augment or Augment()
         self.dtype, self.memory_format = dtype, memory_format
         shape = (1, -1, 1, 1)
@@ -61,7 +62,29 @@ class BatchLoader:
         self.shift = (mean_t / std_t).view(shape).to(self.device)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        return len(self.batches())
+
+    def batches(self) -> list[range]:
+        """Each batch's positions in the epoch's order. A last batch smaller than ``min_batch``
+        images per process is merged into the one before it (every image is still seen once per
+        epoch; a batch of one image would break BatchNorm in training mode)."""
+        n, size = len(self.labels), self.batch_size
+        processes = self.shard[1] if self.shard is not None else 1
+        smallest = self.min_batch * processes
+        if size < smallest:
+            raise LLSError(
+                f"a batch of {size} over {processes} process(es) leaves fewer than {self.min_batch} images "
+                f"per process (BatchNorm needs {self.min_batch}); use --batch-size {smallest} or more"
+            )
+        if 0 < n < smallest:
+            raise LLSError(
+                f"{n} training image(s) cannot fill a batch of {smallest} (BatchNorm needs {self.min_batch} "
+                "per process); use more images"
+            )
+        starts = list(range(0, n, size))
+        if len(starts) > 1 and n - starts[-1] < smallest:
+            starts.pop()
+        return [range(a, b) for a, b in zip(starts, [*starts[1:], n], strict=True)]
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
@@ -71,8 +94,8 @@ class BatchLoader:
         generator = seeded_generator(self.seed, epoch, stream)
         n = len(self.labels)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        for step, first in enumerate(range(0, n, self.batch_size)):
-            index = order[first : first + self.batch_size]
+        for step, positions in enumerate(self.batches()):
+            index = order[positions.start : positions.stop]
             draws = draw(len(index), self.augment, self.random_crop, generator)
             if step < start:
                 continue
@@ -154,7 +177,7 @@ def decode_image(path, resize: int | None, size: int, crop: list[float] | None) 
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise LLSError(f"cannot decode image {path}: {error}; remove or replace the file") from None
     w, h = image.size
     short = resize if resize is not None else min(w, h)

@@ -39,9 +39,15 @@ class IdxSource(Source):
     content_sha256: dict[str, str] = field(default_factory=dict)  # of the decompressed payloads
     counts: dict[str, int] | None = field(default_factory=lambda: dict(STANDARD_COUNTS))  # None: any
 
+    def shape(self):
+        return (1, 28, 28), len(self.classes)  # the IDX files of both sets hold 28 x 28 images
+
     def folders(self, data_dir: Path | None) -> list[Path]:
-        folders = [self.root(data_dir)] if data_dir is not None else []
-        return folders + [Path(d) for d in self.system_dirs] + [self.root(None)]
+        """Where to look: only ``--data-dir`` when one is given (a user who names a folder means
+        that folder); else the system copy, then ``$LLS_DATA_DIR/<name>``."""
+        if data_dir is not None:
+            return [self.root(data_dir)]
+        return [Path(d) for d in self.system_dirs] + [self.root(None)]
 
     def locate(self, data_dir: Path | None, download_missing: bool, quiet: bool) -> dict[str, Path]:
         """Paths of the four IDX files, downloading them if allowed and found nowhere."""
@@ -55,7 +61,7 @@ class IdxSource(Source):
             raise LLSError(
                 f"{self.name} files not found in {where}; run `lls data fetch {self.name}` or pass --data-dir"
             )
-        return self._download(folders[0] if data_dir is not None else folders[-1], quiet)
+        return self._download(folders[-1], quiet)
 
     def _download(self, target: Path, quiet: bool) -> dict[str, Path]:
         paths = {}
@@ -80,18 +86,17 @@ class IdxSource(Source):
         for split in ("train", "test"):
             images, labels = tensors[f"{split}_images"], tensors[f"{split}_labels"]
             count = self.counts[split] if self.counts else len(images)
-            if (
-                images.dim() != 3
-                or images.dtype != torch.uint8
-                or len(images) != count
-                or labels.shape != (count,)
-            ):
+            if images.dim() != 3 or images.dtype != torch.uint8 or len(images) != count:
                 raise LLSError(
-                    f"{paths[f'{split}_images']} holds {tuple(images.shape)} {images.dtype} images and "
-                    f"{tuple(labels.shape)} labels, not {count} uint8 images with a label each; "
-                    "fetch the files again"
+                    f"{paths[f'{split}_images']} holds {tuple(images.shape)} {images.dtype} images, "
+                    f"not {count} uint8 images; fetch the files again"
                 )
-            if int(labels.max()) >= len(self.classes) or int(labels.min()) < 0:
+            if labels.shape != (count,) or labels.dtype != torch.uint8:
+                raise LLSError(
+                    f"{paths[f'{split}_labels']} holds {tuple(labels.shape)} {labels.dtype} labels, not one "
+                    f"uint8 label for each of the {count} images; fetch the files again"
+                )
+            if len(labels) and (int(labels.max()) >= len(self.classes) or int(labels.min()) < 0):
                 raise LLSError(f"{paths[f'{split}_labels']} holds labels outside 0..{len(self.classes) - 1}")
             splits[split] = Split(images[:, None], labels)
         for key, data in payloads.items():  # last: format and count errors say more than a hash

@@ -19,7 +19,11 @@ class Source:
     name: str
     augmentations: dict[str, Augment] = field(default_factory=lambda: {"none": Augment()})
     default_augment: str = "none"
-    fetchable: bool = True
+
+    def shape(self) -> tuple[tuple[int, int, int], int] | None:
+        """(input shape, classes) as training sees this dataset at its default image size, known
+        without its files (for costs and reports); None when it depends on the user's files."""
+        return None
 
     def root(self, data_dir: Path | None) -> Path:
         """The folder holding this dataset: ``--data-dir`` or ``$LLS_DATA_DIR/<name>``."""

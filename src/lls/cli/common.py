@@ -1,0 +1,110 @@
+"""What the command families share: exit codes, the one-line parser, devices, shapes, data options."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from ..data import dataset_shape, load_dataset
+from ..errors import LLSError
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one ``lls: error:`` line (exit status 2) like every other."""
+
+    def error(self, message: str):
+        raise LLSError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    name = name or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LLSError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LLSError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise LLSError(f"--device {name}: lls runs on cpu or cuda")
+    return device
+
+
+def counted(what: str, minimum: int = 1) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def number_list(text: str) -> list[int]:
+    """``0,1,2`` -> [0, 1, 2] (seeds)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes comma-separated whole numbers like 0,1,2, got {text!r}"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"takes numbers >= 0, got {text!r}")
+    return values
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cuda when there is one)")
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
+    parser.add_argument(
+        "--no-download", action="store_true", help="fail instead of downloading missing files"
+    )
+
+
+def input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input takes C,H,W (e.g. 3,32,32), got {text!r}") from None
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(f"--input sizes must be positive, got {text!r}")
+    return c, h, w
+
+
+def add_problem(parser: argparse.ArgumentParser) -> None:
+    """--model and the shape it is measured on: a dataset's, or --input with --classes."""
+    parser.add_argument("--model", default="smallconv", help="model to measure (default smallconv)")
+    parser.add_argument("--dataset", help="take the input shape and class count from this dataset")
+    parser.add_argument("--input", type=input_shape, help="input shape C,H,W (with --classes), e.g. 3,32,32")
+    parser.add_argument("--classes", type=counted("--classes", 2), help="number of classes (with --input)")
+    parser.add_argument("--batch", type=counted("--batch"), default=128, help="batch size (default 128)")
+
+
+def problem_shape(args: argparse.Namespace) -> tuple[tuple[int, int, int], int]:
+    """(input shape, classes) from --dataset, or from --input and --classes."""
+    if args.dataset:
+        if args.input or args.classes:
+            raise LLSError("give either --dataset or --input C,H,W with --classes K, not both")
+        known = dataset_shape(args.dataset)
+        if known is None:
+            data = load_dataset(args.dataset, download=False, quiet=True)
+            return data.input_shape, data.num_classes
+        return known
+    if not (args.input and args.classes):
+        raise LLSError("give --dataset NAME, or --input C,H,W and --classes K")
+    return args.input, args.classes

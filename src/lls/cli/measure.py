@@ -1,0 +1,135 @@
+"""``lls cost`` and ``lls bench``: what a training step costs, counted and measured, next to BP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..bench import bench_text, run_bench, summarize
+from ..cost import compare_text, cost_text, count_costs, measure_memory
+from ..rules import create_rule, parse_rule_spec
+from .common import add_device, add_problem, counted, problem_shape, resolve_device
+
+COMPARE_RULES = ("bp", "lls", "lls:basis=periodic", "lls-m", "lls-mxm", "local-classifier", "dfa", "drtp")
+RULE_SPEC = "name, optionally with options: lls:basis=periodic,temperature=0.25"
+
+
+def add(commands) -> None:
+    cost = commands.add_parser(
+        "cost",
+        help="multiply-adds, parameters and memory of a training step",
+        description="Count multiply-adds per training sample, block by block, and measure memory.",
+    )
+    add_problem(cost)
+    cost.add_argument("--rule", default="lls", help=f"rule ({RULE_SPEC}; default lls)")
+    cost.add_argument("--compare", action="store_true", help="every rule side by side, with ratios to bp")
+    cost.add_argument(
+        "--rules", help=f"comma-separated rules for --compare (default {','.join(COMPARE_RULES)})"
+    )
+    common(cost)
+    cost.set_defaults(func=cmd_cost)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time training steps of several rules, interleaved",
+        description="Time training steps of several rules, interleaved in one process (medians).",
+    )
+    add_problem(bench)
+    bench.add_argument(
+        "--rules", default="lls,bp", help=f"comma-separated rules ({RULE_SPEC}; default lls,bp)"
+    )
+    bench.add_argument(
+        "--steps", type=counted("--steps"), default=20, help="timed steps per rule (default 20)"
+    )
+    bench.add_argument(
+        "--warmup", type=counted("--warmup", 0), default=3, help="untimed steps first (default 3)"
+    )
+    bench.add_argument("--threads", type=counted("--threads"), help="torch threads (default: all cores)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile every block first")
+    bench.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="memory layout (default on)",
+    )
+    common(bench)
+    bench.set_defaults(func=cmd_bench)
+
+
+def common(parser: argparse.ArgumentParser) -> None:
+    add_device(parser)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--json", action="store_true", help="print a JSON object as the last line of stdout")
+
+
+def problem_record(args: argparse.Namespace, shape, classes: int) -> dict:
+    """What `lls cost` and `lls bench` measured on, as their JSON output starts."""
+    return {"model": args.model, "input": list(shape), "classes": classes, "batch": args.batch}
+
+
+def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
+    name, options = parse_rule_spec(spec)
+    result = count_costs(args.model, create_rule(name, **options), shape, classes).as_dict()
+    if not args.no_memory:
+        device = str(resolve_device(args.device))
+        result["memory"] = measure_memory(
+            args.model, name, shape, classes, batch=args.batch, device=device, rule_options=options
+        )
+    return result
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    shape, classes = problem_shape(args)
+    where = f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes"
+    if args.compare:
+        specs = args.rules.split(",") if args.rules else list(COMPARE_RULES)
+        results = {spec: cost_of(args, spec, shape, classes) for spec in specs}
+        print(compare_text(results, where, args.batch))
+        output = {**problem_record(args, shape, classes), "rules": results}
+    else:
+        output = cost_of(args, args.rule, shape, classes)
+        print(cost_text(output, where))
+    if args.json:
+        print(json.dumps(output))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    shape, classes = problem_shape(args)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = args.rules.split(",")
+    for spec in specs:
+        parse_rule_spec(spec)  # every rule checked before anything is timed
+    results = run_bench(
+        args.model,
+        shape,
+        classes,
+        specs,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=str(device),
+        channels_last=args.channels_last,
+        compile_blocks=args.compile,
+        measure_peak=not args.no_memory,
+    )
+    summary = summarize(results)
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    heading = (
+        f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes, batch {args.batch}, "
+        f"{args.steps} interleaved steps per rule after {args.warmup} warm-up, {name}, "
+        f"torch {torch.__version__}"
+    )
+    print(bench_text(summary, heading))
+    if args.json:
+        device_record = {"device": str(device), "device_name": name, "torch_version": torch.__version__}
+        print(json.dumps({**problem_record(args, shape, classes), **device_record, "rules": summary}))
+    return 0

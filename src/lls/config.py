@@ -1,0 +1,136 @@
+"""What defines a run: :class:`TrainConfig`, declared once as options.
+
+Every field is an :func:`~lls.options.option`: ``lls train``'s flags and help, the keys of a run's
+``config.json``, the checks a value must pass (whether typed, read from a preset or from a
+hand-edited file) and the report columns that set runs apart all come from these declarations. The
+rule's own options (``--basis``, ``--temperature``, ...) come from the rule dataclasses the same way
+and are kept in ``rule_options``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .data import DATASETS
+from .errors import LLSError
+from .models import MODELS
+from .optim import OPTIMIZERS
+from .options import check, check_values, flag, option, options_of
+from .rules import RULES, create_rule, rule_options, seeded_options
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+
+
+@dataclass
+class TrainConfig:
+    """What defines a run. Two runs with equal configs train identically on the CPU."""
+
+    dataset: str = option(
+        "fashion-mnist", help="dataset (see `lls list`)", choices=DATASETS, distinguishing=False
+    )
+    model: str = option("smallconv", help="model", choices=MODELS, distinguishing=False)
+    rule: str = option("lls", help="learning rule", choices=RULES, distinguishing=False)
+    rule_options: dict[str, Any] = option(
+        default_factory=dict, help="the rule's options", cli=False, distinguishing=False
+    )
+    epochs: int = option(
+        1,
+        help="epochs to train (a resumed run may be given more)",
+        minimum=1,
+        resumable=True,
+        distinguishing=False,  # a report shows the budget in a column of its own
+    )
+    batch_size: int = option(128, help="minibatch size", minimum=1)
+    lr: float = option(5e-3, help="learning rate of every block's optimizer", positive=True, maximum=1e3)
+    weight_decay: float = option(0.0, help="weight decay of every optimizer", minimum=0.0, maximum=1e3)
+    optimizer: str = option("adamw-sf", help="optimizer of every block and of the head", choices=OPTIMIZERS)
+    seed: int = option(
+        0,
+        help="seed of the initial weights, shuffling, augmentation and the rule's random tensors",
+        minimum=0,
+        maximum=MAX_SEED,
+        distinguishing=False,
+    )
+    limit: int | None = option(None, help="use only the first N training and test images", minimum=1)
+    augment: str | None = option(
+        None, help="augmentation preset of the dataset (e.g. cifar10: basic, aug, none)"
+    )
+    image_size: int | None = option(
+        None, help="imagefolder: side of the square crops (default 64)", minimum=1
+    )
+    channels_last: bool = option(True, help="channels-last memory layout (faster convolutions on CPU)")
+    holdout: int | None = option(
+        None,
+        help="hold out N training images and evaluate on them instead of the test set (for tuning)",
+        minimum=1,
+        distinguishing=False,
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
+        create_rule(self.rule, **self.rule_options)  # the rule checks its own options
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any, where: str = "") -> TrainConfig:
+        """A config read from a file; ``where`` names the file in errors."""
+        if not isinstance(values, dict):
+            raise LLSError(f"{where}the config is not a JSON object")
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise LLSError(f"{where}unknown keys {sorted(unknown)}; was it written by another version?")
+        try:
+            return cls(**values)
+        except LLSError as error:
+            raise LLSError(f"{where}{error}") from None
+
+    def rule_config(self) -> dict[str, Any]:
+        """Every option of the rule, defaults included (what the run trains with)."""
+        return create_rule(self.rule, **self.rule_options).config()
+
+    def default_name(self) -> str:
+        basis = self.rule_config().get("basis")
+        parts = [self.dataset, self.model, self.rule + (f"-{basis}" if basis else ""), f"s{self.seed}"]
+        return "-".join(parts) + time.strftime("-%Y%m%d-%H%M%S")
+
+    def resumed(self, given: dict[str, Any], given_rule: dict[str, Any], where: str) -> TrainConfig:
+        """This (saved) config with what a resume may change; any other option given that differs
+        from the run's is refused, naming each conflict."""
+        check_values(TrainConfig, given, name=flag)
+        conflicts = []
+        saved_rule = self.rule_config()
+        for name, value in {**given, **given_rule}.items():
+            old = saved_rule.get(name) if name in given_rule else getattr(self, name)
+            if name not in RESUMABLE and value != old:
+                conflicts.append(f"{flag(name)} {value} (the run has {old})")
+        if conflicts:
+            raise LLSError(
+                f"{where} was made with another configuration: {'; '.join(conflicts)}; "
+                "resume without those options, or start a new run with --out"
+            )
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if k in RESUMABLE})
+
+
+CONFIG_OPTIONS = [f for f in options_of(TrainConfig) if f.metadata["cli"]]
+RESUMABLE = {f.name for f in options_of(TrainConfig) if f.metadata["resumable"]}
+DISTINGUISHING = [f.name for f in options_of(TrainConfig) if f.metadata["distinguishing"]]
+
+
+def config_from_options(given: dict[str, Any], given_rule: dict[str, Any]) -> TrainConfig:
+    """A new run's config from the options a user typed (the rest at their defaults); errors name
+    the flags. The run's seed also seeds the rule's random tensors."""
+    check_values(TrainConfig, given, name=flag)
+    config = TrainConfig(**given)
+    cls, fields = RULES.get(config.rule), rule_options()
+    for name in given_rule:
+        if name not in {f.name for f in options_of(cls)}:
+            takes = ", ".join(fields[name][2]) if name in fields else "no rule"
+            raise LLSError(f"rule {config.rule!r} has no option {flag(name)} ({takes} take it)")
+    check_values(cls, given_rule, f"rule {config.rule!r}: ", name=flag)
+    options = seeded_options(config.rule, given_rule, config.seed)
+    return dataclasses.replace(config, rule_options=options)

@@ -1,0 +1,118 @@
+"""Writing files so that nothing a user ran is lost: atomic replacement and an exclusive lock.
+
+:func:`atomic_write` writes a temp file next to the target, flushes it to disk and renames it over
+the target, so a reader (or a run killed mid-write) sees the old file or the new one, never half
+of one. Its temp files are named ``.NAME.*.tmp``; :func:`remove_stale_temp_files` clears those a
+killed process left behind. :class:`Lock` keeps two processes from writing one run directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+from .errors import LLSError
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _file_mode() -> int:
+    """What a plain ``open(path, "w")`` would give: 0o666 less the umask (mkstemp gives 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
+def describe_os_error(error: OSError, path: Path | str) -> str:
+    """One line for a filesystem failure: what happened to which path, and what to do."""
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        fix = "free disk space and resume the run"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable location"
+    elif error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        fix = "choose another path"
+    else:
+        fix = "check the path and the disk"
+    return f"cannot write {path}: {reason}; {fix}"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically (temp file, fsync, rename); raises LLSError naming
+    the path on a filesystem failure (a full disk, a read-only mount), leaving the old file."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        raise LLSError(describe_os_error(error, path)) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temp files :func:`atomic_write` leaves when its process is killed mid-write.
+    Call it only while holding the folder's :class:`Lock`."""
+    removed = []
+    for path in folder.glob(f".*{TEMP_SUFFIX}"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+class Lock:
+    """An exclusive lock on a folder: ``.lock`` holds the holder's pid and host.
+
+    The lock is an ``flock`` on that file, so the kernel drops it when its holder dies, however it
+    dies: a lock file left by a killed process is stale and simply taken over.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> Lock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise LLSError(describe_os_error(error, self.path)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LLSError(
+                f"{self.path.parent} is being written by {holder}; wait for it to finish or stop it, "
+                "then resume"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays, harmless once unlocked
+            self._fd = None
+
+    def __enter__(self) -> Lock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

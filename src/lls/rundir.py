@@ -1,0 +1,316 @@
+"""A training run as a directory: configuration, metrics, checkpoints and curves.
+
+``runs/NAME/config.json``   everything needed to rerun (library version, seed, every option)
+``runs/NAME/metrics.jsonl`` one line per epoch (and ``metrics.csv``)
+``runs/NAME/checkpoint.pt`` model, every optimizer's state, RNG states, history, progress
+``runs/NAME/curves.png``    accuracy, loss and per-block local-loss curves
+
+The checkpoint is the source of truth: the metrics files and the curves are rewritten from its
+history after every epoch and whenever a run is resumed, so a run killed between the two heals.
+Every file is written atomically (``files.atomic_write``); a lock keeps two processes from writing
+one run. Checkpoints load with ``weights_only=True`` (nothing in the file is executed) and carry a
+SHA-256 of their payload, checked on load.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import TrainConfig
+from .errors import LLSError
+from .files import Lock, atomic_write, describe_os_error, remove_stale_temp_files
+from .fit import EpochProgress, EpochRecord, History
+
+CHECKPOINT_FORMAT = "lls-checkpoint"
+CHECKPOINT_VERSION = 2  # 2: the state is a payload with its SHA-256; 1 (still read): the state itself
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config_path = self.path / "config.json"
+        self.checkpoint_path = self.path / "checkpoint.pt"
+        self.metrics_jsonl = self.path / "metrics.jsonl"
+        self.metrics_csv = self.path / "metrics.csv"
+        self.curves = self.path / "curves.png"
+        self._lock = Lock(self.path)
+
+    @classmethod
+    def create(cls, path: str | Path, config: TrainConfig, extra: dict[str, Any]) -> RunDir:
+        """A new run directory holding ``config.json``, locked by this process."""
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise LLSError(f"--out {run.path} is a file, not a folder; choose another --out")
+        if run.config_path.exists() or run.checkpoint_path.exists():
+            raise LLSError(
+                f"{run.path} already holds a run; continue it with `lls train --resume {run.path}` "
+                "or choose another --out"
+            )
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise LLSError(describe_os_error(error, run.path)) from None
+        run.lock()
+        record = {"config": config.as_dict(), **extra}
+        atomic_write(run.config_path, (json.dumps(record, indent=2) + "\n").encode())
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        run = cls(path)
+        if not run.path.is_dir():
+            raise LLSError(f"run directory {run.path} does not exist")
+        if not run.config_path.is_file():
+            raise LLSError(f"{run.path} is not an lls run directory (no config.json)")
+        return run
+
+    def lock(self) -> None:
+        """Take the run's lock (held until the process ends or :meth:`unlock`) and clear the temp
+        files a killed writer left."""
+        self._lock.acquire()
+        remove_stale_temp_files(self.path)
+
+    def unlock(self) -> None:
+        self._lock.release()
+
+    # --- config.json -------------------------------------------------------------------------
+
+    def read_record(self) -> dict[str, Any]:
+        try:
+            record = json.loads(self.config_path.read_text())
+        except (OSError, ValueError) as error:
+            raise LLSError(f"{self.config_path} is not readable JSON ({error}); restore it") from None
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise LLSError(f'{self.config_path} has no "config" object; restore it')
+        return record
+
+    def read_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.read_record()["config"], where=f"{self.config_path}: ")
+
+    def record_resume(self, config: TrainConfig) -> None:
+        """A resumed run may train for more epochs: config.json keeps saying what the run is (its
+        epochs the new target) and lists when, how and by which code it was extended."""
+        record = self.read_record()
+        if record["config"] == config.as_dict():
+            return
+        change = {"epochs": [record["config"].get("epochs"), config.epochs]}
+        record["config"] = config.as_dict()
+        keep = ("commit", "lls_version", "torch_version", "command", "created")
+        now = environment()
+        record.setdefault("resumed", []).append({**change, **{k: now[k] for k in keep}})
+        atomic_write(self.config_path, (json.dumps(record, indent=2) + "\n").encode())
+
+    # --- checkpoint.pt -----------------------------------------------------------------------
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        payload = io.BytesIO()
+        torch.save(state, payload)
+        payload = payload.getvalue()
+        outer = io.BytesIO()
+        torch.save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": payload,
+            },
+            outer,
+        )
+        atomic_write(self.checkpoint_path, outer.getvalue())
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The last complete checkpoint, or None if the run never finished a checkpoint."""
+        if not self.checkpoint_path.exists():
+            return None
+        return load_checkpoint_file(self.checkpoint_path)
+
+    # --- metrics and curves ------------------------------------------------------------------
+
+    def write_metrics(self, history: History, title: str) -> None:
+        """Rewrite metrics.jsonl, metrics.csv and curves.png from the history (the checkpoint's)."""
+        records = [r.as_dict() for r in history.records]
+        atomic_write(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in records).encode())
+        if not records:
+            return
+        losses, accuracies = len(records[0]["block_losses"]), len(records[0]["block_accuracy"])
+        scalar = [k for k, v in records[0].items() if not isinstance(v, list)]
+        out = io.StringIO()
+        writer = csv.writer(out)
+        header = scalar + [f"block_{b}_loss" for b in range(losses)]
+        writer.writerow(header + [f"block_{b}_accuracy" for b in range(accuracies)])
+        for r in records:
+            writer.writerow([r[k] for k in scalar] + r["block_losses"] + r["block_accuracy"])
+        atomic_write(self.metrics_csv, out.getvalue().encode())
+        from .plots import plot_curves
+
+        plot_curves(records, self.curves, title)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_jsonl.is_file():
+            return []
+        rows = []
+        for number, line in enumerate(self.metrics_jsonl.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise LLSError(
+                    f"{self.metrics_jsonl} line {number} is not JSON; resume the run "
+                    "(`lls train --resume`) to rewrite it from the checkpoint"
+                ) from None
+        return rows
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """A checkpoint's state, after checking its format marker and its payload's SHA-256."""
+    outer = _torch_load(path, path.read_bytes() if path.is_file() else b"")
+    if not isinstance(outer, dict) or outer.get("format") != CHECKPOINT_FORMAT:
+        raise LLSError(
+            f"{path} is not an lls checkpoint (no lls format marker); it cannot be resumed or evaluated"
+        )
+    version = outer.get("version")
+    if version == 1:
+        state = outer  # written before checksums: nothing to verify
+    elif version == CHECKPOINT_VERSION:
+        payload = outer.get("payload")
+        if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
+            raise LLSError(
+                f"{path} is damaged (its checksum does not match); resume from a copy, or delete it "
+                "to start the run over"
+            )
+        state = _torch_load(path, payload)
+    else:
+        raise LLSError(f"{path} is an lls checkpoint of format version {version}, not {CHECKPOINT_VERSION}")
+    if not isinstance(state, dict):
+        raise LLSError(f"{path} holds no checkpoint state")
+    return state
+
+
+def _torch_load(path: Path, data: bytes) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # any failure means "not a checkpoint we can read"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LLSError(f"{path} is not a readable lls checkpoint ({first[:160]})") from None
+
+
+# --- what a checkpoint holds ------------------------------------------------------------------
+
+
+def checkpoint_state(
+    config: TrainConfig,
+    trainer_state: dict[str, Any],
+    history: History,
+    epoch: int,
+    progress: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``progress``: the strategy's record of an epoch in progress (None at an epoch boundary)."""
+    return {
+        "config": config.as_dict(),
+        "epoch": epoch,  # completed epochs
+        "progress": progress,
+        "trainer": trainer_state,
+        "history": [r.as_dict() for r in history.records],
+        "rng": rng_state(),
+    }
+
+
+def read_state(state: dict[str, Any], config: TrainConfig, where: Path) -> tuple[History, int, Any]:
+    """(history, completed epochs, progress record) of a checkpoint, every field checked and named
+    on error; refuses a checkpoint of another configuration."""
+
+    def bad(field: str, why: str) -> LLSError:
+        return LLSError(f"{where} field {field!r} {why}; the checkpoint is damaged: resume from a copy")
+
+    for key in ("config", "epoch", "progress", "trainer", "history", "rng"):
+        if key not in state:
+            raise bad(key, "is missing")
+    saved = TrainConfig.from_dict(state["config"], where=f"{where} field 'config': ")
+    if saved.as_dict() | {"epochs": 0} != config.as_dict() | {"epochs": 0}:
+        raise LLSError(f"{where} was written by a run with another configuration; it cannot be resumed here")
+    epoch, history = state["epoch"], state["history"]
+    if not isinstance(epoch, int) or epoch < 0:
+        raise bad("epoch", f"is {epoch!r}, not a number of epochs")
+    if not isinstance(history, list) or len(history) != epoch:
+        raise bad("history", f"does not hold {epoch} epoch records")
+    try:
+        records = [EpochRecord(**r) for r in history]
+    except TypeError as error:
+        raise bad("history", f"has a record that is not an epoch ({error})") from None
+    progress = state["progress"]
+    if progress is not None and not isinstance(progress, dict):
+        raise bad("progress", f"is {type(progress).__name__}, not a record of an epoch in progress")
+    if progress is not None:
+        try:
+            EpochProgress.from_dict(progress)
+        except (TypeError, ValueError) as error:
+            raise bad("progress", f"is not a record of an epoch in progress ({error})") from None
+    if not isinstance(state["rng"], dict) or not isinstance(state["rng"].get("torch"), torch.Tensor):
+        raise bad("rng", "holds no random-number-generator state")
+    if not isinstance(state["trainer"], dict):
+        raise bad("trainer", "holds no trainer state")
+    return History(records), epoch, progress
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- where a run came from --------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    """The commit of the lls source tree (with ``+dirty`` for local changes), or ``unknown``."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "lls_version": __version__,
+        "commit": git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "command": sys.argv,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

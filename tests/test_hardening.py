@@ -1,0 +1,319 @@
+"""Nothing a user types or a machine does ends in a traceback or loses a run (issue 11's cases)."""
+
+import errno
+import json
+import os
+import shutil
+import struct
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import lls
+from lls.cli import main
+from lls.files import Lock
+from lls.rundir import RunDir, load_checkpoint_file
+
+pytestmark = pytest.mark.usefixtures("digits")
+RUN = ["train", "--dataset", "digits", "--batch-size", "64", "--quiet"]
+
+
+def one_line(capsys, argv, *fragments, code=2) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert line.startswith("lls: error: "), err
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-epoch run to copy and damage."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert main([*RUN, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+def rows(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+# 1. a run killed between its checkpoint and its metrics heals when resumed
+
+
+def test_metrics_are_rewritten_from_the_checkpoint_on_resume(run, capsys):
+    (run / "metrics.jsonl").write_text(json.dumps(rows(run)[0]) + "\n")  # epoch 2's row lost
+    (run / "metrics.csv").unlink()
+    (run / "curves.png").unlink()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0  # finished: nothing to train
+    assert [r["epoch"] for r in rows(run)] == [1, 2]
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3 and (run / "curves.png").exists()
+    capsys.readouterr()
+    assert main(["report", str(run), "--out", str(run.parent / "report"), "--no-costs"]) == 0
+    assert "not included" not in capsys.readouterr().out
+
+
+# 2. a last batch of one image
+
+
+@pytest.mark.parametrize("rule", lls.list_rules())
+def test_a_last_batch_of_one_image_is_merged_into_the_one_before(rule, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main([*RUN, "--rule", rule, "--limit", "65", "--out", str(out)]) == 0  # 64 + 1 images
+    assert rows(out)[0]["train_accuracy"] > 0
+    assert "(65 train" in capsys.readouterr().out
+
+
+def test_a_batch_of_one_image_is_refused_before_the_run_starts(tmp_path, capsys):
+    one_line(capsys, [*RUN, "--batch-size", "1", "--out", str(tmp_path / "r")], "--batch-size 2 or more")
+    assert not (tmp_path / "r").exists()
+
+
+# 3. filesystem errors
+
+
+def test_out_on_a_file_or_under_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line(capsys, [*RUN, "--out", str(blocker)], "is a file")
+    one_line(capsys, [*RUN, "--out", str(blocker / "run")], "cannot write", "choose another path")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
+def test_out_on_a_read_only_folder(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        one_line(capsys, [*RUN, "--out", str(folder / "run")], "cannot write", "writable location")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] > 5:  # config.json, then epoch 1's checkpoint, metrics and curves are written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr("lls.files.os.fsync", fsync)
+    one_line(capsys, [*RUN, "--epochs", "3", "--out", str(out)], "No space left on device", "free disk space")
+    monkeypatch.undo()
+    assert load_checkpoint_file(out / "checkpoint.pt")["epoch"] == 1
+    assert not list(out.glob(".*.tmp"))
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+
+
+# 4. resuming: fewer epochs, two writers, stale files
+
+
+def test_fewer_epochs_than_done_is_refused(run, capsys):
+    before = (run / "config.json").read_bytes()
+    one_line(
+        capsys, ["train", "--resume", str(run), "--epochs", "1"], "trained 2 epochs", "--epochs 2 or more"
+    )
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_two_processes_never_write_one_run(run, capsys):
+    with Lock(run):
+        one_line(capsys, ["train", "--resume", str(run), "--epochs", "3"], "is being written by pid", "wait")
+    (run / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half")  # left by a writer killed mid-write
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0  # the stale lock file is no lock
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_resume_may_repeat_the_defaults_it_ran_with(run, capsys):
+    assert main(["train", "--resume", str(run), "--temperature", "0.5", "--lr", "0.005", "--quiet"]) == 0
+    capsys.readouterr()
+    one_line(capsys, ["train", "--resume", str(run), "--out", str(run)], "--resume already names the run")
+
+
+# 5, 6. damaged dataset files
+
+
+def test_an_idx_header_whose_size_overflows_is_refused(tmp_path):
+    from lls.data.idx import read_idx
+
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2**32 - 1, 2**32 - 1, 2**32 - 1))
+    with pytest.raises(lls.LLSError, match="truncated"):
+        read_idx(path)
+
+
+def test_an_oversized_image_is_refused_with_its_name(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from lls.data.loader import decode_image
+
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # > 2x over the limit: a decompression bomb
+    with pytest.raises(lls.LLSError, match=r"huge\.png"):
+        decode_image(path, None, 32, None)
+
+
+def test_a_labels_file_error_names_the_labels_file(tmp_path):
+    from lls.data.idx import write_idx
+    from lls.data.mnist import SPLIT_FILES, IdxSource
+
+    rng = np.random.default_rng(0)
+    for key, stem in SPLIT_FILES.items():
+        shape = (4, 28, 28) if key.endswith("images") else (4,)
+        write_idx(tmp_path / stem, rng.integers(0, 3, shape, dtype=np.uint8))
+    write_idx(tmp_path / SPLIT_FILES["test_labels"], np.zeros(3, dtype=np.uint8))
+    with pytest.raises(lls.LLSError, match="t10k-labels-idx1-ubyte holds"):
+        IdxSource(name="tiny", classes=tuple("abc"), counts=None).load(tmp_path, download=False)
+
+
+def test_an_empty_data_dir_is_not_replaced_by_another_copy(tmp_path, capsys):
+    one_line(
+        capsys, ["data", "check", "fashion-mnist", "--data-dir", str(tmp_path)], str(tmp_path), "not found"
+    )
+
+
+def test_archives_are_bounded_in_size_and_count_without_a_checksum(tmp_path, monkeypatch):
+    from lls.data import archive
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("zeros.bin", b"\0" * (4 << 20))  # 4 MiB of zeros: a few KiB packed
+    monkeypatch.setattr(archive, "MIN_UNPACKED_LIMIT", 1 << 20)
+    with pytest.raises(lls.LLSError, match="would unpack to"):
+        archive.extract(bomb, tmp_path / "out")
+    assert not (tmp_path / "out" / "zeros.bin").exists()
+    many = tmp_path / "many.tar"
+    with tarfile.open(many, "w") as t:
+        for i in range(5):
+            (tmp_path / f"f{i}").write_text("x")
+            t.add(tmp_path / f"f{i}", arcname=f"f{i}")
+    monkeypatch.setattr(archive, "MAX_MEMBERS", 4)
+    with pytest.raises(lls.LLSError, match="holds 5 files"):
+        archive.extract(many, tmp_path / "out")
+
+
+# 8. damaged run files: every one named with its file and field
+
+
+def rewrite_checkpoint(run, change):
+    state = load_checkpoint_file(run / "checkpoint.pt")
+    change(state)
+    RunDir(run).save_checkpoint(state)  # a valid checksum: the content is what is wrong
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda s: s.pop("rng"), "'rng' is missing"),
+        (lambda s: s.update(history="many"), "'history'"),
+        (lambda s: s.update(history=[{"epoch": 1}] * 2), "'history'"),
+        (lambda s: s.update(progress=[1, 2]), "'progress'"),
+        (lambda s: s.update(progress={"epoch": "x"}), "'progress'"),
+        (lambda s: s.update(epoch=-1), "'epoch'"),
+        (lambda s: s["trainer"]["net"].pop("head.weight"), "does not fit the model"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_in_resume_and_eval(run, capsys, change, field):
+    rewrite_checkpoint(run, change)
+    one_line(capsys, ["train", "--resume", str(run), "--epochs", "3"], "checkpoint.pt", field)
+    one_line(capsys, ["eval", str(run)], "checkpoint.pt", field)
+
+
+def test_a_flipped_byte_is_caught_by_the_checksum(run, capsys):
+    data = bytearray((run / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (run / "checkpoint.pt").write_bytes(bytes(data))
+    one_line(capsys, ["eval", str(run)], "checkpoint.pt")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("{not json", "not readable JSON"),
+        ('{"config": {"epochs": "many"}}', "epochs must be a whole number"),
+        ('{"config": {"rule": "hebb"}}', "unknown rule 'hebb'"),
+        ('["a list"]', 'no "config" object'),
+    ],
+)
+def test_a_damaged_config_is_named_everywhere(run, capsys, content, fragment):
+    (run / "config.json").write_text(content)
+    for argv in (["train", "--resume", str(run)], ["eval", str(run)], ["report", str(run)]):
+        one_line(capsys, argv, "config.json", fragment)
+
+
+def test_damaged_metrics_are_named_by_report_and_healed_by_resume(run, capsys):
+    (run / "metrics.jsonl").write_text("{oops\n")
+    one_line(
+        capsys, ["report", str(run), "--out", str(run.parent / "rep")], "metrics.jsonl line 1", "--resume"
+    )
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert len(rows(run)) == 2
+
+
+# 9 and the smaller cases
+
+
+def test_outputs_that_are_the_wrong_kind_of_path(run, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    one_line(capsys, ["diagnose", str(run), "--batches", "1", "--out", str(tmp_path / "file")], "is a file")
+    one_line(capsys, ["plot", "basis", "--out", str(tmp_path)], "is a folder")
+
+
+def test_bp_divergence_blames_the_heads_loss(tmp_path, capsys, monkeypatch):
+    original = lls.Trainer.train_step
+
+    def poisoned(self, x, y):
+        result = original(self, x, y)
+        result.loss.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(lls.Trainer, "train_step", poisoned)
+    line = one_line(
+        capsys, [*RUN, "--rule", "bp", "--out", str(tmp_path / "r")], "the head's loss is nan", code=3
+    )
+    assert "block" not in line.split("step 1:")[1]
+
+
+def test_reduced_above_the_class_count_is_refused(tmp_path, capsys):
+    argv = [*RUN, "--rule", "lls-mxm", "--reduced", "20", "--out", str(tmp_path / "r")]
+    one_line(capsys, argv, "reduced (20) must not exceed the number of classes (10)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_tensorboard_missing_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    one_line(capsys, [*RUN, "--tensorboard", "--out", str(tmp_path / "r")], "pip install tensorboard")
+    assert not (tmp_path / "r").exists()
+
+
+def test_old_checkpoints_without_a_checksum_still_load(run):
+    state = load_checkpoint_file(run / "checkpoint.pt")
+    torch.save({**state, "format": "lls-checkpoint", "version": 1}, run / "checkpoint.pt")
+    assert load_checkpoint_file(run / "checkpoint.pt")["epoch"] == 2
