@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import SERIAL, GraphEngine, Schedule, check_capturable, is_capturable, optimizer_engine
 from .errors import LLSError
 from .models import create_model
 from .net import LocalNet, Spec
-from .optim import create_optimizer, is_schedule_free
+from .optim import OptimizerFactory, create_optimizer, is_schedule_free
 from .rules import BlockSignal, Rule, create_rule, seeded_options
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -57,8 +58,10 @@ class Trainer:
     """Trains a :class:`LocalNet` with a rule: ``Trainer(net, "lls", input_shape=(1, 28, 28))``.
 
     Every block gets its own optimizer (``optimizer`` by name, schedule-free AdamW by default, lr
-    5e-3, the paper's recipe) over its parameters plus its signal's extra parameters; the head gets
-    one more. The device and dtype come from the network's parameters.
+    5e-3, the paper's recipe; or a factory ``(params, lr, weight_decay) -> Optimizer``) over its
+    parameters plus its signal's extra parameters; the head gets one more. The device and dtype
+    come from the network's parameters. ``engine`` says how steps are issued (engine.py): "eager"
+    (op by op, the reference), "graph" (CUDA graphs; needs capturable optimizers) or "auto".
     """
 
     def __init__(
@@ -67,9 +70,10 @@ class Trainer:
         rule: Rule | str = "lls",
         *,
         input_shape: Sequence[int],
-        optimizer: str = "adamw-sf",
+        optimizer: str | OptimizerFactory = "adamw-sf",
         lr: float = 5e-3,
         weight_decay: float = 0.0,
+        engine: str = "eager",
     ) -> None:
         self.net = net
         self.rule = create_rule(rule) if isinstance(rule, str) else rule
@@ -93,7 +97,20 @@ class Trainer:
         for i, group in enumerate(groups):
             if not group:
                 raise LLSError(f"block {i} has no trainable parameters; merge it into a neighbour")
-        self.optimizers = [create_optimizer(optimizer, group, lr, weight_decay) for group in groups]
+        mode = optimizer_engine(engine, param.device, optimizer)  # "eager" or "graph"
+        if isinstance(optimizer, str):  # the graph engine gets implementations it can capture
+            capturable = mode == "graph"
+            self.optimizers = [
+                create_optimizer(optimizer, group, lr, weight_decay, capturable=capturable)
+                for group in groups
+            ]
+        else:
+            self.optimizers = [optimizer(group, lr, weight_decay) for group in groups]
+            if mode == "graph" and not all(is_capturable(o) for o in self.optimizers):
+                if engine == "auto":
+                    mode = "eager"
+                else:
+                    check_capturable(self.optimizers)
         self.lr = lr
         self.input_shape = tuple(input_shape)
         # Called with an optimizer between its gradients and its step; data parallelism averages the
@@ -101,14 +118,22 @@ class Trainer:
         self.sync_gradients: Callable[[torch.optim.Optimizer], None] | None = None
         self.batch_size_in_step = 0
         self._train_mode()
+        # None: the eager step below. "auto" steps eagerly where a step cannot be captured.
+        self.engine = GraphEngine(self, strict=engine == "graph") if mode == "graph" else None
 
     # --- training ------------------------------------------------------------------------------
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One minibatch: every block updated from its own signal, the head from cross-entropy."""
         self.batch_size_in_step = len(y)  # read by data parallelism to weight this process's gradients
+        if self.engine is not None:
+            return self.engine.step(x, y)
+        return self.eager_step(x, y)
+
+    def eager_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """The training step op by op (the ``eager`` engine)."""
         if self.rule.timing == "end-to-end":
-            return self._end_to_end_step(x, y)
+            return self.end_to_end_step(x, y)
         done = self.local_pass(x, y, self.update)
         return StepResult(done.output, done.loss, done.block_losses)
 
@@ -118,6 +143,9 @@ class Trainer:
         y: torch.Tensor,
         consume: Callable[[int, torch.Tensor], torch.Tensor],
         blocks: range | None = None,
+        *,
+        signals: Sequence[Callable[..., torch.Tensor]] | None = None,
+        schedule: Schedule = SERIAL,
     ) -> LocalPass:
         """The block-local step of a local rule over ``blocks`` (all of them by default), ``h`` being
         the input of the first. Each block sees a detached input; its loss goes to
@@ -126,26 +154,37 @@ class Trainer:
 
         Training passes :meth:`update` (backward + that block's optimizer step); a pipeline stage
         passes its own range of blocks; diagnostics pass a function that only collects gradients.
+        ``signals`` replaces the blocks' loss functions (the graph engine's fused ones) and
+        ``schedule`` says where each block's work is issued (engine.py; in program order by default).
         """
         net = self.net
         blocks = range(len(net.blocks)) if blocks is None else blocks
+        signals = self.signals if signals is None else signals
         waits_for_head = self.rule.timing == "head"
         if waits_for_head and blocks.stop != len(net.blocks):
             raise ValueError(f"rule {self.rule.name} needs the head's output for every block")
+        if waits_for_head and schedule is not SERIAL:
+            raise ValueError(f"rule {self.rule.name} waits for the head: its blocks cannot overlap")
         block_losses, held = [], []  # held: block outputs waiting for the head's output (DFA)
-        for index, a in net.walk(h, blocks, detach=True):
-            if index == blocks.stop:  # the head's logits, or the next stage's input
-                output = a
-            elif waits_for_head:
-                held.append((index, a))
-            else:
-                block_losses.append(consume(index, self.signals[index](a, y)))
         loss = None
-        if blocks.stop == len(net.blocks):
-            loss = consume(len(net.blocks), F.cross_entropy(output, y))
-            output = output.detach()
+        walk = net.walk(h, blocks, detach=True)
+        for index in range(blocks.start, blocks.stop + 1):
+            with schedule.issue(index):
+                _, a = next(walk)  # the fixed op after the previous block, then this block
+                if index == blocks.stop:  # the head's logits, or the next stage's input
+                    output = a
+                    if blocks.stop == len(net.blocks):
+                        loss = consume(index, F.cross_entropy(output, y))
+                        output = output.detach()
+                    continue
+                schedule.ready(index, a)
+                if waits_for_head:
+                    held.append((index, a))
+                else:
+                    block_losses.append(consume(index, signals[index](a, y)))
         for index, a in held:
-            block_losses.append(consume(index, self.signals[index](a, y, output)))
+            block_losses.append(consume(index, signals[index](a, y, output)))
+        schedule.join()
         losses = torch.stack(block_losses) if block_losses else h.new_zeros(0)
         return LocalPass(output, loss, losses)
 
@@ -159,7 +198,8 @@ class Trainer:
         optimizer.step()
         return loss.detach()
 
-    def _end_to_end_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+    def end_to_end_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """BP's step: one loss at the head, one backward pass through everything."""
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         logits = self.net(x)
@@ -254,6 +294,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.engine is not None:  # optimizer state tensors are replaced: captured steps are stale
+            self.engine.reset()
         self.net.load_state_dict(state["net"])
         for signal, signal_state in zip(self.signals, state["signals"], strict=True):
             signal.load_state_dict(signal_state)
@@ -276,9 +318,10 @@ def build_trainer(
     seed: int = 0,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
-    optimizer: str = "adamw-sf",
+    optimizer: str | OptimizerFactory = "adamw-sf",
     lr: float = 5e-3,
     weight_decay: float = 0.0,
+    engine: str = "eager",
 ) -> Trainer:
     """A trainer for a model (a registered name, or a list of block specs) and a rule: the one way
     every command builds one.
@@ -286,7 +329,8 @@ def build_trainer(
     ``data`` is a dataset (its input shape and class count are used) or an input shape ``(C, H,
     W)`` with ``num_classes``. ``seed`` seeds the initial weights and, for rules that draw fixed
     random tensors (a random basis, feedback matrices), those too. The network is built with the
-    rule's activation (Tanh for DRTP), on ``device``, optionally in channels-last layout.
+    rule's activation (Tanh for DRTP), on ``device``, optionally in channels-last layout, and steps
+    with ``engine`` ("eager", "graph" or "auto"; see engine.py).
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
@@ -310,7 +354,15 @@ def build_trainer(
     ).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    return Trainer(net, rule, input_shape=input_shape, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
+    return Trainer(
+        net,
+        rule,
+        input_shape=input_shape,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        engine=engine,
+    )
 
 
 def _num_classes(head: nn.Module) -> int:

@@ -36,9 +36,11 @@ class Draws:
 
 
 def draw(n: int, augment: Augment, random_crop: bool, generator: torch.Generator) -> Draws:
-    crop = torch.rand(2, n, generator=generator) if random_crop else None
-    flip = torch.rand(n, generator=generator) < 0.5 if augment.hflip else None
-    erase = torch.rand(5, n, generator=generator) if augment.erasing else None
+    """The draws of ``n`` images, in a fixed order, on the generator's device."""
+    device = generator.device
+    crop = torch.rand(2, n, generator=generator, device=device) if random_crop else None
+    flip = torch.rand(n, generator=generator, device=device) < 0.5 if augment.hflip else None
+    erase = torch.rand(5, n, generator=generator, device=device) if augment.erasing else None
     return Draws(crop, flip, erase)
 
 
@@ -78,7 +80,7 @@ def erase(x: torch.Tensor, p: float, u: torch.Tensor) -> torch.Tensor:
     ew = torch.sqrt(area / ratio).round().clamp(1, w).long()
     top = (u[3] * (h - eh + 1)).long()
     left = (u[4] * (w - ew + 1)).long()
-    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    ys, xs = torch.arange(h, device=u.device)[None, :], torch.arange(w, device=u.device)[None, :]
     inside_y = (ys >= top[:, None]) & (ys < (top + eh)[:, None])
     inside_x = (xs >= left[:, None]) & (xs < (left + ew)[:, None])
     mask = inside_y[:, :, None] & inside_x[:, None, :] & apply[:, None, None]

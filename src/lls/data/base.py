@@ -16,10 +16,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def seeded_generator(*key: object) -> torch.Generator:
-    """A CPU generator whose seed is a hash of ``key`` (e.g. ``(seed, epoch, "train")``)."""
+def seeded_generator(*key: object, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` (the CPU by default) whose seed is a hash of ``key`` (e.g.
+    ``(seed, epoch, "train")``)."""
     digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def choose(n: int, count: int, *key: object) -> tuple[torch.Tensor, torch.Tensor]:

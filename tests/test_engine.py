@@ -1,0 +1,724 @@
+"""Step engines (engine.py), the fused LLS signal (fused.py) and the device data path (data/device.py).
+
+What a CPU can check runs everywhere: the refusal of the graph engine off CUDA, the stream
+schedule's ordering and lifetimes (run on the CPU with a recording stand-in for streams and an op
+log that finds every cross-stream read without a happens-before edge), the closed-form signal
+against autograd (float64 gradcheck, float32 allclose) in every variant, and the device loader's
+determinism, resume and augmentation statistics. What needs a GPU (capture, replay, agreement of
+graph and eager training) is in the CUDA section at the end, skipped with the reason shown.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import lls
+from lls.bench import run_bench, split_engine
+from lls.data import Augment, FileSplit, Split, make_loader
+from lls.data.device import DeviceLoader
+from lls.engine import StreamSchedule, check_capturable, is_capturable, optimizer_engine, resolve_engine
+from lls.fused import FusedProjection, block_losses
+from lls.optim import create_optimizer
+from lls.rules import ProjectionSignal, create_rule
+from lls.trainer import Trainer, build_trainer
+
+from .conftest import TINY_INPUT, tiny_batch, tiny_net, tiny_trainer
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (CUDA graphs and streams)")
+
+
+def capturable_adam(params, lr, weight_decay):
+    """torch's Adam with its step count on the device (capturable on CUDA)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, capturable=True)
+
+
+def capturable_sf(params, lr, weight_decay):
+    """The schedule-free AdamW the graph engine runs (lls.sfadamw), for eager runs too, so that an
+    eager and a graph trainer compared step for step run the same implementation."""
+    return create_optimizer("adamw-sf", params, lr, weight_decay, capturable=True)
+
+
+# --- engine choice -------------------------------------------------------------------------------
+
+
+def test_graph_engine_is_refused_on_a_cpu_with_one_line():
+    with pytest.raises(lls.LLSError, match="needs a CUDA device") as error:
+        Trainer(tiny_net(), "lls", input_shape=TINY_INPUT, engine="graph")
+    assert "\n" not in str(error.value) and "--engine eager" in str(error.value)
+
+
+def test_auto_is_eager_on_a_cpu_and_unknown_engines_are_named():
+    assert Trainer(tiny_net(), "lls", input_shape=TINY_INPUT, engine="auto").engine is None
+    with pytest.raises(lls.LLSError, match="known engines: eager, graph, auto"):
+        resolve_engine("fast", "cpu")
+
+
+def test_graph_engine_needs_capturable_optimizers():
+    """By name: the registry's capturable implementation or, for ``auto``, the eager engine; a
+    factory's optimizers are checked once built."""
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert is_capturable(capturable_adam(params, 1e-3, 0.0)) and is_capturable(
+        capturable_sf(params, 1e-3, 0.0)
+    )
+    assert not is_capturable(torch.optim.Adam(params))
+    assert not is_capturable(create_optimizer("adamw-sf", params, 1e-3))  # the schedulefree package
+    assert optimizer_engine("auto", "cuda", "adamw-sf") == "graph"
+    assert optimizer_engine("auto", "cpu", "adamw-sf") == "eager"
+    assert optimizer_engine("auto", "cuda", "sgd-sf") == "eager"
+    with pytest.raises(lls.LLSError, match=r"'sgd-sf' has none; capturable: .*adamw-sf"):
+        optimizer_engine("graph", "cuda", "sgd-sf")
+    with pytest.raises(lls.LLSError, match="Adam is not"):
+        check_capturable([torch.optim.Adam(params)])
+
+
+def test_eager_engine_steps_exactly_as_before():
+    """``engine="eager"`` and ``"auto"`` on a CPU are the trainer's own step: same weights bit for bit
+    as the step written out by hand (blocks in order, each on its own detached input)."""
+    a, b = tiny_trainer("lls"), Trainer(tiny_net(), "lls", input_shape=TINY_INPUT, engine="auto")
+    x, y = tiny_batch()
+    a.train_step(x, y)
+    b.train_step(x, y)
+    for p, q in zip(a.net.parameters(), b.net.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_trainer_takes_an_optimizer_factory():
+    trainer = Trainer(tiny_net(), "lls", input_shape=TINY_INPUT, optimizer=capturable_adam, lr=1e-3)
+    assert all(isinstance(o, torch.optim.Adam) and is_capturable(o) for o in trainer.optimizers)
+    assert len(trainer.optimizers) == len(trainer.net.blocks) + 1  # (capturable Adam steps on CUDA only)
+
+
+# --- the stream schedule, as data ------------------------------------------------------------------
+
+
+class _Event:
+    pass
+
+
+class TraceStreams:
+    """A :class:`~lls.engine.StreamBackend` for the CPU: ops run at once in program order, and the
+    log records streams' events, waits, keep-alives and (through :class:`OpLog`) every op with the
+    stream it was issued on, what it read and what it wrote."""
+
+    def __init__(self) -> None:
+        self.current, self.log, self.count = "main", [], 0
+
+    def stream(self):
+        self.count += 1
+        return f"S{self.count - 1}"
+
+    def event(self):
+        return _Event()
+
+    def current_stream(self):
+        return self.current
+
+    def record(self, event, stream):
+        self.log.append(("record", stream, event))
+
+    def wait(self, stream, event):
+        self.log.append(("wait", stream, event))
+
+    @contextmanager
+    def use(self, stream):
+        previous, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def keep_alive(self, tensor, stream):
+        self.log.append(("keep", stream, _ptr(tensor)))
+
+
+def _ptr(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+class OpLog(TorchDispatchMode):
+    """Logs each aten op as ("op", stream, name, reads, writes, outputs) storage pointers; holds every
+    output so that no storage is reused while logging (which would alias unrelated tensors)."""
+
+    def __init__(self, backend: TraceStreams) -> None:
+        super().__init__()
+        self.backend, self.held = backend, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        reads, writes, made = set(), set(), set()
+        schema = func._schema
+        bound = list(zip(schema.arguments, args, strict=False)) + [
+            (a, kwargs[a.name]) for a in schema.arguments if a.name in kwargs
+        ]
+        for arg, value in bound:
+            for t in tree_flatten(value)[0]:
+                if isinstance(t, torch.Tensor) and _ptr(t):
+                    written = arg.alias_info is not None and arg.alias_info.is_write
+                    (writes if written else reads).add(_ptr(t))
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for ret, t in zip(schema.returns, outputs, strict=False):
+            if isinstance(t, torch.Tensor) and _ptr(t) and ret.alias_info is None:
+                made.add(_ptr(t))  # a new tensor (views and in-place results alias an input)
+        self.held.append(out)
+        self.backend.log.append(("op", self.backend.current, str(func), reads, writes | made, made))
+        return out
+
+
+def check_schedule(log: list, inputs: set[int]) -> list[str]:
+    """Every problem in a logged step: a read or write of memory that another stream wrote (or
+    read) without a chain of events ordering the two, or memory made on one stream (or an input
+    made before the step on the calling stream) read on another side stream without a keep-alive.
+    Vector clocks: each stream's clock counts its ops; a record copies the stream's clock into the
+    event, a wait merges the event's clock into the waiting stream's."""
+    clocks: dict[str, dict[str, int]] = {}
+    events: dict[int, dict[str, int]] = {}
+    last_write: dict[int, tuple[str, int]] = {}
+    reads_since: dict[int, list[tuple[str, int]]] = {}
+    made_on = {ptr: "main" for ptr in inputs}
+    kept = {(stream, ptr) for kind, stream, ptr in (e[:3] for e in log) if kind == "keep"}
+    problems = []
+
+    def before(stamp: tuple[str, int], clock: dict[str, int]) -> bool:
+        return clock.get(stamp[0], 0) >= stamp[1]
+
+    for entry in log:
+        kind, stream = entry[0], entry[1]
+        clock = clocks.setdefault(stream, {})
+        if kind == "record":
+            events[id(entry[2])] = dict(clock)
+        elif kind == "wait":
+            for s, c in events.get(id(entry[2]), {}).items():
+                clock[s] = max(clock.get(s, 0), c)
+        elif kind == "op":
+            _, _, name, reads, writes, made = entry
+            clock[stream] = clock.get(stream, 0) + 1
+            stamp = (stream, clock[stream])
+            for ptr in reads | writes:
+                if ptr in last_write and not before(last_write[ptr], clock):
+                    problems.append(f"{name} on {stream} races with the write on {last_write[ptr][0]}")
+            for ptr in writes - made:
+                for read in reads_since.get(ptr, []):
+                    if not before(read, clock):
+                        problems.append(f"{name} on {stream} overwrites what {read[0]} may still read")
+            for ptr in reads:
+                home = made_on.get(ptr)
+                if home is not None and home != stream and stream != "main" and (stream, ptr) not in kept:
+                    problems.append(
+                        f"{name} on {stream} reads memory made on {home} without keeping it alive"
+                    )
+                reads_since.setdefault(ptr, []).append(stamp)
+            for ptr in writes:
+                last_write[ptr] = stamp
+                reads_since[ptr] = []
+            for ptr in made:
+                made_on.setdefault(ptr, stream)
+    return problems
+
+
+@pytest.mark.parametrize("rule,fused", [("lls", False), ("lls", True), ("lls-mxm", True), ("drtp", False)])
+def test_stream_schedule_orders_every_cross_stream_access(rule, fused):
+    """One training step issued with the stream schedule, on the CPU, logged op by op: every block
+    runs on its own stream, no access races, every cross-stream read is kept alive, and the
+    weights are bit-for-bit those of the serial step (the schedule changes where, not what)."""
+    serial, trainer = tiny_trainer(rule), tiny_trainer(rule)
+    losses = {}
+    for t in (serial, trainer):
+        shapes = t.net.block_output_shapes(TINY_INPUT)
+        cpu = torch.device("cpu")
+        losses[t] = block_losses(t.signals, shapes, device=cpu, dtype=torch.float32) if fused else None
+    first, (x, y) = tiny_batch(seed=3), tiny_batch(seed=4)
+    for t in (serial, trainer):  # a first step: optimizer states and cached constants exist
+        t.local_pass(*first, t.update, signals=losses[t])
+    backend = TraceStreams()
+    schedule = StreamSchedule(len(trainer.net.blocks) + 1, backend)
+    with OpLog(backend):
+        schedule.begin((x, y))
+        done = trainer.local_pass(x, y, trainer.update, signals=losses[trainer], schedule=schedule)
+    reference = serial.local_pass(x, y, serial.update, signals=losses[serial])
+    assert check_schedule(backend.log, {_ptr(x), _ptr(y)}) == []
+    streams = {entry[1] for entry in backend.log if entry[0] == "op"}
+    assert streams == {f"S{i}" for i in range(len(trainer.net.blocks) + 1)} | {"main"}
+    assert torch.equal(done.block_losses, reference.block_losses) and torch.equal(done.loss, reference.loss)
+    for p, q in zip(trainer.net.parameters(), serial.net.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_checker_finds_a_missing_wait_and_a_missing_keep_alive():
+    """The checker is not vacuous: drop the wait on the previous block's output, or its keep-alive,
+    and it reports the race / the unprotected read."""
+    for broken in ("wait", "keep"):
+        trainer = tiny_trainer("lls")
+        trainer.local_pass(*tiny_batch(seed=3), trainer.update)
+        backend = TraceStreams()
+        schedule = StreamSchedule(len(trainer.net.blocks) + 1, backend)
+        x, y = tiny_batch(seed=4)
+        with OpLog(backend):
+            schedule.begin((x, y))
+            trainer.local_pass(x, y, trainer.update, schedule=schedule)
+        target = schedule.outputs[0] if broken == "wait" else None  # block 0's output event / tensor
+        index = next(
+            i
+            for i, e in enumerate(backend.log)
+            if e[0] == broken
+            and e[1] == "S1"
+            and (e[2] is target if target is not None else e[2] not in (_ptr(x), _ptr(y)))
+        )
+        del backend.log[index]
+        problems = check_schedule(backend.log, {_ptr(x), _ptr(y)})
+        assert problems and all("S1" in p for p in problems), (broken, problems)
+
+
+def test_dfa_cannot_overlap_its_blocks():
+    trainer = tiny_trainer("dfa")
+    schedule = StreamSchedule(len(trainer.net.blocks) + 1, TraceStreams())
+    schedule.begin()
+    with pytest.raises(ValueError, match="waits for the head"):
+        trainer.local_pass(*tiny_batch(), trainer.update, schedule=schedule)
+
+
+# --- the fused signal ------------------------------------------------------------------------------
+
+VARIANTS = [
+    ("lls", {"basis": "square"}),
+    ("lls", {"basis": "periodic"}),
+    ("lls", {"basis": "random"}),
+    ("lls-m", {}),
+    ("lls-mxm", {}),
+    ("lls-mxm", {"reduced": 3}),
+    ("local-classifier", {}),
+]
+# (block output shape without batch, latent pool): even bins, uneven bins (7 -> 2, overlapping),
+# the whole map as latent, global pooling, a dense block
+# (small, so that the full float64 Jacobian of gradcheck stays cheap)
+LATENTS = [((3, 4, 4), 2), ((3, 5, 5), 2), ((2, 3, 3), None), ((3, 4, 4), 1), ((8,), None)]
+
+
+def _signal(rule, options, shape, pool, dtype=torch.float64) -> ProjectionSignal:
+    torch.manual_seed(0)
+    return create_rule(rule, **options).signal(0, torch.Size(shape), pool, 5).to(dtype)
+
+
+def _output(shape, channels_last, dtype, seed=0):
+    a = torch.randn(len(LABELS), *shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    if channels_last:
+        a = a.contiguous(memory_format=torch.channels_last)
+    return a.requires_grad_()
+
+
+LABELS = torch.tensor([0, 4, 2, 2])
+
+
+@pytest.fixture
+def one_thread():
+    """gradcheck evaluates the loss a few hundred times on tensors of a few hundred elements, where
+    intra-op threads only add hand-offs (20x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape,pool", LATENTS, ids=str)
+@pytest.mark.parametrize("rule,options", VARIANTS, ids=str)
+def test_fused_signal_gradient_is_autograds(rule, options, shape, pool, one_thread):
+    """Float64 gradcheck of the closed-form backward (with respect to the block output and the
+    signal's own parameters), and float32 agreement with the autograd chain of the signal itself,
+    in both memory formats."""
+    signal = _signal(rule, options, shape, pool)
+    plan = FusedProjection(signal, shape, dtype=torch.float64)
+    for channels_last in (False, True) if len(shape) == 3 else (False,):
+        a = _output(shape, channels_last, torch.float64)
+        inputs = (a, *signal.parameters())
+        assert torch.autograd.gradcheck(
+            lambda a, *_: plan.closed_form(a, LABELS), inputs, eps=1e-6, atol=1e-8
+        )
+    signal32 = _signal(rule, options, shape, pool, torch.float32)
+    plan32 = FusedProjection(signal32, shape, dtype=torch.float32)
+    for channels_last in (False, True) if len(shape) == 3 else (False,):
+        a = _output(shape, channels_last, torch.float32, seed=1)
+        inputs = (a, *signal32.parameters())
+        want, got = signal32(a, LABELS), plan32.closed_form(a, LABELS)
+        # float32 rounding of a few dozen-term sums of O(1) values: 1e-6 relative is ~10 ulps
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for g_want, g_got in zip(
+            torch.autograd.grad(want, inputs), torch.autograd.grad(got, inputs), strict=True
+        ):
+            torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+            if g_got.dim() == 4 and pool != 1:  # no layout copy: the gradient is in the output's format
+                assert g_got.stride() == a.stride()
+
+
+def test_fused_signal_at_a_silent_sample_follows_the_clamped_norm():
+    """A sample whose whole block output is 0 (norm below eps): autograd's gradient there is
+    g / eps through the clamp, with no norm term; the closed form does the same."""
+    signal = _signal("lls", {"basis": "periodic"}, (6, 8, 8), 2)
+    plan = FusedProjection(signal, (6, 8, 8), dtype=torch.float64)
+    a = _output((6, 8, 8), False, torch.float64)
+    with torch.no_grad():
+        a[2] = 0
+    want = torch.autograd.grad(signal(a, LABELS), a)[0]
+    got = torch.autograd.grad(plan.closed_form(a, LABELS), a)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    assert want[2].abs().max() > 0  # the silent sample does get a gradient
+
+
+def test_fused_signal_checks_the_latent_size():
+    signal = _signal("lls", {}, (6, 8, 8), 2)  # latent 6 * 2 * 2 = 24
+    FusedProjection(signal, (6, 10, 10))  # pooled to 2 x 2 all the same
+    with pytest.raises(lls.LLSError, match="latent size 20, its signal was built for 24"):
+        FusedProjection(signal, (5, 8, 8))
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts aten ops that compute something (not views), and those whose output is at least as
+    large as the latent (N x d): a proxy for kernels, and for the ones that move the most bytes."""
+
+    def __init__(self, big: int):
+        super().__init__()
+        self.count, self.big, self.size = 0, 0, big
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            self.count += 1
+            self.big += isinstance(out, torch.Tensor) and out.numel() >= self.size
+        return out
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("rule,options", VARIANTS, ids=str)
+def test_fused_signal_issues_fewer_ops(rule, options, channels_last):
+    """The point of the closed form: for a VGG8-like block (64 x 16 x 16, pool 2), fewer ops (kernels
+    on a GPU) for the forward and backward of a normalised loss than autograd's chain, and fewer
+    over latent-sized tensors; for unnormalised ones, fewer over latent-sized tensors when
+    channels-last, else the chain itself (FusedProjection.__call__).
+    Counted after a first call of each, so that cached constants are not counted."""
+    shape, n = (64, 16, 16), len(LABELS)
+    signal = _signal(rule, options, shape, 2, torch.float32)
+    plan = FusedProjection(signal, shape, dtype=torch.float32)
+    counts = []
+    for loss in (signal, plan):
+        for _ in range(2):
+            a = _output(shape, channels_last, torch.float32)
+            with _OpCount(n * signal.dim) as ops:
+                loss(a, LABELS).backward()
+        counts.append((ops.count, ops.big))
+    (chain, chain_big), (fused, fused_big) = counts
+    if signal.normalize:
+        assert fused < chain and fused_big < chain_big, counts
+    elif channels_last:  # unnormalised: no more ops, and no layout copies of the latent
+        assert fused <= chain and fused_big < chain_big, counts
+    else:
+        assert (fused, fused_big) == (chain, chain_big), counts
+
+
+# --- the device data path --------------------------------------------------------------------------
+
+
+def _split(n=300, size=10):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)  # no zero pixel
+    return Split(images, torch.arange(n) % 7)
+
+
+AUGMENT = Augment(crop_padding=2, hflip=True, erasing=0.3)
+
+
+def _loader(split, **options):
+    common = {"mean": (0.5,), "std": (0.25,), "augment": AUGMENT, "shuffle": True, "seed": 5}
+    return make_loader(split, 64, draws="device", **{**common, **options})
+
+
+def test_device_loader_is_deterministic_per_seed_and_epoch_and_resumes_mid_epoch():
+    split = _split()
+    loader = _loader(split, chunk_bytes=3 * 64 * 400)  # 3 batches per chunk: resume crosses chunks
+    assert isinstance(loader, DeviceLoader) and loader.chunk_batches == 3 and len(loader) == 5
+    first = list(loader.epoch(2))
+    again = list(_loader(split).epoch(2))  # another chunking gives the same batches
+    for (x1, y1), (x2, y2) in zip(first, again, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert [len(y) for _, y in first] == [64, 64, 64, 64, 44]
+    assert not torch.equal(first[0][0], next(loader.epoch(3))[0])
+    assert not torch.equal(first[0][0], next(_loader(split, seed=6).epoch(2))[0])
+    for start in (1, 3, 4):
+        resumed = list(loader.epoch(2, start=start))
+        assert len(resumed) == 5 - start
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(first[start:], resumed, strict=True))
+    labels = torch.cat([y for _, y in first])
+    assert sorted(labels.tolist()) == sorted(split.labels.tolist())  # a permutation: every image once
+
+
+def test_device_loader_without_augmentation_is_the_normalised_images_in_order():
+    split = _split(100)
+    loader = make_loader(split, 32, draws="device", mean=(0.5,), std=(0.25,))
+    x = torch.cat([b[0] for b in loader.epoch()])
+    torch.testing.assert_close(x, (split.images.float() / 255 - 0.5) / 0.25)
+    host = make_loader(split, 32, mean=(0.5,), std=(0.25,))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(loader.epoch(), host.epoch(), strict=True))
+
+
+def test_device_loader_augmentation_statistics():
+    """Each image of an epoch: flipped with p 0.5, shifted by a crop offset uniform on 0..2p in each
+    direction, erased with the given probability (a zeroed rectangle after normalisation)."""
+    n, size, pad = 4000, 10, 2
+    rows = torch.arange(size, dtype=torch.uint8).mul(20).add(10)  # a distinct value per row and column
+    images = (rows[:, None] + rows[None, :] * 0 + torch.arange(size, dtype=torch.uint8)[None, :]).expand(
+        n, 1, size, size
+    )
+    split = Split(images.contiguous(), torch.zeros(n, dtype=torch.long))
+    loader = make_loader(
+        split, 500, draws="device", mean=(0.0,), std=(1 / 255,), augment=Augment(pad, True, 0.0), seed=1
+    )
+    x = torch.cat([b[0] for b in loader.epoch(0)]).round().long()[:, 0]  # back to pixel values
+    # recover each image's vertical offset from a row that is not padding, and its flip
+    shift = []
+    for img in x:
+        r = next(i for i in range(size) if img[i].max() > 0)
+        shift.append(int((img[r].max() - 10) // 20) - r)  # source row - output row = offset - pad
+    counts = torch.bincount(torch.tensor(shift) + pad, minlength=2 * pad + 1)
+    assert counts.numel() == 2 * pad + 1 and (counts > 0.8 * n / (2 * pad + 1)).all()
+    erasing = make_loader(
+        _split(2000), 500, draws="device", mean=(0.0,), std=(1.0,), augment=Augment(0, False, 0.3)
+    )
+    erased = torch.cat([(b[0] == 0).flatten(1).any(1) for b in erasing.epoch(0)]).float().mean()
+    assert 0.27 < erased < 0.33
+    flipping = make_loader(split, 500, draws="device", mean=(0.0,), std=(1 / 255,), augment=Augment(0, True))
+    flipped = torch.cat([b[0][:, 0, 0, 0] != 10 for b in flipping.epoch(0)]).float().mean()
+    assert 0.47 < flipped < 0.53
+
+
+def test_device_draws_need_an_in_memory_split(tmp_path):
+    files = FileSplit([tmp_path / "a.png"], torch.zeros(1), size=8)
+    with pytest.raises(lls.LLSError, match="in-memory dataset"):
+        make_loader(files, 1, draws="device", mean=(0.5,), std=(0.5,))
+    with pytest.raises(lls.LLSError, match="known: host, device, auto"):
+        make_loader(_split(), 1, draws="gpu", mean=(0.5,), std=(0.5,))
+    assert type(make_loader(files, 1, draws="auto", mean=(0.5,), std=(0.5,))).__name__ == "StreamLoader"
+    assert type(make_loader(_split(), 1, draws="auto", mean=(0.5,), std=(0.5,))).__name__ == "TensorLoader"
+
+
+def test_device_loader_shards_each_batch_like_the_host_loader():
+    split = _split(140)  # batches of 64, 64, 12: each split 3 ways
+    full = list(_loader(split).epoch(1))
+    parts = []
+    for rank in range(3):
+        loader = _loader(split)
+        loader.shard = (rank, 3)
+        parts.append(list(loader.epoch(1)))
+    assert [len(y) for _, y in full] == [64, 64, 12]
+    for step, (x, _) in enumerate(full):
+        assert torch.equal(torch.cat([p[step][0] for p in parts]), x)
+
+
+def test_device_loader_merges_a_tiny_last_batch_like_the_host_loader():
+    split = _split(129)  # 64, 64 and 1: BatchNorm cannot train on one image
+    for draws in ("host", "device"):
+        loader = make_loader(split, 64, draws=draws, mean=(0.5,), std=(0.25,), shuffle=True)
+        loader.min_batch = 2
+        assert [len(y) for _, y in loader.epoch(0)] == [64, 65]
+
+
+# --- lls bench with engines --------------------------------------------------------------------
+
+
+def test_bench_entries_name_their_engine():
+    assert split_engine("lls:basis=periodic@graph") == ("lls:basis=periodic", "graph")
+    assert split_engine("bp") == ("bp", None)
+    results = run_bench(
+        "smallconv", (1, 8, 8), 10, ["lls@eager", "bp"], batch=4, steps=1, warmup=1, measure_peak=False
+    )
+    assert [(r.rule, r.engine) for r in results] == [("lls", "eager"), ("bp", "eager")]
+    with pytest.raises(lls.LLSError, match="needs a CUDA device"):
+        run_bench("smallconv", (1, 8, 8), 10, ["lls@graph"], batch=4, steps=1, measure_peak=False)
+
+
+# --- on a GPU ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exact_float32():
+    """TF32 off for convolutions and matmuls while a test compares two engines: with it on, a
+    1-ulp difference in an input can round to a different 10-bit mantissa and move an output by
+    ~1e-3 relative, which would hide what is compared."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _cuda_pair(rule: str, channels_last: bool, optimizer=capturable_adam, **options):
+    made = []
+    for engine in ("eager", "graph"):
+        made.append(
+            build_trainer(
+                "vgg8",  # at 20 x 20: even pooling bins in the first blocks, uneven (5 -> 2) later
+                rule,
+                (3, 20, 20),
+                10,
+                rule_options=options,
+                device="cuda",
+                channels_last=channels_last,
+                optimizer=optimizer,
+                lr=1e-3,
+                engine=engine,
+            )
+        )
+    return made
+
+
+def _cuda_batches(sizes, channels_last, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for n in sizes:
+        x = torch.randn(n, 3, 20, 20, generator=g).cuda()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, torch.randint(0, 10, (n,), generator=g).cuda()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tolerance: float, what: str) -> None:
+    """||got - want|| <= tolerance * ||want||: per tensor, not per element, because Adam's update
+    g / (|g| + eps) turns a rounding difference in a gradient element near 0 into an update
+    difference up to lr * dg / eps for that one element."""
+    error = float((got.double() - want.double()).norm())
+    assert error <= tolerance * float(want.double().norm()) + 1e-12, f"{what}: relative error {error}"
+
+
+def _assert_same_state(a: Trainer, b: Trainer, tolerance: float) -> None:
+    for (name, p), q in zip(a.net.state_dict().items(), b.net.state_dict().values(), strict=True):
+        if p.dtype == torch.long:  # BatchNorm's num_batches_tracked: one update per step, exactly
+            assert torch.equal(p, q), name
+        else:
+            _close(q, p, tolerance, name)
+    for o, r in zip(a.optimizers, b.optimizers, strict=True):
+        for s, t in zip(o.state.values(), r.state.values(), strict=True):
+            for key, value in s.items():
+                if key == "step" or not value.is_floating_point():  # counts: exactly one per step
+                    assert torch.equal(t[key], value), key
+                else:
+                    _close(t[key], value, tolerance, key)
+        for g, h in zip(o.param_groups, r.param_groups, strict=True):  # sfadamw's device scalars
+            for key in ("k", "lr_max", "weight_sum"):
+                if torch.is_tensor(g.get(key)):
+                    _close(h[key], g[key], tolerance, key)
+
+
+@needs_cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "rule,options",
+    [
+        ("lls", {}),
+        ("lls-mxm", {"reduced": 4}),
+        ("local-classifier", {}),
+        ("drtp", {}),
+        ("dfa", {}),
+        ("bp", {}),
+    ],
+    ids=str,
+)
+def test_graph_engine_trains_like_the_eager_one(rule, options, channels_last, exact_float32):
+    """12 steps with batches of 32 and, five times, a last batch of 20 (its own graph after its
+    warm-up): per-step losses, weights, BatchNorm statistics and optimizer states agree with eager
+    training to float tolerance, and the graphs were captured and replayed."""
+    eager, graph = _cuda_pair(rule, channels_last, **options)
+    sizes = [32] * 6 + [20] + [32] * 5 + [20] * 5
+    for step, (x, y) in enumerate(_cuda_batches(sizes, channels_last)):
+        want, got = eager.train_step(x, y), graph.train_step(x, y)
+        # losses of O(1) after a few Adam steps at lr 1e-3, fused vs chained rounding: ~1e-5
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+        torch.testing.assert_close(got.block_losses, want.block_losses, rtol=1e-4, atol=1e-5)
+    torch.cuda.synchronize()
+    assert len(graph.engine.graphs) == 2 and graph.engine.replays >= 4
+    _assert_same_state(eager, graph, 1e-4)
+
+
+@needs_cuda
+def test_graph_engine_with_schedule_free_adamw_and_its_averaged_weights(exact_float32):
+    """The paper's optimizer (lls.sfadamw, capturable): graph and eager training agree, step
+    counters and weight sums included, and so do the averaged weights evaluation swaps in."""
+    eager, graph = _cuda_pair("lls", True, optimizer=capturable_sf)
+    assert graph.engine is not None
+    for x, y in _cuda_batches([32] * 9 + [20], True):
+        want, got = eager.train_step(x, y), graph.train_step(x, y)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    _assert_same_state(eager, graph, 1e-4)
+    with eager.evaluation() as a, graph.evaluation() as b:
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            if p.is_floating_point():
+                _close(q, p, 1e-4, name)
+    x, y = next(_cuda_batches([32], True, seed=9))  # and training goes on after the swap back
+    torch.testing.assert_close(graph.train_step(x, y).loss, eager.train_step(x, y).loss, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_auto_engine_on_cuda_captures_with_the_registrys_adamw_sf():
+    trainer = build_trainer("smallconv", "lls", (1, 28, 28), 10, device="cuda", engine="auto")
+    assert trainer.engine is not None and all(is_capturable(o) for o in trainer.optimizers)
+
+
+@needs_cuda
+def test_streams_without_the_fused_signal_change_nothing(exact_float32):
+    """Graph capture and the stream schedule alone (the autograd chain for the signal) run the
+    same kernels as the eager step: weights agree to rounding (cuDNN's backward-weight kernels
+    may sum in another order between runs, nothing more)."""
+    from lls.engine import GraphEngine
+
+    eager, graph = _cuda_pair("lls", True)
+    graph.engine = GraphEngine(graph, fused=False)
+    for x, y in _cuda_batches([32] * 8, True):
+        eager.train_step(x, y)
+        graph.train_step(x, y)
+    _assert_same_state(eager, graph, 1e-5)
+
+
+@needs_cuda
+def test_loading_a_state_recaptures(exact_float32):
+    eager, graph = _cuda_pair("lls", False)
+    batches = list(_cuda_batches([32] * 10, False))
+    for x, y in batches[:6]:
+        eager.train_step(x, y)
+        graph.train_step(x, y)
+    state = eager.state_dict()
+    graph.load_state_dict(state)  # replaces optimizer state tensors: the graph must not write the old ones
+    assert graph.engine.graphs == {}
+    for x, y in batches[6:]:
+        eager.train_step(x, y)
+        graph.train_step(x, y)
+    _assert_same_state(eager, graph, 1e-4)
+
+
+@needs_cuda
+def test_graph_engine_refuses_data_parallel_hooks():
+    _, graph = _cuda_pair("lls", False)
+    graph.sync_gradients = lambda optimizer: None
+    with pytest.raises(lls.LLSError, match="data parallelism"):
+        graph.train_step(*next(_cuda_batches([8], False)))
+
+
+@needs_cuda
+def test_fused_signal_on_cuda_matches_autograd(exact_float32):
+    for rule, options in VARIANTS:
+        signal = _signal(rule, options, (6, 8, 8), 2, torch.float32).cuda()
+        plan = FusedProjection(signal, (6, 8, 8), device="cuda", dtype=torch.float32)
+        a = _output((6, 8, 8), True, torch.float32).detach().cuda().requires_grad_()
+        y = LABELS.cuda()
+        want = torch.autograd.grad(signal(a, y), a)[0]
+        got = torch.autograd.grad(plan.closed_form(a, y), a)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@needs_cuda
+def test_device_loader_on_cuda_is_deterministic_and_resumes():
+    split = _split()
+    loader = _loader(split, device="cuda")
+    first = list(loader.epoch(1))
+    again = list(_loader(split, device="cuda").epoch(1, start=2))
+    assert first[0][0].is_cuda
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first[2:], again, strict=True))
