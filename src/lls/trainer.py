@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LLSError
+from .lowmem import LowMemory, MemorySpec, SlicedBlock, memory_plan
 from .models import create_model
 from .net import LocalNet
 from .optim import create_optimizer, is_schedule_free
@@ -59,6 +60,10 @@ class Trainer:
     Every block gets its own optimizer (``optimizer`` by name, schedule-free AdamW by default, lr
     5e-3, the paper's recipe) over its parameters plus its signal's extra parameters; the head gets
     one more. The device and dtype come from the network's parameters.
+
+    ``memory`` (local rules only): ``None`` for the ordinary step; ``"low"``, or a budget in bytes
+    (an int, or a string such as ``"256MiB"``), runs each block's step in slices of the batch with
+    the same gradients, holding one slice's activations at a time (``lowmem.py``).
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class Trainer:
         optimizer: str = "adamw-sf",
         lr: float = 5e-3,
         weight_decay: float = 0.0,
+        memory: MemorySpec = None,
     ) -> None:
         self.net = net
         self.rule = create_rule(rule) if isinstance(rule, str) else rule
@@ -100,7 +106,20 @@ class Trainer:
         # gradients across processes here, so every block still steps on its own signal alone.
         self.sync_gradients: Callable[[torch.optim.Optimizer], None] | None = None
         self.batch_size_in_step = 0
+        self.memory = memory
+        self.low_memory = self._low_memory(memory_plan(memory))
         self._train_mode()
+
+    def _low_memory(self, plan) -> LowMemory | None:
+        if plan is None:
+            return None
+        if self.rule.timing == "end-to-end":
+            raise LLSError(
+                f"{self.rule.name.upper()} back-propagates through every block at once; low memory runs "
+                "one block's step at a time in slices, so it needs a local rule: drop the memory setting "
+                f"for {self.rule.name}"
+            )
+        return LowMemory(plan, self.net, self.input_shape, recompute_all=self.rule.timing == "head")
 
     # --- training ------------------------------------------------------------------------------
 
@@ -132,22 +151,32 @@ class Trainer:
         waits_for_head = self.rule.timing == "head"
         if waits_for_head and blocks.stop != len(net.blocks):
             raise ValueError(f"rule {self.rule.name} needs the head's output for every block")
+        slicer = self.low_memory.slicer(len(y)) if self.low_memory is not None else None
         block_losses, held = [], []  # held: block outputs waiting for the head's output (DFA)
-        for index, a in net.walk(h, blocks, detach=True):
+        for index, a in net.walk(h, blocks, detach=True, slicer=slicer):
             if index == blocks.stop:  # the head's logits, or the next stage's input
                 output = a
             elif waits_for_head:
                 held.append((index, a))
             else:
-                block_losses.append(consume(index, self.signals[index](a, y)))
+                block_losses.append(consume(index, self._block_loss(index, a, y)))
         loss = None
         if blocks.stop == len(net.blocks):
             loss = consume(len(net.blocks), F.cross_entropy(output, y))
             output = output.detach()
-        for index, a in held:
-            block_losses.append(consume(index, self.signals[index](a, y, output)))
+        while held:  # each block's output let go of once its update is done
+            index, a = held.pop(0)
+            block_losses.append(consume(index, self._block_loss(index, a, y, output)))
         losses = torch.stack(block_losses) if block_losses else h.new_zeros(0)
         return LocalPass(output, loss, losses)
+
+    def _block_loss(
+        self, index: int, a: torch.Tensor | SlicedBlock, y: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Block ``index``'s local loss from its output ``a`` (or its sliced step's)."""
+        if isinstance(a, SlicedBlock):
+            return a.loss(self.signals[index], y, logits)
+        return self.signals[index](a, y, logits)
 
     def update(self, index: int, loss: torch.Tensor) -> torch.Tensor:
         """Backward of block ``index``'s loss (L: the head's) and a step of that block's optimizer."""
@@ -279,6 +308,7 @@ def build_trainer(
     optimizer: str = "adamw-sf",
     lr: float = 5e-3,
     weight_decay: float = 0.0,
+    memory: MemorySpec = None,
 ) -> Trainer:
     """A trainer for a registered model and rule, the one way every command builds one.
 
@@ -286,6 +316,7 @@ def build_trainer(
     W)`` with ``num_classes``. ``seed`` seeds the initial weights and, for rules that draw fixed
     random tensors (a random basis, feedback matrices), those too. The network is built with the
     rule's activation (Tanh for DRTP), on ``device``, optionally in channels-last layout.
+    ``memory``: the low-memory step, see :class:`Trainer`.
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
@@ -309,7 +340,15 @@ def build_trainer(
     ).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    return Trainer(net, rule, input_shape=input_shape, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
+    return Trainer(
+        net,
+        rule,
+        input_shape=input_shape,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        memory=memory,
+    )
 
 
 def _num_classes(head: nn.Module) -> int:
