@@ -266,6 +266,23 @@ def test_diagnostics_take_gradients_of_the_sliced_loss():
         assert (a - b).norm() <= TOLERANCE * a.norm()
 
 
+def test_diagnose_leaves_a_low_memory_trainer_untouched():
+    """diagnose() works on a copy of the network: the sliced step must run the copy's blocks."""
+    from lls.diagnose import diagnose
+
+    shape = ZOO_INPUT["smallconv"]
+
+    def net_fn(activation):
+        return build(narrow("smallconv"), shape, CLASSES, activation)
+
+    trainer = make_trainer(net_fn, "lls", shape, SliceSamples(SLICE))
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    results = diagnose(trainer, [batch(shape)], sync=False)
+    assert len(results) == len(trainer.net.blocks)
+    for name, value in trainer.net.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_budget_picks_the_largest_slice_that_fits():
     shape, n = (1, 28, 28), 64
     net = lls.create_model("smallconv", in_channels=1, input_size=28, num_classes=CLASSES)
@@ -370,3 +387,24 @@ def test_user_signal_with_only_a_forward():
         return lls.Trainer(net, EnergyRule(), input_shape=shape, optimizer="sgd", memory=memory)
 
     assert_same_step(make(None), make(SliceSamples(SLICE)), *batch(shape))
+
+
+def test_bench_times_each_rule_with_and_without_low_memory():
+    from lls.bench import run_bench, summarize
+
+    results = run_bench(
+        "smallconv",
+        (1, 8, 8),
+        CLASSES,
+        ["lls", "bp"],
+        batch=4,
+        steps=1,
+        warmup=0,
+        measure_peak=False,
+        memory=(None, "low"),
+    )
+    assert [r.label for r in results] == ["lls", "lls memory=low", "bp"]  # BP: the ordinary step only
+    summary = summarize(results)
+    assert (
+        "time_ratio_to_normal" in summary["lls memory=low"] and "time_ratio_to_normal" not in summary["lls"]
+    )

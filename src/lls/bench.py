@@ -2,20 +2,23 @@
 
 Rules run one step each in turn (a b c a b c ...) after a warm-up, so that slow and fast periods of
 a shared machine hit every rule alike; the figures are medians with their interquartile range.
-Achieved GFLOP/s use the step's multiply-adds from ``lls cost`` (2 FLOPs each).
+Achieved GFLOP/s use the step's multiply-adds from ``lls cost`` (2 FLOPs each). With ``memory``
+settings besides ``None``, every rule also runs in the low-memory step (``lowmem.py``), interleaved
+with the rest, and is compared with its own ordinary step.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .cost import build_trainer, count_costs, example_batch, measure_memory
-from .rules import create_rule
+from .rules import RULES, create_rule
 
 
 def parse_rule_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -42,6 +45,8 @@ class BenchResult:
     batch: int
     step_macs: int
     peak_memory_bytes: int | None
+    rule: str = ""  # the rule spec
+    memory: str | int | None = None  # the low-memory setting, None for the ordinary step
 
     @property
     def median(self) -> float:
@@ -50,6 +55,14 @@ class BenchResult:
     def quartiles(self) -> tuple[float, float]:
         q = statistics.quantiles(self.seconds, n=4) if len(self.seconds) > 1 else [self.median] * 3
         return q[0], q[2]
+
+
+def bench_label(spec: str, memory: str | int | None) -> str:
+    """``lls`` for the ordinary step, ``lls memory=low`` / ``lls memory=256MiB`` for the low-memory one."""
+    if memory is None:
+        return spec
+    size = f"{memory / 2**20:g}MiB" if isinstance(memory, int) else memory
+    return f"{spec} memory={size}"
 
 
 def _sync(device: torch.device) -> None:
@@ -70,35 +83,42 @@ def run_bench(
     channels_last: bool = True,
     compile_blocks: bool = False,
     measure_peak: bool = True,
+    memory: Sequence[str | int | None] = (None,),
 ) -> list[BenchResult]:
+    """Interleaved step times of every rule spec under every ``memory`` setting (``None``: the
+    ordinary step; ``"low"`` or a budget in bytes: the low-memory step, for local rules only: BP
+    takes the ordinary step alone), and their step peaks."""
     dev = torch.device(device)
-    trainers, costs = {}, {}
+    trainers, costs, runs = {}, {}, {}
     for spec in rules:
         name, options = parse_rule_spec(spec)
-        trainer = build_trainer(model, name, input_shape, classes, dev, channels_last, options)
-        if compile_blocks:
-            for block in trainer.net.blocks:
-                block.compile()
-        trainers[spec] = trainer
-        costs[spec] = count_costs(model, create_rule(name, **options), input_shape, classes).step_macs
+        cost = count_costs(model, create_rule(name, **options), input_shape, classes).step_macs
+        for setting in memory:
+            if setting is not None and RULES.get(name).timing == "end-to-end":
+                continue
+            label = bench_label(spec, setting)
+            trainer = build_trainer(model, name, input_shape, classes, dev, channels_last, options, setting)
+            if compile_blocks:
+                for block in trainer.net.blocks:
+                    block.compile()
+            trainers[label], costs[label], runs[label] = trainer, cost, (spec, name, options, setting)
     x, y = example_batch(input_shape, classes, batch, dev, channels_last)
     for _ in range(warmup):
         for trainer in trainers.values():
             trainer.train_step(x, y)
     _sync(dev)
-    seconds: dict[str, list[float]] = {spec: [] for spec in trainers}
+    seconds: dict[str, list[float]] = {label: [] for label in trainers}
     for _ in range(steps):
-        for spec, trainer in trainers.items():
+        for label, trainer in trainers.items():
             start = time.perf_counter()
             trainer.train_step(x, y)
             _sync(dev)
-            seconds[spec].append(time.perf_counter() - start)
+            seconds[label].append(time.perf_counter() - start)
     results = []
-    for spec in trainers:
-        name, options = parse_rule_spec(spec)
+    for label, (spec, name, options, setting) in runs.items():
         peak = None
         if measure_peak:
-            memory = measure_memory(
+            measured = measure_memory(
                 model,
                 name,
                 input_shape,
@@ -107,14 +127,16 @@ def run_bench(
                 device=device,
                 channels_last=channels_last,
                 rule_options=options,
+                memory=setting,
             )
-            peak = memory.get("step_peak_bytes")
-        results.append(BenchResult(spec, seconds[spec], batch, costs[spec], peak))
+            peak = measured.get("step_peak_bytes")
+        results.append(BenchResult(label, seconds[label], batch, costs[label], peak, spec, setting))
     return results
 
 
 def summarize(results: list[BenchResult]) -> dict[str, dict[str, Any]]:
     base = next((r for r in results if r.label == "bp"), None)
+    ordinary = {r.rule: r for r in results if r.memory is None}
     table = {}
     for r in results:
         q1, q3 = r.quartiles()
@@ -134,5 +156,10 @@ def summarize(results: list[BenchResult]) -> dict[str, dict[str, Any]]:
                 row["memory_ratio_to_bp"] = r.peak_memory_bytes / base.peak_memory_bytes
             else:
                 row["memory_ratio_to_bp"] = None
+        normal = ordinary.get(r.rule)
+        if r.memory is not None and normal is not None:  # the low-memory step against the ordinary one
+            row["time_ratio_to_normal"] = r.median / normal.median
+            if r.peak_memory_bytes is not None and normal.peak_memory_bytes:
+                row["memory_ratio_to_normal"] = r.peak_memory_bytes / normal.peak_memory_bytes
         table[r.label] = row
     return table

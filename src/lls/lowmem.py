@@ -192,8 +192,8 @@ class LowMemory:
     def __init__(
         self, plan: MemoryPlan, net: nn.Module, input_shape: Sequence[int], *, recompute_all: bool
     ) -> None:
-        self.plan, self.net = plan, net
-        self.profiles = profile(net, input_shape)
+        self.plan = plan
+        self.profiles = profile(net, input_shape)  # of the net's layout: a copy of the net has the same
         # DFA: every block's input waits for the head's logits, so every block recomputes after it
         self.recompute_all = recompute_all
         self._samples: dict[int, list[int]] = {}
@@ -239,15 +239,14 @@ class LowMemory:
         """How many slices each block runs in at this batch size (1: the ordinary step)."""
         return [math.ceil(batch / s) for s in self.slice_samples(batch)]
 
-    def slicer(self, batch: int) -> Callable[[int, torch.Tensor], SlicedBlock | None]:
-        """For :meth:`LocalNet.walk`: block ``index``'s sliced step on ``h``, or ``None`` for the
-        ordinary one."""
+    def slicer(self, net: nn.Module, batch: int) -> Callable[[int, torch.Tensor], SlicedBlock | None]:
+        """For ``net.walk``: block ``index``'s sliced step on ``h``, or ``None`` for the ordinary one."""
         samples = self.slice_samples(batch)
 
         def slice_block(index: int, h: torch.Tensor) -> SlicedBlock | None:
             if samples[index] >= len(h) and not self.recompute_all:
                 return None
-            return SlicedBlock(self.net.blocks[index], self.net.between[index], h, samples[index])
+            return SlicedBlock(net.blocks[index], net.between[index], h, samples[index])
 
         return slice_block
 

@@ -151,7 +151,7 @@ class Trainer:
         waits_for_head = self.rule.timing == "head"
         if waits_for_head and blocks.stop != len(net.blocks):
             raise ValueError(f"rule {self.rule.name} needs the head's output for every block")
-        slicer = self.low_memory.slicer(len(y)) if self.low_memory is not None else None
+        slicer = self.low_memory.slicer(net, len(y)) if self.low_memory is not None else None
         block_losses, held = [], []  # held: block outputs waiting for the head's output (DFA)
         for index, a in net.walk(h, blocks, detach=True, slicer=slicer):
             if index == blocks.stop:  # the head's logits, or the next stage's input
