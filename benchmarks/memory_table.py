@@ -8,8 +8,9 @@ a time. Two tables:
 
 1. each rule's step peak at the paper's batch (128), ordinary and with ``memory="low"``;
 2. the largest batch whose step peak stays within each budget (256 MiB, 512 MiB, 1 GiB). BP and
-   LLS: the step peak is nearly linear in the batch, so two measurements place the line, and
-   measurements at the predicted batch and its neighbours settle it. LLS low-memory with the budget
+   LLS: the step peak is nearly linear in the batch, so two measurements place the line; the batch
+   it predicts is measured, and taken when it fits with less than one sample's worth (the line's
+   slope) to spare, else moved by one and measured again. LLS low-memory with the budget
    as its ``memory`` setting: the largest batch its slice plan accepts (above it the plan refuses,
    as ``lls train --memory`` would), with the step peak measured there to show it holds.
 
@@ -36,7 +37,8 @@ PAPER_BATCH = 128  # METHOD.md section 6
 SHAPES = {"vgg8": (3, 32, 32), "smallconvl": (3, 32, 32), "mobilenetv1": (3, 128, 128)}
 CLASSES = 10
 BUDGETS = (256 * MIB, 512 * MIB, 1024 * MIB)
-RULES = ("bp", "lls", "lls-mxm", "local-classifier", "dfa", "drtp")
+# LLS-M, LLS-MxM and local classifiers hold what LLS holds (docs/cost.md): --rules adds them
+RULES = ("bp", "lls", "dfa", "drtp")
 
 
 class Meter:
@@ -86,7 +88,9 @@ def largest_batch_linear(meter: Meter, model: str, rule: str, budget: int) -> in
         n -= 1
     if meter.peak(model, rule, n) > budget:
         return 0
-    while meter.peak(model, rule, n + 1) <= budget:
+    while budget - meter.peak(model, rule, n) >= slope:  # room for one sample more, by the line
+        if meter.peak(model, rule, n + 1) > budget:
+            break
         n += 1
     return n
 
@@ -132,17 +136,18 @@ def main() -> None:
     for model in models:
         bp = meter.peak(model, "bp", PAPER_BATCH)
         print(f"\n{model} {'x'.join(map(str, SHAPES[model]))}, batch {PAPER_BATCH}")
-        print(f"{'rule':18} {'ordinary':>9} {'low':>9} {'low/ord':>8} {'low/bp':>7}  slices per block (low)")
+        columns = f"{'ordinary':>9} {'low':>9} {'estimate':>9} {'low/ord':>8} {'low/bp':>7}"
+        print(f"{'rule':18} {columns}  slices per block")
         for rule in args.rules.split(","):
             normal = meter.peak(model, rule, PAPER_BATCH)
             if rule == "bp":
-                print(f"{rule:18} {normal / MIB:9.1f} {'-':>9} {'-':>8} {'-':>7}")
+                print(f"{rule:18} {normal / MIB:9.1f} {'-':>9} {'-':>9} {'-':>8} {'-':>7}")
                 continue
             low = meter.peak(model, rule, PAPER_BATCH, "low")
-            slices = meter.done[f"{model} {rule} {PAPER_BATCH} low"].get("slices")
+            done = meter.done[f"{model} {rule} {PAPER_BATCH} low"]
             print(
-                f"{rule:18} {normal / MIB:9.1f} {low / MIB:9.1f} {low / normal:8.2f} {low / bp:7.2f}  "
-                f"{slices if rule != 'dfa' else '(every block recomputed after the head)'}"
+                f"{rule:18} {normal / MIB:9.1f} {low / MIB:9.1f} {done['estimated'] / MIB:9.1f} "
+                f"{low / normal:8.2f} {low / bp:7.2f}  {done['slices']}"
             )
     if args.skip_largest:
         return

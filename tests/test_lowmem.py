@@ -295,8 +295,10 @@ def test_budget_picks_the_largest_slice_that_fits():
     assert samples[0] < n and samples[-1] == n  # block 0 sliced, the dense block whole
     assert plan.estimated_peak(n) <= budget
     # block 0's work per sample from its layer outputs: conv, BatchNorm, LeakyReLU (32 x 28 x 28 floats)
-    # each, plus the gradients in flight
-    assert plan.profiles[0].work == (3 + GRADIENTS_IN_FLIGHT) * 32 * 28 * 28 * 4
+    # each, plus the gradients in flight, plus the slice's latent (32 x 4 x 4) and its gradient
+    latent = 32 * 4 * 4 * 4
+    assert plan.profiles[0].latent == latent
+    assert plan.profiles[0].work == (3 + GRADIENTS_IN_FLIGHT) * 32 * 28 * 28 * 4 + 2 * latent
     assert plan.profiles[0].input == 28 * 28 * 4 and plan.profiles[0].output == 32 * 14 * 14 * 4
 
 

@@ -36,12 +36,15 @@ depthwise-separable block (m = 2) 5 forward passes, 1 input-gradient pass of its
 (DFA's always recompute: their inputs wait for the head, never their activations).
 
 How big a slice: ``Budget(bytes)`` picks, block by block, the largest slice whose estimated step
-peak fits: ``batch * (input + next input) + slice * work`` bytes, where a probe forward pass
-measures, per sample, the block's input, the next block's input and every layer output of the
-block; ``work`` is the sum of the layer outputs (what autograd holds for a slice's backward) plus
-``GRADIENTS_IN_FLIGHT`` more of the largest one (the gradients alive at once in its backward).
-``"low"`` is a budget of ``LOW_FACTOR`` times the least any sliced step needs (the largest
-``batch * (input + next input)`` over the blocks).
+peak fits: ``batch * (input + next input + latent) + PARAMETER_COPIES * parameters + slice * work``
+bytes (DFA: every block's input instead of the block's two), where a probe forward pass measures, per
+sample, the block's input, the next block's input and every layer output of the block; ``work`` is
+the sum of the layer outputs (what autograd holds for a slice's backward) plus
+``GRADIENTS_IN_FLIGHT`` more of the largest one (the gradients alive at once in its backward) and
+two latents (the slice's, and its gradient).
+Measured on CPU, the estimate is above the step peak of every block of VGG8 (docs/cost.md).
+``"low"`` is a budget of ``LOW_FACTOR`` times the least any sliced step needs (the largest first
+two terms over the blocks).
 """
 
 from __future__ import annotations
@@ -67,9 +70,7 @@ from .rules import BlockSignal
 GRADIENTS_IN_FLIGHT = 2  # full-size gradients alive at once in a block's backward, beyond what it saves
 PARAMETER_COPIES = 2  # a block's gradient and the optimizer step's temporaries, in parameter sizes
 LOW_FACTOR = 2.0  # memory="low": a budget of twice the least a sliced step needs
-PROBE_BATCH = (
-    2  # samples of the probe forward pass (BatchNorm1d needs 2 in train mode; the probe runs in eval)
-)
+PROBE_BATCH = 2  # samples of the probe forward pass (in eval mode: BatchNorm keeps its statistics)
 MIB = 1 << 20
 UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
@@ -147,6 +148,7 @@ class BlockProfile:
     output: int  # the next block's input (the block's output after its fixed ops), or the head's
     work: int  # a slice's forward and backward: every layer output, plus the gradients in flight
     params: int = 0  # bytes of the block's parameters (not per sample)
+    latent: int = 0  # the pooled latent, whose gradient the sliced step keeps (0: not pooled)
 
 
 @torch.no_grad()
@@ -154,6 +156,7 @@ def profile(net: nn.Module, input_shape: Sequence[int]) -> list[BlockProfile]:
     """Per-sample bytes of every block's step, from one probe forward pass in eval mode."""
     param = next(net.parameters())
     inputs: dict[int, int] = {}
+    latents: dict[int, int] = {}
     layers: dict[int, list[int]] = {i: [] for i in range(len(net.blocks))}
 
     def size(t: torch.Tensor) -> int:
@@ -165,9 +168,15 @@ def profile(net: nn.Module, input_shape: Sequence[int]) -> list[BlockProfile]:
     def record_layer(index: int, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         layers[index].append(size(out))
 
+    def record_latent(index: int, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        pool = net.latent_pool[index]
+        pooled = out.dim() == 4 and pool is not None and out.shape[1] * pool * pool < out[0].numel()
+        latents[index] = out.shape[1] * pool * pool * out.element_size() if pooled else 0
+
     hooks = [net.head.register_forward_pre_hook(partial(record_input, len(net.blocks)))]
     for i, block in enumerate(net.blocks):
         hooks.append(block.register_forward_pre_hook(partial(record_input, i)))
+        hooks.append(block.register_forward_hook(partial(record_latent, i)))
         for leaf in (m for m in block.modules() if not any(m.children())):
             hooks.append(leaf.register_forward_hook(partial(record_layer, i)))
     was_training = net.training
@@ -180,9 +189,10 @@ def profile(net: nn.Module, input_shape: Sequence[int]) -> list[BlockProfile]:
             hook.remove()
     profiles = []
     for i, block in enumerate(net.blocks):
-        work = sum(layers[i]) + GRADIENTS_IN_FLIGHT * max(layers[i], default=0)
+        # + the slice's latent and the latent's gradient before it joins the batch's
+        work = sum(layers[i]) + GRADIENTS_IN_FLIGHT * max(layers[i], default=0) + 2 * latents[i]
         params = sum(p.numel() * p.element_size() for p in block.parameters())
-        profiles.append(BlockProfile(inputs[i], inputs[i + 1], work, params))
+        profiles.append(BlockProfile(inputs[i], inputs[i + 1], work, params, latents[i]))
     return profiles
 
 
@@ -200,10 +210,12 @@ class LowMemory:
 
     def kept(self, batch: int) -> list[int]:
         """Bytes each block's step needs whatever its slices: the inputs it keeps whole (its own and
-        the next block's; DFA: every block's) and its parameters' gradients and optimizer step."""
+        the next block's; DFA: every block's), its latent's gradient, and its parameters' gradients
+        and optimizer step."""
         held = sum(p.input for p in self.profiles) + self.profiles[-1].output
         return [
-            batch * (held if self.recompute_all else p.input + p.output) + PARAMETER_COPIES * p.params
+            batch * ((held if self.recompute_all else p.input + p.output) + p.latent)
+            + PARAMETER_COPIES * p.params
             for p in self.profiles
         ]
 
