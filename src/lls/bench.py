@@ -8,12 +8,15 @@ Each entry may name its step engine after an ``@`` (``lls@graph,bp@eager,bp@grap
 that LLS can be set against BP as people run it and against BP issued the same way. Without one,
 an entry uses the run's ``engine``. Ratios are to ``bp`` on the eager engine (``time_ratio_to_bp``)
 and to ``bp`` on the entry's own engine (``time_ratio_to_bp_same_engine``) where both were run.
+With ``memory`` settings besides ``None``, every local rule also runs in the low-memory step
+(``lowmem.py``), interleaved with the rest, and is compared with its own ordinary step.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +26,7 @@ from .cost import count_costs, example_batch, measure_memory
 from .engine import WARMUP_STEPS
 from .optim import OptimizerFactory
 from .report_format import mib, ratio, table
-from .rules import create_rule, parse_rule_spec
+from .rules import RULES, create_rule, parse_rule_spec
 from .trainer import build_trainer
 
 
@@ -40,8 +43,10 @@ class BenchResult:
     batch: int
     step_macs: int
     peak_memory_bytes: int | None
-    rule: str = ""
+    rule: str = ""  # the rule's name
     engine: str = "eager"
+    spec: str = ""  # the entry as given (rule, options, engine)
+    memory: str | int | None = None  # the low-memory setting, None for the ordinary step
 
     @property
     def median(self) -> float:
@@ -50,6 +55,14 @@ class BenchResult:
     def quartiles(self) -> tuple[float, float]:
         q = statistics.quantiles(self.seconds, n=4) if len(self.seconds) > 1 else [self.median] * 3
         return q[0], q[2]
+
+
+def bench_label(spec: str, memory: str | int | None) -> str:
+    """``lls`` for the ordinary step, ``lls memory=low`` / ``lls memory=256MiB`` for the low-memory one."""
+    if memory is None:
+        return spec
+    size = f"{memory / 2**20:g}MiB" if isinstance(memory, int) else memory
+    return f"{spec} memory={size}"
 
 
 def _sync(device: torch.device) -> None:
@@ -72,51 +85,58 @@ def run_bench(
     measure_peak: bool = True,
     engine: str = "eager",
     optimizer: str | OptimizerFactory = "adamw-sf",
+    memory: Sequence[str | int | None] = (None,),
 ) -> list[BenchResult]:
-    """Time ``rules`` (``name[:key=value,...][@engine]``) interleaved; ``optimizer`` for every
-    trainer (a capturable one for the graph engine). Peak memory is measured for eager entries
-    only (a captured graph keeps its own memory pool; not measured here)."""
+    """Time ``rules`` (``name[:key=value,...][@engine]``) interleaved, each under every ``memory``
+    setting (``None``: the ordinary step; ``"low"`` or a budget in bytes: the low-memory step, for
+    local rules only), with ``optimizer`` for every trainer (a capturable one for the graph engine).
+    Peak memory is measured for eager entries only (a captured graph keeps its own memory pool)."""
     dev = torch.device(device)
-    trainers, costs, engines = {}, {}, {}
+    trainers, costs, runs = {}, {}, {}
     for spec in rules:
-        name, options = parse_rule_spec(split_engine(spec)[0])
-        engines[spec] = split_engine(spec)[1] or engine
-        trainer = build_trainer(
-            model,
-            name,
-            input_shape,
-            classes,
-            rule_options=options,
-            device=dev,
-            channels_last=channels_last,
-            optimizer=optimizer,
-            engine=engines[spec],
-        )
-        engines[spec] = "eager" if trainer.engine is None else "graph"
-        if compile_blocks:
-            for block in trainer.net.blocks:
-                block.compile()
-        trainers[spec] = trainer
-        costs[spec] = count_costs(model, create_rule(name, **options), input_shape, classes).step_macs
+        rule_spec, asked = split_engine(spec)
+        name, options = parse_rule_spec(rule_spec)
+        cost = count_costs(model, create_rule(name, **options), input_shape, classes).step_macs
+        for setting in memory:
+            if setting is not None and RULES.get(name).timing == "end-to-end":
+                continue
+            label = bench_label(spec, setting)
+            trainer = build_trainer(
+                model,
+                name,
+                input_shape,
+                classes,
+                rule_options=options,
+                device=dev,
+                channels_last=channels_last,
+                optimizer=optimizer,
+                engine=asked or engine,
+                memory=setting,
+            )
+            if compile_blocks:
+                for block in trainer.net.blocks:
+                    block.compile()
+            issued = "eager" if trainer.engine is None else "graph"
+            trainers[label], costs[label], runs[label] = trainer, cost, (spec, name, options, setting, issued)
     x, y = example_batch(input_shape, classes, batch, dev, channels_last)
-    warmup += max(WARMUP_STEPS + 1 if e == "graph" else 0 for e in engines.values())  # capture first
+    if any(run[4] == "graph" for run in runs.values()):
+        warmup += WARMUP_STEPS + 1  # the graph engine captures after its warm-up steps
     for _ in range(warmup):
         for trainer in trainers.values():
             trainer.train_step(x, y)
     _sync(dev)
-    seconds: dict[str, list[float]] = {spec: [] for spec in trainers}
+    seconds: dict[str, list[float]] = {label: [] for label in trainers}
     for _ in range(steps):
-        for spec, trainer in trainers.items():
+        for label, trainer in trainers.items():
             start = time.perf_counter()
             trainer.train_step(x, y)
             _sync(dev)
-            seconds[spec].append(time.perf_counter() - start)
+            seconds[label].append(time.perf_counter() - start)
     results = []
-    for spec in trainers:
-        name, options = parse_rule_spec(split_engine(spec)[0])
+    for label, (spec, name, options, setting, issued) in runs.items():
         peak = None
-        if measure_peak and engines[spec] == "eager":
-            memory = measure_memory(
+        if measure_peak and issued == "eager":
+            measured = measure_memory(
                 model,
                 name,
                 input_shape,
@@ -125,17 +145,19 @@ def run_bench(
                 device=device,
                 channels_last=channels_last,
                 rule_options=options,
+                memory=setting,
             )
-            peak = memory.get("step_peak_bytes")
-        results.append(BenchResult(spec, seconds[spec], batch, costs[spec], peak, name, engines[spec]))
+            peak = measured.get("step_peak_bytes")
+        results.append(BenchResult(label, seconds[label], batch, costs[label], peak, name, issued, spec, setting))
     return results
 
 
 def summarize(results: list[BenchResult]) -> dict[str, dict[str, Any]]:
     def bp_on(engine: str) -> BenchResult | None:
-        return next((r for r in results if (r.rule or r.label) == "bp" and r.engine == engine), None)
+        return next((r for r in results if r.rule == "bp" and r.engine == engine), None)
 
     base = bp_on("eager")
+    ordinary = {r.spec: r for r in results if r.memory is None}
     table = {}
     for r in results:
         q1, q3 = r.quartiles()
@@ -159,6 +181,11 @@ def summarize(results: list[BenchResult]) -> dict[str, dict[str, Any]]:
         same = bp_on(r.engine)
         if same is not None and r is not same and r.engine != "eager":
             row["time_ratio_to_bp_same_engine"] = r.median / same.median
+        normal = ordinary.get(r.spec)
+        if r.memory is not None and normal is not None:  # the low-memory step against the ordinary one
+            row["time_ratio_to_normal"] = r.median / normal.median
+            if r.peak_memory_bytes is not None and normal.peak_memory_bytes:
+                row["memory_ratio_to_normal"] = r.peak_memory_bytes / normal.peak_memory_bytes
         table[r.label] = row
     return table
 
@@ -181,8 +208,14 @@ def bench_text(summary: dict[str, dict[str, Any]], heading: str) -> str:
         )
     header = ["rule", "step (median)", "IQR (ms)", "images/s", "GFLOP/s", "step peak", "time vs bp"]
     header.append("memory vs bp")
-    if any("time_ratio_to_bp_same_engine" in r for r in summary.values()):  # engines compared
-        header.append("time vs bp, same engine")
-        for row, r in zip(rows, summary.values(), strict=True):
-            row.append(ratio(r.get("time_ratio_to_bp_same_engine")))
+    extra = {
+        "time_ratio_to_bp_same_engine": "time vs bp, same engine",  # engines compared
+        "time_ratio_to_normal": "time vs ordinary step",  # low memory compared
+        "memory_ratio_to_normal": "memory vs ordinary step",
+    }
+    for key, title in extra.items():
+        if any(key in r for r in summary.values()):
+            header.append(title)
+            for row, r in zip(rows, summary.values(), strict=True):
+                row.append(ratio(r.get(key)))
     return heading + "\n" + table(header, rows)

@@ -309,11 +309,20 @@ def measure_memory(
     channels_last: bool = True,
     subprocess_peak: bool = True,
     rule_options: dict[str, Any] | None = None,
+    memory: str | int | None = None,
 ) -> dict[str, Any]:
-    """Measured memory of one training step (bytes, whole batch)."""
+    """Measured memory of one training step (bytes, whole batch); ``memory``: the low-memory step
+    (``"low"`` or a budget in bytes, see ``lowmem.py``), ``None`` for the ordinary one."""
     dev = torch.device(device)
     trainer = build_trainer(
-        model, rule, input_shape, classes, rule_options=rule_options, device=dev, channels_last=channels_last
+        model,
+        rule,
+        input_shape,
+        classes,
+        rule_options=rule_options,
+        device=dev,
+        channels_last=channels_last,
+        memory=memory,
     )
     x, y = example_batch(input_shape, classes, batch, dev, channels_last)
     trainer.train_step(x, y)  # creates the optimizer state
@@ -324,6 +333,7 @@ def measure_memory(
         trainer.train_step(x, y)
     result = {
         "batch": batch,
+        "memory": memory,
         "param_bytes": params,
         "optimizer_bytes": optim,
         "activation_peak_bytes": meter.peak,
@@ -338,19 +348,29 @@ def measure_memory(
         result["step_peak_method"] = "torch.cuda.max_memory_allocated above the memory held between steps"
     elif subprocess_peak:
         result.update(
-            cpu_step_peak(model, rule, input_shape, classes, batch, channels_last, rule_options or {})
+            cpu_step_peak(model, rule, input_shape, classes, batch, channels_last, rule_options or {}, memory)
         )
+    if trainer.low_memory is not None:
+        result["slices"] = trainer.low_memory.slices(batch)
+        result["estimated_step_peak_bytes"] = trainer.low_memory.estimated_peak(batch)
     return result
 
 
 def cpu_step_peak(
-    model: str, rule: str, input_shape, classes: int, batch: int, channels_last: bool, options: dict[str, Any]
+    model: str,
+    rule: str,
+    input_shape,
+    classes: int,
+    batch: int,
+    channels_last: bool,
+    options: dict[str, Any],
+    memory: str | int | None = None,
 ) -> dict[str, Any]:
     """Peak resident memory of one step above the memory held between steps, in a fresh process."""
     if not os.path.exists("/proc/self/clear_refs"):
         return {"step_peak_bytes": None, "step_peak_method": "unavailable: needs Linux /proc"}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    spec = json.dumps([model, rule, list(input_shape), classes, batch, channels_last, options])
+    spec = json.dumps([model, rule, list(input_shape), classes, batch, channels_last, options, memory])
     done = subprocess.run(
         [sys.executable, "-m", "lls.cost", spec], capture_output=True, text=True, env=env, timeout=1800
     )
@@ -370,11 +390,19 @@ def _read_status(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def _peak_in_this_process(model, rule, input_shape, classes, batch, channels_last, options) -> dict[str, Any]:
+def _peak_in_this_process(
+    model, rule, input_shape, classes, batch, channels_last, options, memory=None
+) -> dict[str, Any]:
     import gc
 
     trainer = build_trainer(
-        model, rule, tuple(input_shape), classes, rule_options=options, channels_last=channels_last
+        model,
+        rule,
+        tuple(input_shape),
+        classes,
+        rule_options=options,
+        channels_last=channels_last,
+        memory=memory,
     )
     x, y = example_batch(tuple(input_shape), classes, batch, torch.device("cpu"), channels_last)
     for _ in range(2):  # the optimizer state and the backends' caches exist before the measured step

@@ -8,8 +8,9 @@ feed-forward network.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,21 +96,34 @@ class LocalNet(nn.Module):
         return out
 
     def walk(
-        self, h: torch.Tensor, blocks: range | None = None, *, detach: bool = False
-    ) -> Iterator[tuple[int, torch.Tensor]]:
+        self,
+        h: torch.Tensor,
+        blocks: range | None = None,
+        *,
+        detach: bool = False,
+        slicer: Callable[[int, torch.Tensor], Any] | None = None,
+    ) -> Iterator[tuple[int, Any]]:
         """The one loop over the blocks: yields ``(l, a_l)``, block l's output, for l in ``blocks``
         (all by default), then ``(stop, out)``: the head's logits when the range ends with the last
         block, else the input of block ``stop`` (what a pipeline stage passes on).
 
         ``h`` is the input of the range's first block. With ``detach`` every block and the head get
         a detached copy of their input, so no gradient can cross from one block to the one before:
-        the walk of every local rule.
+        the walk of every local rule. ``slicer(l, h)`` may take block l's step over instead (the
+        low-memory step, ``lowmem.py``): what it returns is yielded in place of ``a_l`` and its
+        ``next_input()`` is the next block's input; ``None`` leaves the block to the walk.
         """
         blocks = range(len(self.blocks)) if blocks is None else blocks
         for index in blocks:
+            step = slicer(index, h.detach()) if slicer is not None else None
+            if step is not None:
+                yield index, step
+                h = step.next_input()
+                continue
             a = self.blocks[index](h.detach() if detach else h)
             yield index, a
             h = self.between[index](a.detach() if detach else a)
+            del a  # the walk keeps nothing of a block but the next one's input
         if blocks.stop == len(self.blocks):
             yield blocks.stop, self.head(h.detach() if detach else h)
         else:

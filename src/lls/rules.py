@@ -91,7 +91,23 @@ class BlockSignal(nn.Module):
     are updated by this block's optimizer.
     """
 
+    # How the loss combines the samples of a batch: "mean" (a slice's loss weighs by its share of the
+    # batch) or "sum" (slices add up as they are). The low-memory step (lowmem.py) needs to know.
+    batch_reduction: ClassVar[Literal["mean", "sum"]] = "mean"
+
     def forward(self, a: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        return self.latent_loss(self.latent(a), y, logits)
+
+    def latent(self, a: torch.Tensor) -> torch.Tensor:
+        """What of the block output the loss reads (all of it unless a signal says less): the
+        low-memory step keeps this one's gradient, when it is smaller than ``a``, instead of
+        recomputing the loss."""
+        return a
+
+    def latent_loss(
+        self, z: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss from :meth:`latent`'s output; ``forward`` is ``latent_loss(latent(a), y, logits)``."""
         raise NotImplementedError
 
 
@@ -137,8 +153,13 @@ class ProjectionSignal(BlockSignal):
             return self.classifier
         return basis(self.rows, self.dim, self.readout, self.seed, device=like.device, dtype=like.dtype)
 
+    def latent(self, a: torch.Tensor) -> torch.Tensor:
+        return latent(a, self.pool)
+
     def scores(self, a: torch.Tensor) -> torch.Tensor:
-        z = latent(a, self.pool)
+        return self.latent_scores(self.latent(a))
+
+    def latent_scores(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[1] != self.dim:
             raise LLSError(f"block output has latent size {z.shape[1]}, its signal was built for {self.dim}")
         if self.normalize:
@@ -148,8 +169,10 @@ class ProjectionSignal(BlockSignal):
             s = s * self.modulation if self.modulation.dim() == 1 else s @ self.modulation
         return s
 
-    def forward(self, a: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        return F.cross_entropy(self.scores(a) / self.temperature, y)
+    def latent_loss(
+        self, z: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.cross_entropy(self.latent_scores(z) / self.temperature, y)
 
 
 class FeedbackSignal(BlockSignal):
@@ -159,6 +182,8 @@ class FeedbackSignal(BlockSignal):
     ``t @ F``: ``t = softmax(logits) - onehot(y)`` for DFA, ``t = onehot(y)`` for DRTP. ``F`` is
     regenerated from its seed (a non-persistent buffer), like the LLS basis.
     """
+
+    batch_reduction: ClassVar[Literal["mean", "sum"]] = "sum"  # each sample's gradient is t @ F, unscaled
 
     def __init__(
         self, num_classes: int, out_shape: torch.Size, *, use_error: bool, seed: int, kind: str = "uniform"
@@ -178,9 +203,11 @@ class FeedbackSignal(BlockSignal):
             raise ValueError("DFA's signal needs the head's logits")
         return torch.softmax(logits.detach(), dim=1) - onehot
 
-    def forward(self, a: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        grad = (self.target(y, logits) @ self.feedback).view_as(a)
-        return (a * grad).sum()
+    def latent_loss(
+        self, z: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        grad = (self.target(y, logits) @ self.feedback).view_as(z)
+        return (z * grad).sum()
 
 
 # --- the registry -------------------------------------------------------------------------------

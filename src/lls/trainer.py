@@ -20,6 +20,7 @@ from torch import nn
 
 from .engine import SERIAL, GraphEngine, Schedule, check_capturable, is_capturable, optimizer_engine
 from .errors import LLSError
+from .lowmem import LowMemory, MemorySpec, SlicedBlock, memory_plan
 from .models import create_model
 from .net import LocalNet, Spec
 from .optim import OptimizerFactory, create_optimizer, is_schedule_free
@@ -62,6 +63,10 @@ class Trainer:
     parameters plus its signal's extra parameters; the head gets one more. The device and dtype
     come from the network's parameters. ``engine`` says how steps are issued (engine.py): "eager"
     (op by op, the reference), "graph" (CUDA graphs; needs capturable optimizers) or "auto".
+
+    ``memory`` (local rules only): ``None`` for the ordinary step; ``"low"``, or a budget in bytes
+    (an int, or a string such as ``"256MiB"``), runs each block's step in slices of the batch with
+    the same gradients, holding one slice's activations at a time (``lowmem.py``).
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class Trainer:
         lr: float = 5e-3,
         weight_decay: float = 0.0,
         engine: str = "eager",
+        memory: MemorySpec = None,
     ) -> None:
         self.net = net
         self.rule = create_rule(rule) if isinstance(rule, str) else rule
@@ -98,6 +104,11 @@ class Trainer:
             if not group:
                 raise LLSError(f"block {i} has no trainable parameters; merge it into a neighbour")
         mode = optimizer_engine(engine, param.device, optimizer)  # "eager" or "graph"
+        if mode == "graph" and memory is not None:  # a captured step holds the whole batch's tensors
+            if engine != "auto":
+                raise LLSError("the graph engine captures whole-batch steps and low memory slices them: "
+                               "use --engine eager with --memory")
+            mode = "eager"
         if isinstance(optimizer, str):  # the graph engine gets implementations it can capture
             capturable = mode == "graph"
             self.optimizers = [
@@ -117,9 +128,22 @@ class Trainer:
         # gradients across processes here, so every block still steps on its own signal alone.
         self.sync_gradients: Callable[[torch.optim.Optimizer], None] | None = None
         self.batch_size_in_step = 0
+        self.memory = memory
+        self.low_memory = self._low_memory(memory_plan(memory))
         self._train_mode()
         # None: the eager step below. "auto" steps eagerly where a step cannot be captured.
         self.engine = GraphEngine(self, strict=engine == "graph") if mode == "graph" else None
+
+    def _low_memory(self, plan) -> LowMemory | None:
+        if plan is None:
+            return None
+        if self.rule.timing == "end-to-end":
+            raise LLSError(
+                f"{self.rule.name.upper()} back-propagates through every block at once; low memory runs "
+                "one block's step at a time in slices, so it needs a local rule: drop the memory setting "
+                f"for {self.rule.name}"
+            )
+        return LowMemory(plan, self.net, self.input_shape, recompute_all=self.rule.timing == "head")
 
     # --- training ------------------------------------------------------------------------------
 
@@ -165,9 +189,10 @@ class Trainer:
             raise ValueError(f"rule {self.rule.name} needs the head's output for every block")
         if waits_for_head and schedule is not SERIAL:
             raise ValueError(f"rule {self.rule.name} waits for the head: its blocks cannot overlap")
+        slicer = self.low_memory.slicer(net, len(y)) if self.low_memory is not None else None
         block_losses, held = [], []  # held: block outputs waiting for the head's output (DFA)
         loss = None
-        walk = net.walk(h, blocks, detach=True)
+        walk = net.walk(h, blocks, detach=True, slicer=slicer)
         for index in range(blocks.start, blocks.stop + 1):
             with schedule.issue(index):
                 _, a = next(walk)  # the fixed op after the previous block, then this block
@@ -181,12 +206,25 @@ class Trainer:
                 if waits_for_head:
                     held.append((index, a))
                 else:
-                    block_losses.append(consume(index, signals[index](a, y)))
-        for index, a in held:
-            block_losses.append(consume(index, signals[index](a, y, output)))
+                    block_losses.append(consume(index, self._block_loss(signals[index], a, y)))
+        while held:  # each block's output let go of once its update is done
+            index, a = held.pop(0)
+            block_losses.append(consume(index, self._block_loss(signals[index], a, y, output)))
         schedule.join()
         losses = torch.stack(block_losses) if block_losses else h.new_zeros(0)
         return LocalPass(output, loss, losses)
+
+    @staticmethod
+    def _block_loss(
+        signal: Callable[..., torch.Tensor],
+        a: torch.Tensor | SlicedBlock,
+        y: torch.Tensor,
+        logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A block's local loss from its output ``a`` (or its sliced step's)."""
+        if isinstance(a, SlicedBlock):
+            return a.loss(signal, y, logits)
+        return signal(a, y) if logits is None else signal(a, y, logits)
 
     def update(self, index: int, loss: torch.Tensor) -> torch.Tensor:
         """Backward of block ``index``'s loss (L: the head's) and a step of that block's optimizer."""
@@ -322,6 +360,7 @@ def build_trainer(
     lr: float = 5e-3,
     weight_decay: float = 0.0,
     engine: str = "eager",
+    memory: MemorySpec = None,
 ) -> Trainer:
     """A trainer for a model (a registered name, or a list of block specs) and a rule: the one way
     every command builds one.
@@ -330,7 +369,8 @@ def build_trainer(
     W)`` with ``num_classes``. ``seed`` seeds the initial weights and, for rules that draw fixed
     random tensors (a random basis, feedback matrices), those too. The network is built with the
     rule's activation (Tanh for DRTP), on ``device``, optionally in channels-last layout, and steps
-    with ``engine`` ("eager", "graph" or "auto"; see engine.py).
+    with ``engine`` ("eager", "graph" or "auto"; see engine.py). ``memory``: the low-memory step,
+    see :class:`Trainer`.
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
@@ -362,6 +402,7 @@ def build_trainer(
         lr=lr,
         weight_decay=weight_decay,
         engine=engine,
+        memory=memory,
     )
 
 
