@@ -1,9 +1,11 @@
 """Multiply-add counts against closed-form formulas, and measured memory invariants."""
 
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lls
 from lls.cli import main
@@ -180,3 +182,39 @@ def test_grouped_and_strided_convolutions_by_formula():
     assert module_costs(depthwise, torch.randn(2, 32, 16, 16))[:3] == (16 * 16 * 32 * 9,) * 3
     strided = torch.nn.Conv2d(3, 8, 3, padding=1, stride=2)
     assert module_costs(strided, torch.randn(2, 3, 16, 16))[:3] == (8 * 8 * 8 * 27,) * 3
+
+
+@pytest.mark.parametrize(
+    "sizes,pool",
+    [((8,), 16), ((8,), 4), ((6,), 4), ((7,), 3), ((8, 8), 2), ((7, 7), 2), ((28, 28), 4)],
+)
+def test_pooling_counts_follow_the_pooling_operator(sizes, pool):
+    """Read PyTorch's adaptive average pooling as a matrix P (bins x entries): the forward sums each
+    row's nonzeros (nnz - bins additions) and scales rows of more than one entry; the backward
+    scales those rows again and adds up each column's nonzeros (nnz - entries additions). A copy
+    (one entry in a bin, as in 1024 -> 2048) costs nothing forward."""
+    from lls.cost import pooling_ops
+
+    n = math.prod(sizes)
+    eye = torch.eye(n, dtype=torch.float64).view(n, 1, *sizes)
+    pooling = F.adaptive_avg_pool1d if len(sizes) == 1 else F.adaptive_avg_pool2d
+    matrix = pooling(eye, pool).view(n, -1).T  # bins x entries
+    nnz, bins = int((matrix != 0).sum()), matrix.shape[0]
+    scaled = int(((matrix != 0).sum(1) > 1).sum())
+    assert pooling_ops(sizes, pool) == (2 * scaled, (nnz - bins) + (nnz - n))
+
+
+def test_pooled_dense_latent_signal_by_hand():
+    """SmallConvL's dense block, 1024 units pooled to 2048 (each unit copied twice), square basis:
+    the pooling's backward adds 1024 pairs of gradients; normalisation and scoring run at d = 2048."""
+    k, d, units = 10, 2048, 1024
+    signal = create_rule("lls", basis="square").signal(3, torch.Size((units,)), d, k)
+    mults, adds = projection_signal_ops(signal, torch.Size((units,)))
+    assert (mults, adds) == (5 * d, units + (d - 1) + 2 * d + 2 * k * d)
+    shape = (3, 8, 8)  # the dense block's input is 512 x A(2) whatever the image size
+    pooled = count_costs("smallconvl", "lls", shape, k)  # the authors' dense latent, by default
+    output = count_costs("smallconvl", "lls", shape, k, model_options={"dense_latent": "output"})
+    assert pooled.blocks[3].signal_mults == 5 * d and output.blocks[3].signal_mults == 5 * units
+    assert output.blocks[3].signal_adds == (units - 1) + 2 * units + 2 * k * units
+    assert [b.signal_adds for b in pooled.blocks[:3]] == [b.signal_adds for b in output.blocks[:3]]
+    assert pooled.total("forward") == output.total("forward")  # the network is the same

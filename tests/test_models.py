@@ -24,11 +24,168 @@ def test_every_model_builds_and_runs(name, in_channels, classes):
     assert out.shape == (2, classes)
 
 
-def test_paper_latent_pool_sizes():
-    assert lls.create_model("smallconv", in_channels=1, input_size=28).latent_pool == [4, 2, 2, None]
-    assert lls.create_model("smallconvl", in_channels=3).latent_pool == [4, 2, 2, None]
-    assert lls.create_model("vgg8").latent_pool == [4, 2, 2, 2, 2, 2, None]
-    assert lls.create_model("mobilenetv1").latent_pool == [8, 4, 4, 4] + [2] * 8 + [1, 1]
+# METHOD.md section 2's table and section 3's pool sizes, written out block by block for one input
+# size each: (kind, output shape, stride of the block's 3x3 convolution, latent pool, d_l). "conv" is
+# 3x3 pad 1 + BN + LeakyReLU, "dw" depthwise 3x3 + BN + act + pointwise 1x1 + BN + act, "fc" Linear
+# + BN1d + act. The output shapes follow from the max-pools (M) between blocks; a dense block's pool
+# is the length the authors' code pools its output to (SmallConvL 1024 -> 2048, VGG11 4096 -> 2048;
+# the output's own length, i.e. no pooling, for SmallConv and VGG8).
+LAYOUTS = {
+    "smallconv": (  # 32, M, 64, M, 128, A(2), fc 512
+        (1, 28, 28),
+        [
+            ("conv", (32, 28, 28), 1, 4, 32 * 16),
+            ("conv", (64, 14, 14), 1, 2, 64 * 4),
+            ("conv", (128, 7, 7), 1, 2, 128 * 4),
+            ("fc", (512,), None, None, 512),
+        ],
+        128 * 2 * 2,
+        512,
+    ),
+    "smallconvl": (  # 96, M, 192, M, 512, A(2), fc 1024
+        (3, 32, 32),
+        [
+            ("conv", (96, 32, 32), 1, 4, 96 * 16),
+            ("conv", (192, 16, 16), 1, 2, 192 * 4),
+            ("conv", (512, 8, 8), 1, 2, 512 * 4),
+            ("fc", (1024,), None, 2048, 2048),
+        ],
+        512 * 2 * 2,
+        1024,
+    ),
+    "vgg8": (  # 128, 256, M, 256, 256, M, 512, M, 512, A(2), fc 1024
+        (3, 32, 32),
+        [
+            ("conv", (128, 32, 32), 1, 4, 128 * 16),
+            ("conv", (256, 32, 32), 1, 2, 256 * 4),
+            ("conv", (256, 16, 16), 1, 2, 256 * 4),
+            ("conv", (256, 16, 16), 1, 2, 256 * 4),
+            ("conv", (512, 8, 8), 1, 2, 512 * 4),
+            ("conv", (512, 4, 4), 1, 2, 512 * 4),
+            ("fc", (1024,), None, None, 1024),
+        ],
+        512 * 2 * 2,
+        1024,
+    ),
+    "vgg11": (  # 64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, A(8), fc 4096, fc 4096
+        (3, 32, 32),
+        [
+            ("conv", (64, 32, 32), 1, 4, 64 * 16),
+            ("conv", (128, 16, 16), 1, 2, 128 * 4),
+            ("conv", (256, 8, 8), 1, 2, 256 * 4),
+            ("conv", (256, 8, 8), 1, 2, 256 * 4),
+            ("conv", (512, 4, 4), 1, 2, 512 * 4),
+            ("conv", (512, 4, 4), 1, 2, 512 * 4),
+            ("conv", (512, 2, 2), 1, 2, 512 * 4),
+            ("conv", (512, 2, 2), 1, 2, 512 * 4),
+            ("fc", (4096,), None, 2048, 2048),
+            ("fc", (4096,), None, 2048, 2048),
+        ],
+        512 * 8 * 8,
+        4096,
+    ),
+    "mobilenetv1": (  # conv 32 /2, dw 64, 128/2, 128, 256/2, 256, 512/2, 5 x 512, 1024/2, 1024; A(1)
+        (3, 128, 128),
+        [
+            ("conv", (32, 64, 64), 2, 8, 32 * 64),
+            ("dw", (64, 64, 64), 1, 4, 64 * 16),
+            ("dw", (128, 32, 32), 2, 4, 128 * 16),
+            ("dw", (128, 32, 32), 1, 4, 128 * 16),
+            ("dw", (256, 16, 16), 2, 2, 256 * 4),
+            ("dw", (256, 16, 16), 1, 2, 256 * 4),
+            ("dw", (512, 8, 8), 2, 2, 512 * 4),
+            *[("dw", (512, 8, 8), 1, 2, 512 * 4)] * 5,
+            ("dw", (1024, 4, 4), 2, 1, 1024),
+            ("dw", (1024, 4, 4), 1, 1, 1024),
+        ],
+        None,
+        1024,
+    ),
+}
+
+
+def uninitialised(name: str, **kwargs) -> lls.LocalNet:
+    """The model with its weights left uninitialised (for shapes only): VGG11's 134 M in ms."""
+    from unittest import mock
+
+    with (
+        mock.patch.object(torch.nn.Linear, "reset_parameters", lambda self: None),
+        mock.patch.object(torch.nn.Conv2d, "reset_parameters", lambda self: None),
+    ):
+        return lls.create_model(name, **kwargs)
+
+
+def test_every_model_has_a_layout_written_out():
+    assert sorted(LAYOUTS) == sorted(lls.list_models())
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layout_block_by_block(name):
+    from lls.rules import latent_dim
+
+    input_shape, blocks, first_dense_input, head_input = LAYOUTS[name]
+    net = uninitialised(name, in_channels=input_shape[0], input_size=input_shape[1:], num_classes=10)
+    shapes = net.block_output_shapes(input_shape)
+    assert len(net.blocks) == len(blocks)
+    channels = input_shape[0]
+    for i, (kind, shape, stride, pool, dim) in enumerate(blocks):
+        block, where = net.blocks[i], f"{name} block {i}"
+        assert tuple(shapes[i]) == shape, where
+        assert net.latent_pool[i] == pool, where
+        assert latent_dim(shapes[i], net.latent_pool[i]) == dim, where
+        layers = [m for m in block if not isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+        norms = [m for m in block if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+        if kind == "fc":
+            (linear, _) = layers
+            assert isinstance(linear, torch.nn.Linear) and linear.out_features == shape[0], where
+            if i == 0 or blocks[i - 1][0] != "fc":
+                assert linear.in_features == first_dense_input, where
+        else:
+            convs = [m for m in layers if isinstance(m, torch.nn.Conv2d)]
+            first = convs[0]
+            assert (first.kernel_size, first.stride, first.padding) == ((3, 3), (stride, stride), (1, 1)), (
+                where
+            )
+            if kind == "conv":
+                assert len(convs) == 1 and first.bias is not None and first.out_channels == shape[0], where
+            else:  # depthwise 3x3 over the input's channels, then pointwise 1x1 to the block's
+                depthwise, pointwise = convs
+                assert depthwise.groups == depthwise.in_channels == depthwise.out_channels == channels, where
+                assert pointwise.kernel_size == (1, 1) and pointwise.out_channels == shape[0], where
+        assert [n.num_features for n in norms] == ([channels] if kind == "dw" else []) + [shape[0]], where
+        channels = shape[0]
+    assert net.head.in_features == head_input and net.head.out_features == 10
+
+
+def test_mobilenet_depthwise_padding_as_the_authors():
+    """The authors' code pads each depthwise convolution by its stride: at 128 px the strided blocks
+    give 64 -> 33 -> 18 -> 10 -> 6 instead of the layout's 64 -> 32 -> 16 -> 8 -> 4."""
+    net = uninitialised("mobilenetv1", input_size=128, depthwise_padding="stride")
+    shapes = net.block_output_shapes((3, 128, 128))
+    _, blocks, _, _ = LAYOUTS["mobilenetv1"]
+    strided = [i for i, (_, _, stride, _, _) in enumerate(blocks) if stride == 2]
+    assert [shapes[i][-1] for i in strided] == [64, 33, 18, 10, 6]
+    assert all(shapes[i][-1] == shapes[i - 1][-1] for i in range(1, len(shapes)) if i not in strided)
+    assert [tuple(s[:1]) for s in shapes] == [shape[:1] for _, shape, _, _, _ in blocks]
+    depthwise = [block[0] for block in net.blocks[1:]]
+    assert [d.padding for d in depthwise] == [d.stride for d in depthwise]
+
+
+def test_dense_latent_output_scores_dense_outputs_as_they_are():
+    """The layouts above are the default ('pooled', the authors' lengths); 'output' keeps the units."""
+    from lls.rules import latent_dim
+
+    for name, width in (("smallconvl", 1024), ("vgg11", 4096)):
+        net = uninitialised(name, input_size=32, dense_latent="output")
+        shapes = net.block_output_shapes((3, 32, 32))
+        assert latent_dim(shapes[-1], net.latent_pool[-1]) == width and net.latent_pool[-1] is None
+
+
+def test_unknown_model_option_names_the_known_ones():
+    with pytest.raises(lls.LLSError, match="known dense latents: pooled, output"):
+        lls.create_model("smallconv", dense_latent="flat")
+    with pytest.raises(lls.LLSError, match="models have no option 'latent'; their options: dense_latent"):
+        lls.create_model("smallconv", latent="output")
 
 
 def test_smallconv_parameter_count_by_hand():

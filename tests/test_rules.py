@@ -233,3 +233,96 @@ def test_latent_is_adaptive_average_pooling_in_any_memory_format(size, pool):
 def test_unknown_feedback_kind_names_the_known_ones():
     with pytest.raises(lls.LLSError, match="known kinds: uniform, centred"):
         lls.create_rule("drtp", feedback="gaussian")
+
+
+@pytest.mark.parametrize("width,pool", [(6, 12), (6, 3)])
+def test_dense_latent_pooled_to_the_reference_length(width, pool):
+    """adaptive_avg_pool1d of a dense output: 6 -> 12 repeats every unit, 6 -> 3 averages pairs
+    (the authors' SmallConvL 1024 -> 2048 and VGG11 4096 -> 2048); the basis has the pooled length."""
+    signal = lls.create_rule("lls", basis="periodic").signal(0, torch.Size((width,)), pool, 3).double()
+    assert signal.dim == pool
+    a = torch.randn(4, width, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    units = a.numpy()
+    z = np.repeat(units, 2, axis=1) if pool > width else units.reshape(4, pool, 2).mean(axis=2)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    expected = reference_cross_entropy(z @ reference_basis("periodic", 3, pool).T / 0.5, y.numpy())
+    assert signal(a, y).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_random_basis_drawn_wide_and_pooled_as_the_reference():
+    """readout_width=W: the K x W draw averaged down to d, so the same seed's K x 2d basis averaged
+    over pairs of columns; its entries' std is 0.1 / sqrt(2) (the reference code's 0.071 at 1024)."""
+    signal = make_signal("lls", basis="random", seed=5, readout_width=2 * D)
+    wide = lls.basis(K, 2 * D, "random", seed=block_seed(5, 0), dtype=torch.float64).numpy()
+    b = wide.reshape(K, D, 2).mean(axis=2)
+    np.testing.assert_allclose(
+        signal.readout_matrix(torch.zeros((), dtype=torch.float64)).numpy(), b, rtol=1e-12
+    )
+    big = lls.basis(10, 1024, "random", seed=1, width=2048)
+    assert big.std().item() == pytest.approx(0.1 / np.sqrt(2), rel=0.03)  # 10240 entries: 1 % error
+    assert torch.equal(lls.basis(10, 64, "random", seed=1, width=64), lls.basis(10, 64, "random", seed=1))
+
+
+def test_local_classifier_trained_wide_and_pooled(batch):
+    a, y = batch
+    signal = make_signal("local-classifier", readout_width=3 * D)
+    w = signal.classifier.detach().numpy()
+    assert w.shape == (K, 3 * D) and w.std() == pytest.approx(0.1, rel=0.3)
+    pooled = w.reshape(K, D, 3).mean(axis=2)
+    expected = reference_cross_entropy(reference_latent(a.numpy(), POOL) @ pooled.T / 0.5, y.numpy())
+    loss = signal(a, y)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    loss.backward()
+    assert (signal.classifier.grad != 0).all()  # every one of the K x W entries is trained
+    trainer = tiny_trainer("local-classifier", readout_width=64)
+    assert trainer.extra_parameters() == [NUM_CLASSES * 64] * len(trainer.net.blocks)
+
+
+def test_readout_width_is_for_the_random_basis_only():
+    with pytest.raises(lls.LLSError, match="readout_width applies to the random basis only"):
+        lls.create_rule("lls-m", basis="square", readout_width=2048)
+    with pytest.raises(lls.LLSError, match="readout_width must be >= 1"):
+        lls.create_rule("lls", basis="random", readout_width=0)
+
+
+# Each rule's extra parameters and fixed random tensors at initialisation (METHOD.md sections 3-5):
+# (attribute of the block signal, distribution). None: the rule adds nothing.
+INIT = {
+    "bp": None,
+    "lls": None,  # a fixed basis, regenerated, no parameter (entries tested in test_basis.py)
+    "lls-m": ("modulation", "normal", 0.01),
+    "lls-mxm": ("modulation", "normal", 0.01),
+    "local-classifier": ("classifier", "normal", 0.1),
+    "dfa": ("feedback", "uniform", 1e-4),
+    "drtp": ("feedback", "uniform", 1e-4),
+}
+
+
+def test_every_rule_has_an_initialisation_scale():
+    assert sorted(INIT) == lls.list_rules()
+
+
+@pytest.mark.parametrize("rule", sorted(INIT))
+def test_initialisation_scale(rule):
+    """Thousands of draws, so a 5 % tolerance on the std is over 3 standard errors wide."""
+    torch.manual_seed(0)
+    classes, shape = 100, torch.Size((16, 4, 4))  # 100 x 100 LLS-MxM entries, 100 x 64 classifier ones
+    r = lls.create_rule(rule)
+    signal = r.signal(0, shape, 2, classes)
+    expected = INIT[rule]
+    if expected is None:
+        assert signal is None or list(signal.parameters()) == []
+        return
+    name, law, scale = expected
+    if rule == "lls-m":  # a K-vector: use many classes for a tight estimate
+        signal = r.signal(0, shape, 2, 4000)
+    values = getattr(signal, name).detach().double()
+    assert values.numel() >= 4000
+    if law == "normal":
+        assert values.mean().item() == pytest.approx(0.0, abs=4 * scale / values.numel() ** 0.5)
+        assert values.std().item() == pytest.approx(scale, rel=0.05)
+    else:  # U[0, scale): all positive, as the reference draws them
+        assert values.min().item() >= 0 and values.max().item() < scale
+        assert values.mean().item() == pytest.approx(scale / 2, rel=0.05)
+        assert values.std().item() == pytest.approx(scale / 12**0.5, rel=0.05)

@@ -170,3 +170,74 @@ def test_user_network_of_plain_modules():
 def test_network_that_rejects_the_input_shape():
     with pytest.raises(lls.LLSError, match="does not accept inputs of shape"):
         lls.Trainer(tiny_net(), "lls", input_shape=(3, 8, 8))
+
+
+@pytest.mark.parametrize("rule", LOCAL_RULES)
+def test_one_optimizer_per_block_for_every_local_rule(rule):
+    """Block l's optimizer holds block l's parameters and its signal's, nothing else, and steps
+    once per training step: schedule-free AdamW's step count k (its averaging weights depend on it)
+    would run L + 1 times faster with one optimizer shared by all blocks."""
+    trainer = tiny_trainer(rule)
+    blocks = len(trainer.net.blocks)
+    assert len(trainer.optimizers) == blocks + 1
+    assert len({id(o) for o in trainer.optimizers}) == blocks + 1
+    owned = [{id(p) for p in block.parameters()} for block in trainer.net.blocks]
+    for i, signal in enumerate(trainer.signals):
+        owned[i] |= {id(p) for p in signal.parameters()}
+    owned.append({id(p) for p in trainer.net.head.parameters()})
+    for i, optimizer in enumerate(trainer.optimizers):
+        held = [id(p) for group in optimizer.param_groups for p in group["params"]]
+        assert len(held) == len(set(held)) and set(held) == owned[i], f"optimizer {i}"
+    steps = 3
+    for step in range(steps):
+        trainer.train_step(*tiny_batch(seed=step))
+    assert [o.param_groups[0]["k"] for o in trainer.optimizers] == [steps] * (blocks + 1)
+
+
+def test_fit_refreshes_batchnorm_on_50_training_batches(digits):
+    """METHOD.md section 6: before each evaluation, 50 training batches forwarded in train mode
+    without gradients. Counted at the first block: train mode without gradients is the refresh."""
+    from lls.net import build
+
+    from .conftest import TINY_SPECS
+
+    torch.manual_seed(0)
+    net = build(TINY_SPECS, digits.input_shape, digits.num_classes)
+    trainer = lls.Trainer(net, "lls", input_shape=digits.input_shape)
+    loaders = lls.Loaders.for_dataset(digits, batch_size=4, limit=240)  # 60 training batches
+    calls = []
+    net.blocks[0].register_forward_pre_hook(
+        lambda module, inputs: calls.append((module.training, torch.is_grad_enabled(), len(inputs[0])))
+    )
+    lls.fit(trainer, loaders, 1, progress=False)
+    training = [c for c in calls if c[0] and c[1]]
+    refresh = [c for c in calls if c[0] and not c[1]]
+    assert len(training) == 60 and len(refresh) == 50
+    assert all(n == 4 for _, _, n in refresh)  # training batches, at the training batch size
+
+
+@pytest.mark.parametrize("pool", [16, 4])
+def test_basis_readout_of_a_pooled_dense_latent(pool):
+    """A dense block's own accuracy scores its pooled latent (8 units -> 16 repeats, -> 4 averages
+    pairs) against the basis of the pooled length, as its training signal does."""
+    from lls.net import AvgPool, Conv, Dense, MaxPool, build
+
+    from .conftest import NUM_CLASSES
+
+    torch.manual_seed(0)
+    specs = (Conv(4, pool=2), MaxPool(), Conv(6, pool=1), AvgPool(2), Dense(8, pool=pool))
+    net = build(specs, TINY_INPUT, NUM_CLASSES)
+    trainer = lls.Trainer(net, lls.create_rule("lls", basis="periodic"), input_shape=TINY_INPUT)
+    assert trainer.signals[-1].dim == pool
+    for step in range(2):
+        trainer.train_step(*tiny_batch(seed=step))
+    x, y = tiny_batch(n=64, seed=7)
+    result = trainer.evaluate([(x, y)], blocks=True)
+    with trainer.evaluation() as evaluated, torch.no_grad():
+        *outputs, _ = evaluated.walk(x)
+        a = outputs[-1][1].double()
+    z = a.repeat_interleave(2, dim=1) if pool > 8 else a.view(len(a), pool, 2).mean(2)
+    t = torch.arange(pool, dtype=torch.float64)
+    b = torch.sin(torch.linspace(50, 512, NUM_CLASSES, dtype=torch.float64)[:, None] * t)
+    expected = ((F.normalize(z, dim=1) @ b.T).argmax(1) == y).double().mean().item()
+    assert result.block_accuracy[-1] == pytest.approx(expected)

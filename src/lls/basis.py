@@ -1,8 +1,8 @@
 """The fixed class basis of LLS (METHOD.md section 4).
 
 Row k of the basis is the pattern that block activity should line up with for class k. The basis is
-a pure function of (num_classes, dim, kind, seed): it is generated, cached, never trained and never
-written to a checkpoint, which is where LLS's "no extra parameters" claim comes from.
+a pure function of (num_classes, dim, kind, seed, width): it is generated, cached, never trained and
+never written to a checkpoint, which is where LLS's "no extra parameters" claim comes from.
 
 Values are computed in float64 on the CPU and then cast, so the same basis comes out on every
 device. (The authors' code evaluates ``sin(f * t)`` in float32 on the GPU, where ``f * t`` reaches
@@ -35,6 +35,7 @@ def basis(
     kind: str = "square",
     seed: int = 0,
     *,
+    width: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -42,26 +43,39 @@ def basis(
 
     - ``periodic``: ``B[k, t] = sin(f_k * t)`` (the paper's "cosine" waveform),
     - ``square``: ``sign(sin(f_k * t))``, entries in {-1, 0, +1},
-    - ``random``: N(0, 0.1^2) entries drawn from a generator seeded with ``seed``.
+    - ``random``: N(0, 0.1^2) entries drawn from a generator seeded with ``seed``; with ``width``,
+      drawn ``num_classes x width`` and each row average-pooled to ``dim`` (adaptive bins, as
+      ``adaptive_avg_pool1d``): the reference code's convention, whose entries then have a smaller
+      std where ``width > dim`` (0.1 / sqrt(2) for 2048 -> 1024).
 
-    ``seed`` only matters for ``random``. The returned tensor is cached and shared: do not modify
-    it in place.
+    ``seed`` and ``width`` only matter for ``random``. The returned tensor is cached and shared: do
+    not modify it in place.
     """
     if kind not in BASIS_KINDS:
         raise LLSError(f"unknown basis {kind!r}; known bases: {', '.join(BASIS_KINDS)}")
-    if num_classes < 1 or dim < 1:
-        raise LLSError(f"a basis needs num_classes >= 1 and dim >= 1, got {num_classes} x {dim}")
-    seed = seed if kind == "random" else 0  # keep one cache entry for the deterministic kinds
-    return _cached_basis(num_classes, dim, kind, seed, torch.device(device or "cpu"), dtype)
+    if num_classes < 1 or dim < 1 or (width is not None and width < 1):
+        raise LLSError(f"a basis needs num_classes, dim and width >= 1, got {num_classes} x {dim} ({width})")
+    if kind != "random":  # keep one cache entry for the deterministic kinds
+        seed, width = 0, None
+    return _cached_basis(num_classes, dim, kind, seed, width, torch.device(device or "cpu"), dtype)
 
 
 @functools.lru_cache(maxsize=512)
 def _cached_basis(
-    num_classes: int, dim: int, kind: str, seed: int, device: torch.device, dtype: torch.dtype
+    num_classes: int,
+    dim: int,
+    kind: str,
+    seed: int,
+    width: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     if kind == "random":
         generator = torch.Generator().manual_seed(seed)
-        values = RANDOM_STD * torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+        drawn = width or dim
+        values = RANDOM_STD * torch.randn(num_classes, drawn, generator=generator, dtype=torch.float64)
+        if drawn != dim:
+            values = torch.nn.functional.adaptive_avg_pool1d(values, dim)
     else:
         t = torch.arange(dim, dtype=torch.float64)
         values = torch.sin(frequencies(num_classes)[:, None] * t[None, :])

@@ -140,25 +140,54 @@ def module_costs(module: nn.Module, x: torch.Tensor) -> tuple[int, int, int, tor
     return forward // n, weight // n, (both - weight) // n, out.detach()
 
 
+def bin_lengths(size: int, pool: int) -> list[int]:
+    """Lengths of the ``pool`` adaptive-average bins over ``size`` entries (PyTorch's bins
+    [i*size//pool, ceil((i+1)*size/pool)): they overlap when ``pool`` does not divide ``size``,
+    and hold one entry each when ``pool >= size``, which then repeats entries)."""
+    return [-(-(i + 1) * size // pool) - (i * size) // pool for i in range(pool)]
+
+
+def pooling_ops(sizes: tuple[int, ...], pool: int) -> tuple[int, int]:
+    """(multiplies, additions) of adaptive average pooling over ``sizes`` (one channel) to ``pool``
+    per dimension, forward and backward.
+
+    Forward: each bin sums its entries (length - 1 additions) and scales the sum (one multiply,
+    none for a bin of one entry, a copy). Backward: each bin scales its gradient (one multiply,
+    again none for a copy) and every entry adds up the gradients of the bins holding it (bins - 1
+    additions; pooling a 1024-vector up to 2048 therefore costs 1024 additions, all backward).
+    """
+    per_dim = [bin_lengths(size, pool) for size in sizes]
+    bins = pool ** len(sizes)
+    entries = math.prod(sizes)
+    held = math.prod(sum(lengths) for lengths in per_dim)  # (bin, entry) pairs
+    copies = math.prod(sum(length == 1 for length in lengths) for lengths in per_dim)
+    mults = 2 * (bins - copies)
+    adds = (held - bins) + (held - entries)
+    return mults, adds
+
+
 def projection_signal_ops(signal: ProjectionSignal, out_shape: torch.Size) -> tuple[int, int]:
     """(multiplies, additions) per sample of an LLS-family signal, forward and backward.
 
-    Pooling sums the C*H*W activations into C*p*p bins (additions) and scales each bin (one
-    multiply); its backward scales the C*p*p bin gradients and broadcasts them (no arithmetic).
-    Normalisation: d squares + d-1 additions for the norm, d divisions; backward
-    ``(g - z (z.g)) / |a|``: 3d multiplies and 2d additions. Scoring ``z @ B^T`` and its backward
-    ``g @ B``: K*d multiplies and K*d additions each, no multiplies for the square basis. A learned
-    classifier also computes its weight gradient (K*d more multiply-adds). Modulation: K (vector)
-    or R*K (matrix) multiply-adds forward, twice that backward. The softmax cross-entropy on K
-    scores (O(K)) is not counted.
+    Pooling: see :func:`pooling_ops`, per channel of a conv output (to p x p) or on a dense output
+    (to its latent length d). Normalisation: d squares + d-1 additions for the norm, d divisions;
+    backward ``(g - z (z.g)) / |a|``: 3d multiplies and 2d additions. Scoring ``z @ B^T`` and its
+    backward ``g @ B``: K*d multiplies and K*d additions each, no multiplies for the square basis.
+    A learned classifier also computes its weight gradient (K*d more multiply-adds); one trained
+    at a width W != d is pooled to K x d once per step, not per sample (K*W / batch, left out),
+    and a random basis drawn at W is pooled once and cached. Modulation: K (vector) or R*K
+    (matrix) multiply-adds forward, twice that backward. The softmax cross-entropy on K scores
+    (O(K)) is not counted.
     """
     d, rows = signal.dim, signal.rows
     mults = adds = 0
-    if len(out_shape) == 3 and signal.pool is not None:
-        c, h, w = out_shape
-        bins = c * signal.pool * signal.pool
-        adds += c * h * w - bins
-        mults += 2 * bins  # forward scale, backward scale
+    if signal.pool is not None and len(out_shape) in (1, 3):
+        channels, sizes = (
+            (out_shape[0], tuple(out_shape[1:])) if len(out_shape) == 3 else (1, tuple(out_shape))
+        )
+        pool_mults, pool_adds = pooling_ops(sizes, signal.pool)
+        mults += channels * pool_mults
+        adds += channels * pool_adds
     if signal.normalize:
         mults += d + d + 3 * d
         adds += (d - 1) + 2 * d
@@ -178,11 +207,14 @@ def count_costs(
     rule: str | Rule,
     input_shape: tuple[int, int, int],
     classes: int,
+    *,
+    model_options: dict[str, Any] | None = None,
 ) -> CostReport:
-    """Per-sample multiply-adds and parameters of one training step of ``rule`` on ``model``."""
+    """Per-sample multiply-adds and parameters of one training step of ``rule`` on ``model``
+    (a registered name, built with ``model_options``, or a network)."""
     rule = create_rule(rule) if isinstance(rule, str) else rule
     if isinstance(model, str):
-        trainer = build_trainer(model, rule, input_shape, classes)
+        trainer = build_trainer(model, rule, input_shape, classes, model_options=model_options)
     else:
         trainer = Trainer(model, rule, input_shape=input_shape)
     net = trainer.net
@@ -310,6 +342,7 @@ def measure_memory(
     subprocess_peak: bool = True,
     rule_options: dict[str, Any] | None = None,
     memory: str | int | None = None,
+    model_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measured memory of one training step (bytes, whole batch); ``memory``: the low-memory step
     (``"low"`` or a budget in bytes, see ``lowmem.py``), ``None`` for the ordinary one."""
@@ -323,6 +356,7 @@ def measure_memory(
         device=dev,
         channels_last=channels_last,
         memory=memory,
+        model_options=model_options,
     )
     x, y = example_batch(input_shape, classes, batch, dev, channels_last)
     trainer.train_step(x, y)  # creates the optimizer state
@@ -348,7 +382,17 @@ def measure_memory(
         result["step_peak_method"] = "torch.cuda.max_memory_allocated above the memory held between steps"
     elif subprocess_peak:
         result.update(
-            cpu_step_peak(model, rule, input_shape, classes, batch, channels_last, rule_options or {}, memory)
+            cpu_step_peak(
+                model,
+                rule,
+                input_shape,
+                classes,
+                batch,
+                channels_last,
+                rule_options or {},
+                memory,
+                model_options or {},
+            )
         )
     if trainer.low_memory is not None:
         result["slices"] = trainer.low_memory.slices(batch)
@@ -365,12 +409,15 @@ def cpu_step_peak(
     channels_last: bool,
     options: dict[str, Any],
     memory: str | int | None = None,
+    model_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Peak resident memory of one step above the memory held between steps, in a fresh process."""
     if not os.path.exists("/proc/self/clear_refs"):
         return {"step_peak_bytes": None, "step_peak_method": "unavailable: needs Linux /proc"}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    spec = json.dumps([model, rule, list(input_shape), classes, batch, channels_last, options, memory])
+    spec = json.dumps(
+        [model, rule, list(input_shape), classes, batch, channels_last, options, memory, model_options or {}]
+    )
     done = subprocess.run(
         [sys.executable, "-m", "lls.cost", spec], capture_output=True, text=True, env=env, timeout=1800
     )
@@ -391,7 +438,7 @@ def _read_status(field_name: str) -> int:
 
 
 def _peak_in_this_process(
-    model, rule, input_shape, classes, batch, channels_last, options, memory=None
+    model, rule, input_shape, classes, batch, channels_last, options, memory=None, model_options=None
 ) -> dict[str, Any]:
     import gc
 
@@ -403,6 +450,7 @@ def _peak_in_this_process(
         rule_options=options,
         channels_last=channels_last,
         memory=memory,
+        model_options=model_options,
     )
     x, y = example_batch(tuple(input_shape), classes, batch, torch.device("cpu"), channels_last)
     for _ in range(2):  # the optimizer state and the backends' caches exist before the measured step

@@ -1,24 +1,44 @@
 """The paper's models as data (METHOD.md section 2), looked up by name.
 
 Each entry is a list of block specs; ``pool`` is the block's LLS latent pool side p_l from the
-paper. ``create_model`` turns a spec list into a :class:`~lls.net.LocalNet` for any number of input
-channels, input size and classes.
+paper, and for a dense block the length the authors' code pools its output to (``pooling_size`` of
+their layers: 2048 for SmallConvL's 1024 units and VGG11's 4096; the output's own length for
+SmallConv and VGG8). ``create_model`` turns a spec list into a :class:`~lls.net.LocalNet` for any
+number of input channels, input size and classes, with the options of :class:`ModelOptions`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
-from .net import AvgPool, Conv, Dense, DWSeparable, LocalNet, MaxPool, Spec, build
+from .errors import LLSError
+from .net import AvgPool, Conv, Dense, DWSeparable, LocalNet, MaxPool, ModelOptions, Spec, build
 from .registry import Registry
 
 MODELS: Registry[tuple[Spec, ...]] = Registry("model")
 
 MODELS.register("smallconv")(
-    (Conv(32, pool=4), MaxPool(), Conv(64, pool=2), MaxPool(), Conv(128, pool=2), AvgPool(2), Dense(512))
+    (
+        Conv(32, pool=4),
+        MaxPool(),
+        Conv(64, pool=2),
+        MaxPool(),
+        Conv(128, pool=2),
+        AvgPool(2),
+        Dense(512, pool=512),
+    )
 )
 MODELS.register("smallconvl")(
-    (Conv(96, pool=4), MaxPool(), Conv(192, pool=2), MaxPool(), Conv(512, pool=2), AvgPool(2), Dense(1024))
+    (
+        Conv(96, pool=4),
+        MaxPool(),
+        Conv(192, pool=2),
+        MaxPool(),
+        Conv(512, pool=2),
+        AvgPool(2),
+        Dense(1024, pool=2048),
+    )
 )
 MODELS.register("vgg8")(
     (
@@ -32,7 +52,7 @@ MODELS.register("vgg8")(
         MaxPool(),
         Conv(512, pool=2),
         AvgPool(2),
-        Dense(1024),
+        Dense(1024, pool=1024),
     )
 )
 MODELS.register("vgg11")(
@@ -50,8 +70,8 @@ MODELS.register("vgg11")(
         Conv(512, pool=2),
         Conv(512, pool=2),
         AvgPool(8),
-        Dense(4096),
-        Dense(4096),
+        Dense(4096, pool=2048),  # the authors' code averages pairs of units
+        Dense(4096, pool=2048),
     )
 )
 MODELS.register("mobilenetv1")(
@@ -86,9 +106,21 @@ def create_model(
     input_size: int | Sequence[int] = 32,
     num_classes: int = 10,
     activation: str = "leaky_relu",
+    **options: str,
 ) -> LocalNet:
     """Build a registered model, e.g. ``create_model("vgg8", in_channels=3, input_size=32)``, or
-    one given as its list of block specs."""
+    one given as its list of block specs.
+
+    ``options`` are :class:`ModelOptions` fields, e.g. ``dense_latent="output"``."""
     h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     specs, label = (MODELS.get(name), name) if isinstance(name, str) else (tuple(name), "model")
-    return build(specs, (in_channels, h, w), num_classes, activation, name=label)
+    return build(specs, (in_channels, h, w), num_classes, activation, name=label, **model_options(options))
+
+
+def model_options(options: dict | None) -> dict[str, str]:
+    """``options`` checked against :class:`ModelOptions`, with the defaults filled in."""
+    valid = [f.name for f in dataclasses.fields(ModelOptions)]
+    for key in options or {}:
+        if key not in valid:
+            raise LLSError(f"models have no option {key!r}; their options: {', '.join(valid)}")
+    return ModelOptions(**(options or {})).as_dict()

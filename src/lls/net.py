@@ -7,6 +7,7 @@ feed-forward network.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import LLSError
+from .options import check, option
 
 LEAKY_SLOPE = 0.01  # LeakyReLU negative slope of every block (PyTorch's default, the paper's)
 
@@ -62,9 +64,10 @@ ACTIVATIONS = {
 class LocalNet(nn.Module):
     """Blocks ``b_0..b_{L-1}``, fixed ops ``o_l`` after each block, and a head.
 
-    ``forward(x) = head(o_{L-1}(b_{L-1}(... o_0(b_0(x)))))``. ``latent_pool[l]`` is the side p_l of
-    the adaptive average pool that turns block l's output into its LLS latent (METHOD.md section 3);
-    ``None`` uses the flattened output as it is (the convention for dense blocks).
+    ``forward(x) = head(o_{L-1}(b_{L-1}(... o_0(b_0(x)))))``. ``latent_pool[l]`` says how block l's
+    output becomes its LLS latent (METHOD.md section 3): for a conv output, the side p_l of the
+    adaptive average pool; for a flat (dense) output, the length it is adaptively average-pooled to
+    (the reference code's ``adaptive_avg_pool1d``); ``None`` uses the flattened output as it is.
     """
 
     def __init__(
@@ -170,7 +173,10 @@ class Conv:
 
 @dataclass(frozen=True)
 class DWSeparable:
-    """Trainable block (MobileNet): depthwise 3x3 + BN + act, then pointwise 1x1 + BN + act."""
+    """Trainable block (MobileNet): depthwise 3x3 + BN + act, then pointwise 1x1 + BN + act.
+
+    The depthwise convolution is padded by 1, or by its stride with ``build(...,
+    depthwise_padding="stride")`` (the authors' code: 33 x 33 rather than 32 x 32 out of 64 x 64)."""
 
     channels: int
     pool: int | None
@@ -179,10 +185,14 @@ class DWSeparable:
 
 @dataclass(frozen=True)
 class Dense:
-    """Trainable block: Linear -> BatchNorm1d -> activation (latent = its output as it is)."""
+    """Trainable block: Linear -> BatchNorm1d -> activation.
+
+    ``pool``: the length the reference code average-pools the output to for the LLS latent
+    (``adaptive_avg_pool1d``: a longer one repeats entries, a shorter one averages neighbours);
+    ``None``, or ``build(..., dense_latent="output")``, scores the output as it is."""
 
     width: int
-    pool: None = None
+    pool: int | None = None
 
 
 @dataclass(frozen=True)
@@ -213,9 +223,9 @@ def _conv_block(cin: int, spec: Conv, act: str) -> nn.Module:
     )
 
 
-def _dw_block(cin: int, spec: DWSeparable, act: str) -> nn.Module:
+def _dw_block(cin: int, spec: DWSeparable, act: str, padding: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(cin, cin, 3, stride=spec.stride, padding=1, groups=cin, bias=False),
+        nn.Conv2d(cin, cin, 3, stride=spec.stride, padding=padding, groups=cin, bias=False),
         nn.BatchNorm2d(cin),
         ACTIVATIONS[act](),
         nn.Conv2d(cin, spec.channels, 1, bias=False),
@@ -228,14 +238,57 @@ def _dense_block(din: int, spec: Dense, act: str) -> nn.Module:
     return nn.Sequential(nn.Linear(din, spec.width), nn.BatchNorm1d(spec.width), ACTIVATIONS[act]())
 
 
+DENSE_LATENTS = ("pooled", "output")
+DEPTHWISE_PADDINGS = ("1", "stride")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a model is built from its specs where METHOD.md and the authors' code could differ
+    (options of :func:`build` and of ``create_model``, checked here).
+
+    Defaults: the authors' dense latents (what the paper's tables ran, METHOD.md section 3) and the
+    standard MobileNetV1 padding (no table of the paper uses MobileNetV1)."""
+
+    dense_latent: str = option(
+        "pooled",
+        help="LLS latent of a dense block: its output 'pooled' to the authors' length with "
+        "adaptive_avg_pool1d (SmallConvL 1024 -> 2048, VGG11 4096 -> 2048), or the 'output' as it is",
+        choices=DENSE_LATENTS,
+        known="dense latents",
+    )
+    depthwise_padding: str = option(
+        "1",
+        help="padding of MobileNetV1's depthwise convolutions: 1, or equal to their 'stride' as the "
+        "authors' code (spatial sizes 64, 33, 18, 10, 6 at 128 px instead of 64, 32, 16, 8, 4)",
+        choices=DEPTHWISE_PADDINGS,
+        known="paddings",
+    )
+
+    def __post_init__(self) -> None:
+        check(self, "model option ")
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
 def build(
     specs: Sequence[Spec],
     input_shape: Sequence[int],
     num_classes: int,
     activation: str = "leaky_relu",
     name: str = "model",
+    *,
+    dense_latent: str = "pooled",
+    depthwise_padding: str = "1",
 ) -> LocalNet:
-    """Turn block specs into a :class:`LocalNet` for inputs of ``input_shape`` (C, H, W)."""
+    """Turn block specs into a :class:`LocalNet` for inputs of ``input_shape`` (C, H, W).
+
+    ``dense_latent``: "pooled" takes each :class:`Dense` spec's ``pool`` as its latent length,
+    "output" scores dense outputs as they are. ``depthwise_padding``: "1", or "stride" to pad each
+    depthwise convolution by its stride (see :class:`DWSeparable`).
+    """
+    ModelOptions(dense_latent, depthwise_padding)  # checks them
     if activation not in ACTIVATIONS:
         raise LLSError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
     if num_classes < 2:
@@ -256,9 +309,13 @@ def build(
             if len(shape) != 3:
                 raise ValueError(f"{name}: a conv block follows a flat activation")
             c, h, w = shape
-            h, w = (h - 1) // spec.stride + 1, (w - 1) // spec.stride + 1
-            make = _conv_block if isinstance(spec, Conv) else _dw_block
-            blocks.append(make(c, spec, activation))
+            if isinstance(spec, Conv):
+                padding = 1
+                blocks.append(_conv_block(c, spec, activation))
+            else:
+                padding = spec.stride if depthwise_padding == "stride" else 1
+                blocks.append(_dw_block(c, spec, activation, padding))
+            h, w = (h + 2 * padding - 3) // spec.stride + 1, (w + 2 * padding - 3) // spec.stride + 1
             between.append([])
             pools.append(spec.pool)
             shape = (spec.channels, h, w)
@@ -268,7 +325,9 @@ def build(
                 shape = (math.prod(shape),)
             blocks.append(_dense_block(shape[0], spec, activation))
             between.append([])
-            pools.append(None)
+            # pooling to the output's own length changes nothing: leave it out of every count
+            pooled = dense_latent == "pooled" and spec.pool is not None and spec.pool != spec.width
+            pools.append(spec.pool if pooled else None)
             shape = (spec.width,)
         elif isinstance(spec, MaxPool):
             if len(shape) != 3 or min(shape[1:]) < 2:

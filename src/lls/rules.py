@@ -44,9 +44,16 @@ def latent(a: torch.Tensor, pool: int | None) -> torch.Tensor:
     """A block output as the flat latent the LLS-family losses score (METHOD.md section 3, step 2).
 
     Conv outputs are average-pooled adaptively to ``pool x pool`` (PyTorch's ``adaptive_avg_pool2d``
-    bins) and flattened channel-major, ``d = C * pool^2``; other outputs are flattened as they are.
+    bins) and flattened channel-major, ``d = C * pool^2``. Flat (dense) outputs are average-pooled
+    adaptively to length ``pool`` as the reference code does (``adaptive_avg_pool1d``: 1024 -> 2048
+    repeats every entry, 4096 -> 2048 averages pairs). With ``pool`` None, outputs are flattened as
+    they are.
     """
-    if a.dim() != 4 or pool is None:
+    if pool is None:
+        return a.flatten(1)
+    if a.dim() == 2:
+        return a if a.shape[1] == pool else F.adaptive_avg_pool1d(a.unsqueeze(1), pool).squeeze(1)
+    if a.dim() != 4:
         return a.flatten(1)
     if not a.is_contiguous(memory_format=torch.channels_last) or a.shape[1] == 1:
         return F.adaptive_avg_pool2d(a, pool).flatten(1)
@@ -72,8 +79,11 @@ def pooling_matrix(size: int, pool: int, dtype: torch.dtype, device: torch.devic
 
 
 def latent_dim(out_shape: torch.Size, pool: int | None) -> int:
+    """``d_l``, the length of :func:`latent` of an output of shape ``out_shape`` (without batch)."""
     if len(out_shape) == 3 and pool is not None:
         return out_shape[0] * pool * pool
+    if len(out_shape) == 1 and pool is not None:
+        return pool
     return math.prod(out_shape)
 
 
@@ -117,6 +127,10 @@ class ProjectionSignal(BlockSignal):
     ``readout`` is a basis kind (fixed, regenerated on demand, never stored) or ``"learned"`` for a
     local learned classifier (a trainable K x d matrix). ``modulation`` is ``None``, ``"vector"``
     (LLS-M, ``s * m``) or ``"matrix"`` (LLS-MxM, ``s @ M`` with M of shape rows x K).
+
+    ``width``: the random basis is drawn, and the learned classifier trained, as a K x width
+    matrix average-pooled to K x d each time it is used (the reference code's convention);
+    ``None`` (or ``d``) makes it K x d directly.
     """
 
     def __init__(
@@ -131,15 +145,19 @@ class ProjectionSignal(BlockSignal):
         seed: int = 0,
         modulation: Literal["vector", "matrix"] | None = None,
         rows: int | None = None,
+        width: int | None = None,
     ) -> None:
         super().__init__()
         self.num_classes, self.dim, self.pool = num_classes, dim, pool
         self.readout, self.temperature, self.normalize, self.seed = readout, temperature, normalize, seed
         self.rows = rows or num_classes
+        self.width = width if width != dim else None
         if modulation != "matrix" and self.rows != num_classes:
             raise ValueError("a reduced basis (rows != classes) needs a matrix modulation")
         self.classifier = (
-            nn.Parameter(CLASSIFIER_INIT_STD * torch.randn(self.rows, dim)) if readout == "learned" else None
+            nn.Parameter(CLASSIFIER_INIT_STD * torch.randn(self.rows, width or dim))
+            if readout == "learned"
+            else None
         )
         self.modulation = None
         if modulation == "vector":
@@ -150,8 +168,18 @@ class ProjectionSignal(BlockSignal):
     def readout_matrix(self, like: torch.Tensor) -> torch.Tensor:
         """The rows x d matrix the latent is scored against, on ``like``'s device and dtype."""
         if self.classifier is not None:
-            return self.classifier
-        return basis(self.rows, self.dim, self.readout, self.seed, device=like.device, dtype=like.dtype)
+            if self.width is None:
+                return self.classifier
+            return F.adaptive_avg_pool1d(self.classifier, self.dim)  # differentiable: trains all of it
+        return basis(
+            self.rows,
+            self.dim,
+            self.readout,
+            self.seed,
+            width=self.width,
+            device=like.device,
+            dtype=like.dtype,
+        )
 
     def latent(self, a: torch.Tensor) -> torch.Tensor:
         return latent(a, self.pool)
@@ -242,6 +270,19 @@ def seed_option() -> Any:
     return option(0, help="seeds the rule's fixed random tensors", cli=False, minimum=0, maximum=2**63 - 1)
 
 
+REFERENCE_READOUT_WIDTH = 2048  # the K x 2048 matrices of the reference code's VGG and MobileNet
+
+
+def readout_width_option(what: str) -> Any:
+    return option(
+        None,
+        help=f"{what} as a K x W matrix average-pooled to K x d_l, as the reference code "
+        f"(W = {REFERENCE_READOUT_WIDTH} for VGG8, VGG11, MobileNetV1; d_l itself for SmallConv(L), "
+        "the default)",
+        minimum=1,
+    )
+
+
 def register_rule(name: str):
     def add(cls: type[Rule]) -> type[Rule]:
         cls.name = name
@@ -269,8 +310,17 @@ class LLS(Rule):
     basis: str = option("square", help="LLS basis", choices=BASIS_KINDS, known="bases")
     temperature: float = option(0.5, help="temperature T of the local loss CE(s / T, y)", positive=True)
     seed: int = seed_option()
+    readout_width: int | None = readout_width_option("the random basis is drawn")
 
     modulation: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.readout_width is not None and self.basis != "random":
+            raise LLSError(
+                f"rule {self.name!r}: readout_width applies to the random basis only, not {self.basis!r}; "
+                "drop it or use basis random"
+            )
 
     def rows(self, num_classes: int) -> int:
         return num_classes
@@ -286,6 +336,7 @@ class LLS(Rule):
             seed=block_seed(self.seed, index),
             modulation=self.modulation,
             rows=self.rows(num_classes),
+            width=self.readout_width,
         )
 
 
@@ -323,6 +374,7 @@ class LocalClassifier(Rule):
     """Local learned classifiers: like LLS with a trainable K x d matrix and no normalisation."""
 
     temperature: float = option(0.5, help="temperature T of the local loss CE(s / T, y)", positive=True)
+    readout_width: int | None = readout_width_option("each classifier is trained")
 
     def signal(self, index, out_shape, pool, num_classes):
         return ProjectionSignal(
@@ -332,6 +384,7 @@ class LocalClassifier(Rule):
             readout="learned",
             temperature=self.temperature,
             normalize=False,
+            width=self.readout_width,
         )
 
 

@@ -353,6 +353,7 @@ def build_trainer(
     num_classes: int | None = None,
     *,
     rule_options: dict[str, Any] | None = None,
+    model_options: dict[str, Any] | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
@@ -368,9 +369,10 @@ def build_trainer(
     ``data`` is a dataset (its input shape and class count are used) or an input shape ``(C, H,
     W)`` with ``num_classes``. ``seed`` seeds the initial weights and, for rules that draw fixed
     random tensors (a random basis, feedback matrices), those too. The network is built with the
-    rule's activation (Tanh for DRTP), on ``device``, optionally in channels-last layout, and steps
-    with ``engine`` ("eager", "graph" or "auto"; see engine.py). ``memory``: the low-memory step,
-    see :class:`Trainer`.
+    rule's activation (Tanh for DRTP) and ``model_options`` (:class:`~lls.models.ModelOptions`,
+    e.g. ``{"dense_latent": "output"}``), on ``device``, optionally in channels-last layout, and
+    steps with ``engine`` ("eager", "graph" or "auto"; see engine.py). ``memory``: the low-memory
+    step, see :class:`Trainer`.
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
@@ -391,6 +393,7 @@ def build_trainer(
         input_size=input_shape[1:],
         num_classes=num_classes,
         activation=rule.activation,
+        **(model_options or {}),
     ).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
