@@ -148,7 +148,9 @@ def run_bench(
                 memory=setting,
             )
             peak = measured.get("step_peak_bytes")
-        results.append(BenchResult(label, seconds[label], batch, costs[label], peak, name, issued, spec, setting))
+        results.append(
+            BenchResult(label, seconds[label], batch, costs[label], peak, name, issued, spec, setting)
+        )
     return results
 
 

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .data import DATASETS
+from .engine import ENGINES
 from .errors import LLSError
-from .models import MODELS
+from .lowmem import memory_plan
+from .models import MODELS, model_options
+from .net import ModelOptions
 from .optim import OPTIMIZERS
 from .options import check, check_values, flag, option, options_of
 from .rules import RULES, create_rule, rule_options, seeded_options
@@ -35,6 +38,9 @@ class TrainConfig:
     rule: str = option("lls", help="learning rule", choices=RULES, distinguishing=False)
     rule_options: dict[str, Any] = option(
         default_factory=dict, help="the rule's options", cli=False, distinguishing=False
+    )
+    model_options: dict[str, Any] = option(
+        default_factory=dict, help="the model's options", cli=False, distinguishing=False
     )
     epochs: int = option(
         1,
@@ -69,9 +75,34 @@ class TrainConfig:
         distinguishing=False,
     )
 
+    memory: str | None = option(
+        None,
+        help="train each block in slices of the batch, holding one slice's activations at a time: "
+        "'low' (the fewest slices under the smallest peak) or a budget such as 512MiB; same "
+        "gradients, local rules only",
+        resumable=True,
+        distinguishing=False,
+    )
+    engine: str = option(
+        "auto",
+        help="how each step is issued: eager (op by op), graph (CUDA graphs, one stream per block), "
+        "auto (graph on CUDA, eager on CPU)",
+        choices=ENGINES,
+        resumable=True,
+        distinguishing=False,
+    )
+
     def __post_init__(self) -> None:
         check(self)
-        create_rule(self.rule, **self.rule_options)  # the rule checks its own options
+        rule = create_rule(self.rule, **self.rule_options)  # the rule checks its own options
+        model_options(self.model_options)  # and the model its own
+        if self.memory is not None:
+            memory_plan(self.memory)
+            if rule.timing == "end-to-end":
+                raise LLSError(
+                    f"--memory slices one block's step at a time and {self.rule} back-propagates "
+                    "through every block at once; drop --memory or pick a local rule"
+                )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,14 +129,27 @@ class TrainConfig:
         parts = [self.dataset, self.model, self.rule + (f"-{basis}" if basis else ""), f"s{self.seed}"]
         return "-".join(parts) + time.strftime("-%Y%m%d-%H%M%S")
 
-    def resumed(self, given: dict[str, Any], given_rule: dict[str, Any], where: str) -> TrainConfig:
+    def resumed(
+        self,
+        given: dict[str, Any],
+        given_rule: dict[str, Any],
+        where: str,
+        given_model: dict[str, Any] | None = None,
+    ) -> TrainConfig:
         """This (saved) config with what a resume may change; any other option given that differs
         from the run's is refused, naming each conflict."""
         check_values(TrainConfig, given, name=flag)
+        given_model = given_model or {}
+        check_values(ModelOptions, given_model, "model: ", name=flag)
         conflicts = []
-        saved_rule = self.rule_config()
-        for name, value in {**given, **given_rule}.items():
-            old = saved_rule.get(name) if name in given_rule else getattr(self, name)
+        saved_rule, saved_model = self.rule_config(), model_options(self.model_options)
+        for name, value in {**given, **given_rule, **given_model}.items():
+            if name in given_model:
+                old = saved_model[name]
+            elif name in given_rule:
+                old = saved_rule.get(name)
+            else:
+                old = getattr(self, name)
             if name not in RESUMABLE and value != old:
                 conflicts.append(f"{flag(name)} {value} (the run has {old})")
         if conflicts:
@@ -121,11 +165,14 @@ RESUMABLE = {f.name for f in options_of(TrainConfig) if f.metadata["resumable"]}
 DISTINGUISHING = [f.name for f in options_of(TrainConfig) if f.metadata["distinguishing"]]
 
 
-def config_from_options(given: dict[str, Any], given_rule: dict[str, Any]) -> TrainConfig:
+def config_from_options(
+    given: dict[str, Any], given_rule: dict[str, Any], given_model: dict[str, Any] | None = None
+) -> TrainConfig:
     """A new run's config from the options a user typed (the rest at their defaults); errors name
     the flags. The run's seed also seeds the rule's random tensors."""
     check_values(TrainConfig, given, name=flag)
-    config = TrainConfig(**given)
+    check_values(ModelOptions, given_model or {}, "model: ", name=flag)
+    config = TrainConfig(**given, model_options=dict(given_model or {}))
     cls, fields = RULES.get(config.rule), rule_options()
     for name in given_rule:
         if name not in {f.name for f in options_of(cls)}:

@@ -127,14 +127,18 @@ class Loaders:
         device: torch.device | str = "cpu",
         limit: int | None = None,
         channels_last: bool = False,
+        draws: str = "host",
     ) -> Loaders:
+        """``draws``: where the training loader shuffles and augments (``make_loader``)."""
         layout = torch.channels_last if channels_last else torch.contiguous_format
         common = {"mean": data.mean, "std": data.std, "device": device, "memory_format": layout}
         train = data.train.head(limit)
         probe = train.head(min(PROBE_IMAGES, len(train)))
         if isinstance(probe, FileSplit):
             probe = dataclasses.replace(probe, random_crop=False)
-        train_loader = make_loader(train, batch_size, augment=data.augment, shuffle=True, seed=seed, **common)
+        train_loader = make_loader(
+            train, batch_size, augment=data.augment, shuffle=True, seed=seed, draws=draws, **common
+        )
         train_loader.min_batch = BATCHNORM_MIN_BATCH
         return cls(
             train=train_loader,

@@ -81,9 +81,9 @@ class FusedProjection:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if not supports(signal):
-            raise LLSError(f"{type(signal).__name__} has no fused form; use the signal itself")
         out_shape = tuple(out_shape)
+        if not supports(signal, out_shape):
+            raise LLSError(f"{type(signal).__name__} has no fused form here; use the signal itself")
         if latent_dim(torch.Size(out_shape), signal.pool) != signal.dim:
             raise LLSError(
                 f"block output {out_shape} has latent size {latent_dim(torch.Size(out_shape), signal.pool)}, "
@@ -261,16 +261,23 @@ def _to_position_major(matrix: torch.Tensor, geometry: _Geometry) -> torch.Tenso
     return matrix.view(matrix.shape[0], geometry.channels, h * w).transpose(1, 2).reshape(matrix.shape[0], -1)
 
 
-def supports(signal: object) -> bool:
-    """Whether a block's signal has a fused form: the LLS family and local learned classifiers
-    (a learned readout of a normalised latent is no rule of this project)."""
-    return isinstance(signal, ProjectionSignal) and not (signal.classifier is not None and signal.normalize)
+def supports(signal: object, out_shape: tuple[int, ...] | torch.Size | None = None) -> bool:
+    """Whether a block's signal has a fused form (for outputs of ``out_shape``, if given): the LLS
+    family and local learned classifiers (a learned readout of a normalised latent is no rule of
+    this project), with readouts as wide as the latent and dense latents taken as they are (the
+    authors' pooled readouts and dense latents keep the signal's own chain)."""
+    if not isinstance(signal, ProjectionSignal) or signal.width is not None:
+        return False
+    if signal.classifier is not None and signal.normalize:
+        return False
+    dense = out_shape is not None and len(out_shape) == 1
+    return not (dense and signal.pool is not None and signal.pool != out_shape[0])
 
 
 def block_losses(signals, out_shapes, *, device: torch.device, dtype: torch.dtype) -> list:
     """One loss callable per block, ``loss(a, y)``: a :class:`FusedProjection` where the signal has
     one, else the signal itself. Every constant is made now, on ``device``."""
     return [
-        FusedProjection(signal, shape, device=device, dtype=dtype) if supports(signal) else signal
+        FusedProjection(signal, shape, device=device, dtype=dtype) if supports(signal, shape) else signal
         for signal, shape in zip(signals, out_shapes, strict=True)
     ]

@@ -64,12 +64,15 @@ def build_session(
         config.rule,
         data,
         rule_options=config.rule_options,
+        model_options=config.model_options,
         seed=config.seed,
         device=device,
         channels_last=config.channels_last,
         optimizer=config.optimizer,
         lr=config.lr,
         weight_decay=config.weight_decay,
+        engine=config.engine,
+        memory=config.memory,
     )
     loaders = Loaders.for_dataset(
         data,
@@ -78,6 +81,9 @@ def build_session(
         device=device,
         limit=config.limit,
         channels_last=config.channels_last,
+        # A replayed graph step outruns host-side augmentation: the graph engine draws on the
+        # device (another stream of numbers than the eager engine's, which stays bit-for-bit).
+        draws="auto" if trainer.engine is not None else "host",
     )
     return Session(config, data, trainer, loaders)
 
@@ -263,8 +269,10 @@ def restore(session: Session, state: dict[str, Any], strategy: Strategy, where: 
 
 
 def describe_rule(config: TrainConfig) -> str:
-    options = ", ".join(f"{k}={v}" for k, v in config.rule_config().items() if k != "name")
-    return f"{config.rule}({options})"
+    rule = config.rule_config().items()
+    options = ", ".join(f"{k}={v}" for k, v in rule if k != "name" and v is not None)
+    model = ", ".join(f"{k}={v}" for k, v in config.model_options.items())
+    return f"{config.rule}({options})" + (f" on {config.model}({model})" if model else "")
 
 
 def first_line(session, out, resumed, epoch, progress: EpochProgress | None, spread: str) -> str:

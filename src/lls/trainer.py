@@ -106,8 +106,10 @@ class Trainer:
         mode = optimizer_engine(engine, param.device, optimizer)  # "eager" or "graph"
         if mode == "graph" and memory is not None:  # a captured step holds the whole batch's tensors
             if engine != "auto":
-                raise LLSError("the graph engine captures whole-batch steps and low memory slices them: "
-                               "use --engine eager with --memory")
+                raise LLSError(
+                    "the graph engine captures whole-batch steps and low memory slices them: "
+                    "use --engine eager with --memory"
+                )
             mode = "eager"
         if isinstance(optimizer, str):  # the graph engine gets implementations it can capture
             capturable = mode == "graph"

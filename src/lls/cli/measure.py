@@ -9,7 +9,10 @@ import torch
 
 from ..bench import bench_text, run_bench, summarize
 from ..cost import compare_text, cost_text, count_costs, measure_memory
-from ..rules import create_rule, parse_rule_spec
+from ..engine import ENGINES
+from ..errors import LLSError
+from ..lowmem import memory_plan
+from ..rules import RULES, create_rule, parse_rule_spec
 from .common import add_device, add_problem, counted, problem_shape, resolve_device
 
 COMPARE_RULES = ("bp", "lls", "lls:basis=periodic", "lls-m", "lls-mxm", "local-classifier", "dfa", "drtp")
@@ -27,6 +30,11 @@ def add(commands) -> None:
     cost.add_argument("--compare", action="store_true", help="every rule side by side, with ratios to bp")
     cost.add_argument(
         "--rules", help=f"comma-separated rules for --compare (default {','.join(COMPARE_RULES)})"
+    )
+    cost.add_argument(
+        "--memory",
+        type=memory_setting,
+        help="measure the low-memory step instead: 'low' or a budget such as 256MiB (local rules only)",
     )
     common(cost)
     cost.set_defaults(func=cmd_cost)
@@ -54,8 +62,35 @@ def add(commands) -> None:
         default=True,
         help="memory layout (default on)",
     )
+    bench.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="how steps are issued, for rules without their own @engine (e.g. lls@graph,bp@eager): "
+        "eager, graph (CUDA graphs) or auto (graph on CUDA, eager on CPU; default)",
+    )
+    bench.add_argument(
+        "--memory",
+        type=memory_settings,
+        default=[],
+        help="also time every local rule's low-memory step, under each comma-separated setting "
+        "('low' or a budget such as 256MiB), interleaved with the rest",
+    )
     common(bench)
     bench.set_defaults(func=cmd_bench)
+
+
+def memory_setting(text: str) -> str:
+    """A ``--memory`` value, checked now (the error names the flag)."""
+    try:
+        memory_plan(text)
+    except LLSError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def memory_settings(text: str) -> list[str]:
+    return [memory_setting(part) for part in text.split(",")]
 
 
 def common(parser: argparse.ArgumentParser) -> None:
@@ -74,8 +109,18 @@ def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
     result = count_costs(args.model, create_rule(name, **options), shape, classes).as_dict()
     if not args.no_memory:
         device = str(resolve_device(args.device))
+        memory = getattr(args, "memory", None)
+        if memory is not None and RULES.get(name).timing == "end-to-end":
+            memory = None  # BP has no low-memory step: --compare shows its ordinary one beside
         result["memory"] = measure_memory(
-            args.model, name, shape, classes, batch=args.batch, device=device, rule_options=options
+            args.model,
+            name,
+            shape,
+            classes,
+            batch=args.batch,
+            device=device,
+            rule_options=options,
+            memory=memory,
         )
     return result
 
@@ -103,7 +148,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     specs = args.rules.split(",")
     for spec in specs:
-        parse_rule_spec(spec)  # every rule checked before anything is timed
+        rule, _, engine = spec.partition("@")
+        parse_rule_spec(rule)  # every rule checked before anything is timed
+        if engine and engine not in ENGINES:
+            raise LLSError(f"{spec}: unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
     results = run_bench(
         args.model,
         shape,
@@ -116,6 +164,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         compile_blocks=args.compile,
         measure_peak=not args.no_memory,
+        engine=args.engine,
+        memory=[None, *args.memory],
     )
     summary = summarize(results)
     name = (

@@ -19,7 +19,8 @@ from ..data import load_dataset, make_loader
 from ..distributed import STRATEGIES
 from ..errors import LLSError
 from ..fit import EVAL_BATCH_SIZE, Loaders, evaluate
-from ..options import add_arguments, given
+from ..net import ModelOptions
+from ..options import add_arguments, given, options_of
 from ..rules import rule_options
 from ..run import RunOptions, create_strategy, open_trained, tensorboard_writer, train_run
 from ..rundir import RunDir
@@ -55,6 +56,8 @@ def add(commands) -> None:
         lambda field: owners[field.name][0],
         note=lambda field: f" [{', '.join(owners[field.name][1])}]",
     )
+    model = train.add_argument_group("the model's options (where the authors' code and METHOD.md differ)")
+    add_arguments(model, options_of(ModelOptions), lambda field: ModelOptions)
     how = train.add_argument_group("how it runs (not part of the run's definition)")
     add_device(how)
     add_data_options(how)
@@ -106,13 +109,14 @@ def run_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     """The run's config and directory: a new one from the options, or the saved one of --resume
     with the changes a resume allows."""
     options, rule = given(args, CONFIG_OPTIONS), given(args, rule_fields())
+    model = given(args, options_of(ModelOptions))
     if not args.resume:
-        config = config_from_options(options, rule)
+        config = config_from_options(options, rule, model)
         return config, Path(args.out) if args.out else RUNS_ROOT / config.default_name()
     if args.out:
         raise LLSError("--resume already names the run directory; drop --out")
     run = RunDir.open(args.resume)
-    return run.read_config().resumed(options, rule, str(run.path)), run.path
+    return run.read_config().resumed(options, rule, str(run.path), model), run.path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
