@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lls
-from lls.data import DATASET_SHAPES, DATASETS
+from lls.data import DATASETS, dataset_shape
 from lls.data.base import Augment
 from lls.presets import PRESETS, select
 from lls.trainer import build_trainer
@@ -117,7 +117,7 @@ def test_table2_smallconvl_scores_its_dense_block_at_2048():
     """Table 2's SmallConvL runs as the authors': the 1024-unit dense latent pooled to 2048."""
     (preset,) = select("table2", "cifar10", rule="lls")  # the other datasets' rows differ in data only
     config = preset.config(seed=0)
-    shape, classes = DATASET_SHAPES[config.dataset]
+    shape, classes = dataset_shape(config.dataset)
     trainer = build_trainer(config.model, config.rule, shape, classes, rule_options=config.rule_options)
     assert [s.dim for s in trainer.signals] == [96 * 16, 192 * 4, 512 * 4, 2048]
     assert trainer.net.block_output_shapes(shape)[-1] == torch.Size([1024])

@@ -342,8 +342,8 @@ class _Norm:
             None,
             self.batch_mean,
             self.batch_var,
-            None,
-            None,
+            self.batch_mean,  # eval mode reads the two above; CUDA's kernel wants these defined too
+            self.invstd,
             False,
             self.module.eps,
             [False, xhat, dy_sum],
