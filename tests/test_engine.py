@@ -596,31 +596,48 @@ def _cuda_batches(sizes, channels_last, seed=0):
         yield x, torch.randint(0, 10, (n,), generator=g).cuda()
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, tolerance: float, what: str) -> None:
-    """||got - want|| <= tolerance * ||want||: per tensor, not per element, because Adam's update
-    g / (|g| + eps) turns a rounding difference in a gradient element near 0 into an update
-    difference up to lr * dg / eps for that one element."""
-    error = float((got.double() - want.double()).norm())
-    assert error <= tolerance * float(want.double().norm()) + 1e-12, f"{what}: relative error {error}"
+SPREAD = 10  # the graph engine may differ from eager by this many times eager's own run-to-run spread
 
 
-def _assert_same_state(a: Trainer, b: Trainer, tolerance: float) -> None:
-    for (name, p), q in zip(a.net.state_dict().items(), b.net.state_dict().values(), strict=True):
-        if p.dtype == torch.long:  # BatchNorm's num_batches_tracked: one update per step, exactly
-            assert torch.equal(p, q), name
-        else:
-            _close(q, p, tolerance, name)
-    for o, r in zip(a.optimizers, b.optimizers, strict=True):
-        for s, t in zip(o.state.values(), r.state.values(), strict=True):
-            for key, value in s.items():
-                if key == "step" or not value.is_floating_point():  # counts: exactly one per step
-                    assert torch.equal(t[key], value), key
-                else:
-                    _close(t[key], value, tolerance, key)
-        for g, h in zip(o.param_groups, r.param_groups, strict=True):  # sfadamw's device scalars
-            for key in ("k", "lr_max", "weight_sum"):
-                if torch.is_tensor(g.get(key)):
-                    _close(h[key], g[key], tolerance, key)
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want||: per tensor, not per element (an update of an element whose
+    gradient is near 0 may differ by far more than rounding, under Adam by a learning rate)."""
+    return float((got.double() - want.double()).norm()) / (float(want.double().norm()) + 1e-12)
+
+
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every tensor a step updates: weights, BatchNorm statistics, optimizer states and scalars."""
+    out = dict(trainer.net.state_dict())
+    for i, optimizer in enumerate(trainer.optimizers):
+        for j, state in enumerate(optimizer.state.values()):
+            out.update({f"optimizer {i}.{j}.{key}": value for key, value in state.items()})
+        for j, group in enumerate(optimizer.param_groups):  # sfadamw's device scalars
+            out.update(
+                {
+                    f"optimizer {i} group {j}.{k}": group[k]
+                    for k in ("k", "lr_max", "weight_sum")
+                    if torch.is_tensor(group.get(k))
+                }
+            )
+    return out
+
+
+def _assert_same_state(
+    eager: Trainer, graph: Trainer, tolerance: float, again: Trainer | None = None
+) -> None:
+    """Counts equal; every float tensor of ``graph`` within ``tolerance`` of ``eager``'s, relative,
+    or within SPREAD times how far a second eager run (``again``) landed from the first."""
+    want, got = _state(eager), _state(graph)
+    spread = _state(again) if again is not None else None
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        if name.endswith(".step") or not value.is_floating_point():  # counts: one per step, exactly
+            assert torch.equal(got[name].cpu(), value.cpu()), name
+            continue
+        allowed = tolerance if spread is None else max(tolerance, SPREAD * _relative(spread[name], value))
+        assert _relative(got[name], value) <= allowed, (
+            f"{name}: {_relative(got[name], value):.2e} > {allowed:.2e}"
+        )
 
 
 @needs_cuda
@@ -641,16 +658,23 @@ def test_graph_engine_trains_like_the_eager_one(rule, options, channels_last, ex
     """12 steps with batches of 32 and, five times, a last batch of 20 (its own graph after its
     warm-up): per-step losses, weights, BatchNorm statistics and optimizer states agree with eager
     training to float tolerance, and the graphs were captured and replayed."""
-    eager, graph = _cuda_pair(rule, channels_last, **options)
+    (eager, graph), (again, _) = (
+        _cuda_pair(rule, channels_last, **options),
+        _cuda_pair(rule, channels_last, **options),
+    )
     sizes = [32] * 6 + [20] + [32] * 5 + [20] * 5
-    for step, (x, y) in enumerate(_cuda_batches(sizes, channels_last)):
-        want, got = eager.train_step(x, y), graph.train_step(x, y)
-        # losses of O(1) after a few SGD steps, fused vs chained rounding: ~1e-6
-        torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5, msg=f"step {step}")
-        torch.testing.assert_close(got.block_losses, want.block_losses, rtol=1e-4, atol=1e-5)
+    differences, spread = [], []
+    for x, y in _cuda_batches(sizes, channels_last):
+        want, got, second = eager.train_step(x, y), graph.train_step(x, y), again.train_step(x, y)
+        losses = [torch.cat([r.loss.view(1), r.block_losses]) for r in (want, got, second)]
+        differences.append(_relative(losses[1], losses[0]))
+        spread.append(_relative(losses[2], losses[0]))
     torch.cuda.synchronize()
     assert len(graph.engine.graphs) == 2 and graph.engine.replays >= 4
-    _assert_same_state(eager, graph, 1e-4)
+    # Two eager runs of the same steps may differ on a GPU (cuDNN's backward kernels and the
+    # adaptive pooling's use atomics); the graph engine must stay within that, or 1e-4.
+    assert max(differences) <= max(1e-4, SPREAD * max(spread)), (differences, spread)
+    _assert_same_state(eager, graph, 1e-4, again)
 
 
 @needs_cuda
@@ -658,20 +682,27 @@ def test_graph_engine_with_schedule_free_adamw_and_its_averaged_weights(exact_fl
     """The paper's optimizer (lls.sfadamw, capturable) on both engines: the same step counters and
     weight sums, losses close while training and after the swap to the averaged weights. (Adam
     amplifies rounding in near-zero gradients, see capturable_sgd: closeness, not equality.)"""
-    eager, graph = _cuda_pair("lls", True, optimizer=capturable_sf, lr=1e-3)
+    (eager, graph), (again, _) = (_cuda_pair("lls", True, optimizer=capturable_sf, lr=1e-3) for _ in range(2))
     assert graph.engine is not None
+    differences, spread = [], []
     for x, y in _cuda_batches([32] * 9 + [20], True):
-        want, got = eager.train_step(x, y), graph.train_step(x, y)
-        torch.testing.assert_close(got.loss, want.loss, rtol=2e-3, atol=1e-4)
+        want, got, second = eager.train_step(x, y), graph.train_step(x, y), again.train_step(x, y)
+        differences.append(_relative(got.loss, want.loss))
+        spread.append(_relative(second.loss, want.loss))
     for o, r in zip(eager.optimizers, graph.optimizers, strict=True):
         for g, h in zip(o.param_groups, r.param_groups, strict=True):
             for key in ("k", "weight_sum", "lr_max"):
                 torch.testing.assert_close(torch.as_tensor(h[key]).cpu(), torch.as_tensor(g[key]).cpu())
     x, y = next(_cuda_batches([32], True, seed=9))
-    with eager.evaluation() as a, graph.evaluation() as b:
-        torch.testing.assert_close(F.cross_entropy(b(x), y), F.cross_entropy(a(x), y), rtol=2e-3, atol=1e-4)
+    with eager.evaluation() as a, graph.evaluation() as b, again.evaluation() as c:
+        want, got, second = (F.cross_entropy(net(x), y) for net in (a, b, c))
+        differences.append(_relative(got, want))
+        spread.append(_relative(second, want))
     # and training goes on after the swap back
-    torch.testing.assert_close(graph.train_step(x, y).loss, eager.train_step(x, y).loss, rtol=2e-3, atol=1e-4)
+    want, got, second = (t.train_step(x, y).loss for t in (eager, graph, again))
+    differences.append(_relative(got, want))
+    spread.append(_relative(second, want))
+    assert max(differences) <= max(1e-3, SPREAD * max(spread)), (differences, spread)
 
 
 @needs_cuda
@@ -687,28 +718,29 @@ def test_streams_without_the_fused_signal_change_nothing(exact_float32):
     may sum in another order between runs, nothing more)."""
     from lls.engine import GraphEngine
 
-    eager, graph = _cuda_pair("lls", True)
+    (eager, graph), (again, _) = _cuda_pair("lls", True), _cuda_pair("lls", True)
     graph.engine = GraphEngine(graph, fused=False)
     for x, y in _cuda_batches([32] * 8, True):
-        eager.train_step(x, y)
-        graph.train_step(x, y)
-    _assert_same_state(eager, graph, 1e-4)
+        for trainer in (eager, graph, again):
+            trainer.train_step(x, y)
+    _assert_same_state(eager, graph, 1e-5, again)
 
 
 @needs_cuda
 def test_loading_a_state_recaptures(exact_float32):
-    eager, graph = _cuda_pair("lls", False)
+    (eager, graph), (again, _) = _cuda_pair("lls", False), _cuda_pair("lls", False)
     batches = list(_cuda_batches([32] * 10, False))
     for x, y in batches[:6]:
         eager.train_step(x, y)
         graph.train_step(x, y)
     state = eager.state_dict()
     graph.load_state_dict(state)  # replaces optimizer state tensors: the graph must not write the old ones
+    again.load_state_dict(state)
     assert graph.engine.graphs == {}
     for x, y in batches[6:]:
-        eager.train_step(x, y)
-        graph.train_step(x, y)
-    _assert_same_state(eager, graph, 1e-4)
+        for trainer in (eager, graph, again):
+            trainer.train_step(x, y)
+    _assert_same_state(eager, graph, 1e-4, again)
 
 
 @needs_cuda

@@ -410,3 +410,25 @@ def test_bench_times_each_rule_with_and_without_low_memory():
     assert (
         "time_ratio_to_normal" in summary["lls memory=low"] and "time_ratio_to_normal" not in summary["lls"]
     )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batchnorm_sums_taken_directly_equal_the_fused_kernels(channels_last):
+    """The two ways a slice's BatchNorm sums are taken (the CPU's fused kernel; the direct sums
+    CUDA uses) agree, and equal sum(dy) and sum(dy * (x - mean) / sqrt(var + eps)) by hand."""
+    from lls.lowmem import _Norm
+
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(2, 6, 3, 5, 5, generator=g).unbind(0)
+    if channels_last:
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    norm = _Norm(nn.BatchNorm2d(3))
+    norm.add_statistics(x)
+    norm.finish_statistics()
+    fused = norm.slice_sums(x, dy, fused=True)
+    direct = norm.slice_sums(x, dy, fused=False)
+    mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+    by_hand = ((dy * (x - mean) / torch.sqrt(var + 1e-5)).sum((0, 2, 3)), dy.sum((0, 2, 3)))
+    for a, b, c in zip(fused, direct, by_hand, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)

@@ -332,18 +332,25 @@ class _Norm:
         shape = _channel_shape(x)
         return (x - self.batch_mean.view(shape)).mul_(self.invstd.view(shape))
 
-    def slice_sums(self, x: torch.Tensor, dy: torch.Tensor, *, xhat: bool = True, dy_sum: bool = True):
-        """One slice's per-channel sums of dL/dy * x_hat and of dL/dy, with no full-size temporary:
-        they are the weight and bias gradients of an eval-mode BatchNorm with the batch's statistics
-        (one fused pass of PyTorch's kernel)."""
+    def slice_sums(
+        self, x: torch.Tensor, dy: torch.Tensor, *, xhat: bool = True, dy_sum: bool = True, fused=None
+    ):
+        """One slice's per-channel sums of dL/dy * x_hat and of dL/dy: the weight and bias gradients
+        of an eval-mode BatchNorm with the batch's statistics. ``fused`` (the default on the CPU):
+        one pass of PyTorch's kernel, no slice-sized temporary; CUDA's kernel insists on tensors the
+        CPU's lets be, so there the sums are taken directly, at the price of one temporary."""
+        if not (x.device.type == "cpu" if fused is None else fused):
+            dims = _dims(x)
+            sum_dy = dy.sum(dims) if dy_sum else None
+            return ((dy * self.xhat(x)).sum(dims) if xhat else None), sum_dy
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy,
             x,
             None,
             self.batch_mean,
             self.batch_var,
-            self.batch_mean,  # eval mode reads the two above; CUDA's kernel wants these defined too
-            self.invstd,
+            None,
+            None,
             False,
             self.module.eps,
             [False, xhat, dy_sum],
