@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import lls
 from lls.net import AvgPool, Conv, Dense, MaxPool, build
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share two cores: one thread each
+    torch.set_num_threads(1)
 
 TINY_SPECS = (Conv(4, pool=2), MaxPool(), Conv(6, pool=1), AvgPool(2), Dense(8))
 TINY_INPUT = (1, 8, 8)

@@ -19,7 +19,20 @@ from pathlib import Path
 
 TIMEOUT = 240
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["torch", "lls", "lls.cli", "lls.pipeline", "tests.processes"])
+# torch._dynamo: the first optimizer a process builds imports it (torch.optim's dynamo guard), 3.5 s
+# of every child's start otherwise; sklearn.datasets: the digits set, 2 s; matplotlib: curves.png.
+_CONTEXT.set_forkserver_preload(
+    [
+        "torch",
+        "torch._dynamo",
+        "sklearn.datasets",
+        "matplotlib.backends.backend_agg",
+        "lls",
+        "lls.cli",
+        "lls.pipeline",
+        "tests.processes",
+    ]
+)
 
 
 def _run(target: Callable[..., int | None], args: tuple, env: dict[str, str], out: str, err: str) -> None:
@@ -80,7 +93,17 @@ class Process:
 def start(target: Callable, *args, env: dict[str, str] | None = None) -> Process:
     """``target(*args)`` in a new process; it uses as many threads as this one unless ``env`` sets
     OMP_NUM_THREADS (thread counts change the order of float sums, so exactness tests keep them)."""
-    return Process(target, args, dict(env or {}))
+    env = dict(env or {})
+    # the forked server was never told this process's thread count: pass it on (under xdist,
+    # conftest sets one thread per worker)
+    env.setdefault("OMP_NUM_THREADS", str(_threads()))
+    return Process(target, args, env)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def lls(*argv: str, env: dict[str, str] | None = None) -> Process:

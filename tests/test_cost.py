@@ -108,6 +108,7 @@ def test_cost_command_json(capsys):
     assert result["totals"]["input_grad"] == 0
 
 
+@pytest.mark.slow  # each rule's step peak is measured in a fresh interpreter (torch import included)
 def test_cost_compare_and_bench_json(capsys):
     assert (
         main(
@@ -121,7 +122,7 @@ def test_cost_compare_and_bench_json(capsys):
                 "10",
                 "--compare",
                 "--rules",
-                "bp,lls,dfa",
+                "bp,lls",
                 "--batch",
                 "16",
                 "--json",
@@ -168,6 +169,19 @@ def test_cost_compare_and_bench_json(capsys):
     ):
         assert key in lls_row
     assert "time_ratio_to_bp" not in bench["rules"]["bp"]
+
+
+def test_cost_and_bench_json_without_the_memory_measurements(capsys):
+    problem = ["--model", "smallconv", "--input", "1,8,8", "--classes", "10", "--batch", "16"]
+    assert main(["cost", *problem, "--compare", "--rules", "bp,lls", "--no-memory", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["rules"]["lls"]["totals"]["step_macs"] < result["rules"]["bp"]["totals"]["step_macs"]
+    argv = ["bench", *problem, "--rules", "lls,bp", "--steps", "2", "--warmup", "0", "--no-memory", "--json"]
+    assert main(argv) == 0
+    bench = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lls_row = bench["rules"]["lls"]
+    assert lls_row["peak_memory_bytes"] is None and lls_row["steps"] == 2 and lls_row["engine"] == "eager"
+    assert lls_row["time_ratio_to_bp"] > 0 and "time_ratio_to_bp" not in bench["rules"]["bp"]
 
 
 def test_cost_needs_a_shape(capsys):

@@ -92,6 +92,8 @@ def test_diagnostics_never_change_training(rule, digits, tmp_path):
                     "digits",
                     "--rule",
                     rule,
+                    "--limit",
+                    "512",
                     "--epochs",
                     "2",
                     "--quiet",

@@ -15,7 +15,8 @@ from .processes import SIGINT, finish, lls, lls_torchrun, start, torchrun, wait_
 
 pytestmark = pytest.mark.usefixtures("digits")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as every process torchrun starts here
-DIGITS = ["train", "--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--quiet"]
+# 640 of the 1,437 training images: 10 steps an epoch, enough for two stages to overlap
+DIGITS = ["train", "--dataset", "digits", "--limit", "640", "--epochs", "2", "--batch-size", "64", "--quiet"]
 
 
 def metrics(run):
@@ -54,7 +55,8 @@ def test_data_parallel_equals_one_process_on_the_combined_batch(tmp_path):
             torch.testing.assert_close(b[rule][name], tensor, rtol=1e-5, atol=1e-6, msg=f"{rule} {name}")
 
 
-DDP = [*DIGITS[:3], "--batch-size", "8", "--quiet", "--parallel", "ddp"]
+# 60 steps an epoch of 4 images per rank: room for a Ctrl-C to land mid-epoch
+DDP = [*DIGITS[:5], "--batch-size", "8", "--quiet", "--parallel", "ddp"]
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +68,17 @@ def ddp_reference(tmp_path_factory):
     return out, results
 
 
+@pytest.mark.slow  # a 3-epoch two-process run (shared with the next test)
 def test_data_parallel_run_directory_is_written_by_rank_0(ddp_reference):
     out, results = ddp_reference
     summary = json.loads(results[0][1].strip().splitlines()[-1])
-    assert summary["test_accuracy"] > 0.8 and results[1][1] == ""  # rank 1 prints nothing
+    assert summary["test_accuracy"] > 0.5 and results[1][1] == ""  # learns; rank 1 prints nothing
     config = json.loads((out / "config.json").read_text())
     assert config["parallel"] == "ddp" and config["world_size"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow  # two-process runs: 3 epochs uninterrupted, 2 interrupted, 1 resumed
 def test_data_parallel_ctrl_c_mid_epoch_then_more_epochs_gives_the_same_metrics(ddp_reference, tmp_path):
     reference, _ = ddp_reference
     out = tmp_path / "run"

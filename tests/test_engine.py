@@ -602,7 +602,8 @@ SPREAD = 10  # the graph engine may differ from eager by this many times eager's
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     """||got - want|| / ||want||: per tensor, not per element (an update of an element whose
     gradient is near 0 may differ by far more than rounding, under Adam by a learning rate)."""
-    return float((got.double() - want.double()).norm()) / (float(want.double().norm()) + 1e-12)
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm()) / (float(want.norm()) + 1e-12)
 
 
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -46,6 +46,7 @@ def test_every_preset_names_registered_things(preset):
     assert len({p.name for p in PRESETS}) == len(PRESETS)
 
 
+@pytest.mark.slow  # 4 runs, a report with figures, 4 resumed runs
 def test_sweep_skips_finished_rows_and_reports_mean_and_std(tmp_path, monkeypatch, capsys):
     tiny = (
         Preset("compare", "digits", "smallconv", "bp", "BP", 2),
@@ -88,6 +89,7 @@ def test_unknown_table(capsys):
     assert "known: table1, table2, table3, compare" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # six runs and a report with figures
 def test_report_rows_merge_seeds_and_nothing_else(tmp_path, capsys):
     runs = tmp_path / "runs"
     base = ["train", "--dataset", "digits", "--limit", "256", "--batch-size", "64", "--quiet"]

@@ -71,6 +71,7 @@ def test_resume_continues_to_the_same_metrics(reference, tmp_path):
     assert [r["epochs"] for r in record["resumed"]] == [[1, 3]] and "commit" in record["resumed"][0]
 
 
+@pytest.mark.slow  # a real process killed mid-run, then resumed
 def test_kill_9_at_any_moment_then_resume(reference, tmp_path):
     out = tmp_path / "run"
     process = spawn(*DIGITS_RUN, "--epochs", "3", "--out", str(out))

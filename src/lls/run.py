@@ -30,6 +30,10 @@ from .fit import EpochProgress, EpochRecord, History, Interrupted, Loaders, Stra
 from .rundir import RunDir, checkpoint_state, environment, read_state, set_rng_state
 from .trainer import Trainer, build_trainer
 
+# curves.png takes 1-2 s to draw (matplotlib's layout), more than a GPU epoch: after the first epoch
+# of a session it is redrawn at most this often, and always after the last epoch or a stop.
+CURVES_SECONDS = 30.0
+
 
 @dataclass
 class Session:
@@ -193,12 +197,21 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
     for record in history.records:
         log(epoch_line(record, config.epochs))
 
+    plotted = {"at": None, "epochs": len(history.records)}  # when curves.png last matched the history
+
+    def write_metrics(final: bool) -> None:
+        now = time.monotonic()
+        due = final or plotted["at"] is None or now - plotted["at"] >= CURVES_SECONDS
+        run.write_metrics(history, title, plot=due)
+        if due:
+            plotted.update(at=now, epochs=len(history.records))
+
     def on_epoch(record: EpochRecord) -> None:
         if main:
             run.save_checkpoint(
                 checkpoint_state(config, session.trainer.state_dict(), history, record.epoch, None)
             )
-            run.write_metrics(history, title)
+            write_metrics(final=record.epoch == config.epochs)
             if writer is not None:
                 log_scalars(writer, record)
             log(epoch_line(record, config.epochs), flush=True)
@@ -236,6 +249,8 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
     finally:
         if writer is not None:
             writer.close()
+        if main and plotted["epochs"] != len(history.records):  # an interrupted or diverged run
+            run.write_metrics(history, title)
     strategy.barrier()  # everyone has finished before anyone leaves the group
     return RunOutcome("finished", run, session, history, time.perf_counter() - start)
 

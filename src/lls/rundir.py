@@ -138,8 +138,8 @@ class RunDir:
 
     # --- metrics and curves ------------------------------------------------------------------
 
-    def write_metrics(self, history: History, title: str) -> None:
-        """Rewrite metrics.jsonl, metrics.csv and curves.png from the history (the checkpoint's)."""
+    def write_metrics(self, history: History, title: str, *, plot: bool = True) -> None:
+        """Rewrite metrics.jsonl, metrics.csv and (with ``plot``) curves.png from the history."""
         records = [r.as_dict() for r in history.records]
         atomic_write(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in records).encode())
         if not records:
@@ -153,6 +153,8 @@ class RunDir:
         for r in records:
             writer.writerow([r[k] for k in scalar] + r["block_losses"] + r["block_accuracy"])
         atomic_write(self.metrics_csv, out.getvalue().encode())
+        if not plot:
+            return
         from .plots import plot_curves
 
         plot_curves(records, self.curves, title)

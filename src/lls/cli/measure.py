@@ -12,6 +12,9 @@ from ..cost import compare_text, cost_text, count_costs, measure_memory
 from ..engine import ENGINES
 from ..errors import LLSError
 from ..lowmem import memory_plan
+from ..models import model_options
+from ..net import ModelOptions
+from ..options import add_arguments, given, options_of
 from ..rules import RULES, create_rule, parse_rule_spec
 from .common import add_device, add_problem, counted, problem_shape, resolve_device
 
@@ -31,6 +34,8 @@ def add(commands) -> None:
     cost.add_argument(
         "--rules", help=f"comma-separated rules for --compare (default {','.join(COMPARE_RULES)})"
     )
+    model = cost.add_argument_group("the model's options (as on lls train)")
+    add_arguments(model, options_of(ModelOptions), lambda field: ModelOptions)
     cost.add_argument(
         "--memory",
         type=memory_setting,
@@ -106,7 +111,10 @@ def problem_record(args: argparse.Namespace, shape, classes: int) -> dict:
 
 def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
     name, options = parse_rule_spec(spec)
-    result = count_costs(args.model, create_rule(name, **options), shape, classes).as_dict()
+    built = model_options(given(args, options_of(ModelOptions)))  # checked, defaults filled in
+    result = count_costs(
+        args.model, create_rule(name, **options), shape, classes, model_options=built
+    ).as_dict()
     if not args.no_memory:
         device = str(resolve_device(args.device))
         memory = getattr(args, "memory", None)
@@ -121,6 +129,7 @@ def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
             device=device,
             rule_options=options,
             memory=memory,
+            model_options=built,
         )
     return result
 
