@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import lls
 from lls.cli import main
-from lls.cost import SavedTensorMeter, count_costs, projection_signal_ops
+from lls.cost import count_costs, projection_signal_ops
+from lls.memory import SavedTensorMeter
 from lls.rules import create_rule
 
 from .conftest import TINY_INPUT, tiny_net

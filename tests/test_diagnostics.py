@@ -11,7 +11,8 @@ from torch import nn
 import lls
 from lls.cli import main
 from lls.diagnose import diagnose
-from lls.rules import RULES, BlockSignal, Rule
+from lls.rules import RULES, Rule
+from lls.signals import BlockSignal
 
 from .conftest import tiny_batch, tiny_trainer
 

@@ -25,7 +25,8 @@ from lls.data.device import DeviceLoader
 from lls.engine import StreamSchedule, check_capturable, is_capturable, optimizer_engine, resolve_engine
 from lls.fused import FusedProjection, block_losses
 from lls.optim import create_optimizer
-from lls.rules import ProjectionSignal, create_rule
+from lls.rules import create_rule
+from lls.signals import ProjectionSignal
 from lls.trainer import Trainer, build_trainer
 
 from .conftest import TINY_INPUT, tiny_batch, tiny_net, tiny_trainer

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lls
-from lls.cost import SavedTensorMeter
 from lls.diagnose import rule_gradients
 from lls.lowmem import GRADIENTS_IN_FLIGHT, Budget, LowMemory, SliceSamples, memory_plan, parse_memory
+from lls.memory import SavedTensorMeter
 from lls.models import model_specs
 from lls.net import Conv, Dense, DWSeparable, LeakyReLU, LocalNet, build
 

@@ -121,7 +121,7 @@ def test_every_model_has_a_layout_written_out():
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_block_by_block(name):
-    from lls.rules import latent_dim
+    from lls.signals import latent_dim
 
     input_shape, blocks, first_dense_input, head_input = LAYOUTS[name]
     net = uninitialised(name, in_channels=input_shape[0], input_size=input_shape[1:], num_classes=10)
@@ -173,7 +173,7 @@ def test_mobilenet_depthwise_padding_as_the_authors():
 
 def test_dense_latent_output_scores_dense_outputs_as_they_are():
     """The layouts above are the default ('pooled', the authors' lengths); 'output' keeps the units."""
-    from lls.rules import latent_dim
+    from lls.signals import latent_dim
 
     for name, width in (("smallconvl", 1024), ("vgg11", 4096)):
         net = uninitialised(name, input_size=32, dense_latent="output")

@@ -20,7 +20,8 @@ from .fit import EpochRecord, History, Loaders, evaluate, fit, train_epoch
 from .malloc import tune_malloc
 from .models import create_model, list_models
 from .net import LocalNet
-from .rules import BlockSignal, Rule, create_rule, list_rules, register_rule
+from .rules import Rule, create_rule, list_rules, register_rule
+from .signals import BlockSignal
 from .trainer import Evaluation, StepResult, Trainer, build_trainer
 
 __all__ = [

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from .cost import count_costs, example_batch, measure_memory
+from .cost import count_costs
 from .engine import WARMUP_STEPS
+from .memory import example_batch, measure_memory
 from .optim import OptimizerFactory
 from .report_format import mib, ratio, table
 from .rules import RULES, create_rule, parse_rule_spec

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .rules import ProjectionSignal, latent
+from .signals import ProjectionSignal, latent
 from .trainer import Trainer
 
 

@@ -1,6 +1,6 @@
 """The LLS-family local loss with a closed-form backward: fewer kernels than autograd's chain.
 
-``ProjectionSignal`` (rules.py) writes the loss of METHOD.md section 3 as a chain of PyTorch ops:
+``ProjectionSignal`` (signals.py) writes the loss of METHOD.md section 3 as a chain of PyTorch ops:
 pool, flatten, L2-normalise, score against the basis, modulate, divide by T, cross-entropy. Autograd
 then runs one backward kernel per op, several of them over the whole N x d latent (the division's
 two operands, the norm's, the clamp's mask, the sum of two gradient paths), plus a pooling
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import LLSError
-from .rules import NORMALIZE_EPS, ProjectionSignal, latent_dim, pooling_matrix
+from .signals import NORMALIZE_EPS, ProjectionSignal, latent_dim, pooling_matrix
 
 # Where a block output's latent comes from: flat (dense), the (C, H, W) map as it is, or pooled.
 # For a 4-D output, the latent is read in the order its memory holds it: channel-major for
@@ -64,7 +64,7 @@ class _Geometry:
 
 
 class FusedProjection:
-    """The loss of a :class:`~lls.rules.ProjectionSignal` for block outputs of ``out_shape`` (no
+    """The loss of a :class:`~lls.signals.ProjectionSignal` for block outputs of ``out_shape`` (no
     batch), with the closed-form backward: ``FusedProjection(signal, out_shape)(a, y) -> loss``.
 
     Equal to ``signal(a, y)`` up to float rounding, in value and in gradients with respect to

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .rules import ProjectionSignal, latent
+from .signals import ProjectionSignal, latent
 
 PROBE_IMAGES = 2048  # training images the ridge probes are fitted on (the first ones, unaugmented)
 RIDGE = 1e-3  # ridge strength, relative to the mean eigenvalue of the latents' Gram matrix

@@ -124,8 +124,9 @@ def summarize(runs: list[RunResult], with_costs: bool = True) -> list[dict[str, 
 
 def costs_of(config: TrainConfig) -> dict[str, Any]:
     """Learning-signal multiply-adds, extra parameters and activation memory from ``lls cost``."""
-    from .cost import count_costs, measure_memory
+    from .cost import count_costs
     from .data import dataset_shape
+    from .memory import measure_memory
     from .rules import create_rule
 
     known = dataset_shape(config.dataset)

@@ -24,7 +24,8 @@ from .lowmem import LowMemory, MemorySpec, SlicedBlock, memory_plan
 from .models import create_model
 from .net import LocalNet, Spec
 from .optim import OptimizerFactory, create_optimizer, is_schedule_free
-from .rules import BlockSignal, Rule, create_rule, seeded_options
+from .rules import Rule, create_rule, seeded_options
+from .signals import BlockSignal
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -8,10 +8,11 @@ import json
 import torch
 
 from ..bench import bench_text, run_bench, summarize
-from ..cost import compare_text, cost_text, count_costs, measure_memory
+from ..cost import compare_text, cost_text, count_costs
 from ..engine import ENGINES
 from ..errors import LLSError
 from ..lowmem import memory_plan
+from ..memory import measure_memory
 from ..models import model_options
 from ..net import ModelOptions
 from ..options import add_arguments, given, options_of
