@@ -112,3 +112,17 @@ def test_report_rows_merge_seeds_and_nothing_else(tmp_path, capsys):
         ("digits", "lls (square) temperature=0.25 batch_size=64 limit=256", 1, [0]),
         ("digits (holdout 64)", "lls (square) batch_size=64 limit=256", 1, [0]),
     ]
+
+
+def test_a_model_option_sets_a_report_row_apart_and_its_default_does_not():
+    from pathlib import Path
+
+    from lls.config import TrainConfig
+    from lls.report import RunResult
+
+    def label(**model_options):
+        config = TrainConfig(model="smallconvl", model_options=model_options)
+        return RunResult(Path("run"), config, [], {}).label
+
+    assert label() == label(dense_latent="pooled") == "lls (square)"
+    assert label(dense_latent="output") == "lls (square) dense_latent=output"

@@ -14,6 +14,7 @@ from typing import Any
 from .config import DISTINGUISHING, TrainConfig
 from .errors import LLSError
 from .files import atomic_write
+from .models import model_options
 from .rules import RULES
 from .rundir import RunDir
 
@@ -38,6 +39,8 @@ class RunResult:
         name = self.config.rule + (f" ({shown_basis})" if shown_basis else "")
         extras = [f"R={reduced}"] if reduced else []
         extras += [f"{k}={v}" for k, v in sorted(options.items())]
+        model, model_defaults = model_options(self.config.model_options), model_options({})
+        extras += [f"{k}={v}" for k, v in sorted(model.items()) if v != model_defaults[k]]  # not defaults
         default = TrainConfig()
         extras += [
             f"{field}={getattr(self.config, field)}"

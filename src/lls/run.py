@@ -206,6 +206,10 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
         if due:
             plotted.update(at=now, epochs=len(history.records))
 
+    def replot() -> None:  # a stopped run's curves show every epoch it finished
+        if main and plotted["epochs"] != len(history.records):
+            run.write_metrics(history, title)
+
     def on_epoch(record: EpochRecord) -> None:
         if main:
             run.save_checkpoint(
@@ -233,6 +237,7 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
                 block_accuracy=options.block_accuracy,
             )
     except Interrupted as stop:
+        replot()
         if stop.progress is not None:
             record = strategy.progress_record(stop.progress)
             if main:
@@ -243,14 +248,13 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
         strategy.barrier()  # nobody leaves while rank 0 still writes
         return RunOutcome("interrupted", run, session, history, time.perf_counter() - start)
     except TrainingDiverged as error:
+        replot()
         kept = f"the last good checkpoint (epoch {len(history.records)}) is kept in {out}"
         message = f"{error}; {kept if history.records else 'no checkpoint was written'}"
         return RunOutcome("diverged", run, session, history, time.perf_counter() - start, message)
     finally:
         if writer is not None:
             writer.close()
-        if main and plotted["epochs"] != len(history.records):  # an interrupted or diverged run
-            run.write_metrics(history, title)
     strategy.barrier()  # everyone has finished before anyone leaves the group
     return RunOutcome("finished", run, session, history, time.perf_counter() - start)
 
