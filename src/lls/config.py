@@ -140,7 +140,7 @@ class TrainConfig:
         from the run's is refused, naming each conflict."""
         check_values(TrainConfig, given, name=flag)
         given_model = given_model or {}
-        check_values(ModelOptions, given_model, "model: ", name=flag)
+        check_values(ModelOptions, given_model, name=flag)
         conflicts = []
         saved_rule, saved_model = self.rule_config(), model_options(self.model_options)
         for name, value in {**given, **given_rule, **given_model}.items():
@@ -171,7 +171,7 @@ def config_from_options(
     """A new run's config from the options a user typed (the rest at their defaults); errors name
     the flags. The run's seed also seeds the rule's random tensors."""
     check_values(TrainConfig, given, name=flag)
-    check_values(ModelOptions, given_model or {}, "model: ", name=flag)
+    check_values(ModelOptions, given_model or {}, name=flag)
     config = TrainConfig(**given, model_options=dict(given_model or {}))
     cls, fields = RULES.get(config.rule), rule_options()
     for name in given_rule:

@@ -266,7 +266,7 @@ class ModelOptions:
     )
 
     def __post_init__(self) -> None:
-        check(self, "model option ")
+        check(self)
 
     def as_dict(self) -> dict[str, str]:
         return dataclasses.asdict(self)

@@ -120,7 +120,12 @@ def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
         device = str(resolve_device(args.device))
         memory = getattr(args, "memory", None)
         if memory is not None and RULES.get(name).timing == "end-to-end":
-            memory = None  # BP has no low-memory step: --compare shows its ordinary one beside
+            if not args.compare:
+                raise LLSError(
+                    f"{name} has no low-memory step (it back-propagates through every block at "
+                    "once); drop --memory"
+                )
+            memory = None  # --compare shows BP's ordinary step beside the others' low-memory ones
         result["memory"] = measure_memory(
             args.model,
             name,
