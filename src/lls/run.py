@@ -9,7 +9,6 @@ created, so a refused command leaves nothing behind.
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 import time
@@ -367,7 +366,3 @@ def graceful_interrupt() -> Iterator[Callable[[], bool]]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def with_epochs(config: TrainConfig, epochs: int | None) -> TrainConfig:
-    return config if epochs is None else dataclasses.replace(config, epochs=epochs)
