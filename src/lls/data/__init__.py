@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from ..errors import LLSError
 from ..registry import Registry
 from .base import Augment, Dataset, FileSplit, Split, default_data_root, seeded_generator
 from .cifar import CIFAR10, CIFAR100
+from .device import DeviceLoader
 from .digits import DIGITS
 from .images import IMAGEFOLDER, IMAGENETTE, TINYIMAGENET, VWW
-from .loader import BatchLoader, StreamLoader, TensorLoader, make_loader
+from .loader import BatchLoader, StreamLoader, TensorLoader
 from .mnist import FASHION_MNIST, MNIST
 from .source import Source
 
 DATASETS: Registry[Source] = Registry("dataset")
+DRAWS = ("host", "device")  # where a loader draws its random numbers (make_loader)
 for _source in (MNIST, FASHION_MNIST, CIFAR10, CIFAR100, IMAGENETTE, TINYIMAGENET, VWW, IMAGEFOLDER, DIGITS):
     DATASETS.register(_source.name)(_source)
 
@@ -54,6 +59,31 @@ def fetch_dataset(name: str, data_dir: str | Path | None = None, *, quiet: bool 
 def check_dataset(name: str, data_dir: str | Path | None = None, *, sample: int | None = None) -> list[str]:
     """Verify a dataset's files, counts and shapes; returns report lines (raises on a problem)."""
     return DATASETS.get(name).check(_path(data_dir), sample=sample)
+
+
+def make_loader(split: Split | FileSplit, batch_size: int, *, draws: str = "host", **options) -> BatchLoader:
+    """The right loader for a split: in memory or streamed from files.
+
+    ``draws`` says where shuffling and augmentation draw their random numbers: ``host`` (a CPU
+    generator, batch by batch: the same stream on every device), ``device`` (in-memory splits
+    only: a whole epoch's numbers at once on the training device, see ``device.py``) or ``auto``
+    (device for an in-memory split on a CUDA device, else host: a CPU run draws as it always did).
+    """
+    if draws == "auto":
+        on_cuda = torch.device(options.get("device", "cpu")).type == "cuda"
+        draws = "device" if on_cuda and not isinstance(split, FileSplit) else "host"
+    if draws not in DRAWS:
+        raise LLSError(f"unknown draws {draws!r}; known: {', '.join(DRAWS)}, auto")
+    if isinstance(split, FileSplit):
+        if draws == "device":
+            raise LLSError(
+                "device draws need an in-memory dataset, and this one streams from image files; "
+                "use host draws"
+            )
+        return StreamLoader(split, batch_size, **options)
+    if draws == "device":
+        return DeviceLoader(split, batch_size, **options)
+    return TensorLoader(split, batch_size, **options)
 
 
 __all__ = [

@@ -24,7 +24,6 @@ from .base import Augment, FileSplit, Split
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 PREFETCH_BATCHES = 2  # streamed batches decoded ahead of the one training
-DRAWS = ("host", "device")  # where a loader draws its random numbers (make_loader)
 
 
 class BatchLoader:
@@ -199,30 +198,3 @@ def shard_slice(n: int, rank: int, world: int) -> slice:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
-
-
-def make_loader(split: Split | FileSplit, batch_size: int, *, draws: str = "host", **options) -> BatchLoader:
-    """The right loader for a split: in memory or streamed from files.
-
-    ``draws`` says where shuffling and augmentation draw their random numbers: ``host`` (a CPU
-    generator, batch by batch: the same stream on every device), ``device`` (in-memory splits
-    only: a whole epoch's numbers at once on the training device, see ``device.py``) or ``auto``
-    (device for an in-memory split on a CUDA device, else host: a CPU run draws as it always did).
-    """
-    if draws == "auto":
-        on_cuda = torch.device(options.get("device", "cpu")).type == "cuda"
-        draws = "device" if on_cuda and not isinstance(split, FileSplit) else "host"
-    if draws not in DRAWS:
-        raise LLSError(f"unknown draws {draws!r}; known: {', '.join(DRAWS)}, auto")
-    if isinstance(split, FileSplit):
-        if draws == "device":
-            raise LLSError(
-                "device draws need an in-memory dataset, and this one streams from image files; "
-                "use host draws"
-            )
-        return StreamLoader(split, batch_size, **options)
-    if draws == "device":
-        from .device import DeviceLoader
-
-        return DeviceLoader(split, batch_size, **options)
-    return TensorLoader(split, batch_size, **options)
