@@ -78,8 +78,8 @@ class TrainConfig:
     memory: str | None = option(
         None,
         help="train each block in slices of the batch, holding one slice's activations at a time: "
-        "'low' (the fewest slices under the smallest peak) or a budget such as 512MiB; same "
-        "gradients, local rules only",
+        "'low' (a budget of twice the least a sliced step needs) or a budget such as 512MiB; "
+        "same gradients, local rules only",
         resumable=True,
         distinguishing=False,
     )
