@@ -119,13 +119,13 @@ class FusedProjection:
             self.spread = torch.einsum("ih,jw->ijhw", rows, cols).reshape(g.pool * g.pool, g.height * g.width)
         self.minus_one = torch.full((1, 1), -1.0, dtype=ref.dtype, device=ref.device)
 
-    def __call__(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, a: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The loss, in closed form where that issues fewer kernels than the signal's own chain:
         always for normalised latents, and for channels-last outputs (whose chain pools through
         batched products); unnormalised contiguous ones (random basis, local classifiers) keep the
-        chain, which is as short there."""
+        chain, which is as short there. ``logits`` is taken, and unused, as by the signal itself."""
         if not self.signal.normalize and (a.dim() != 4 or a.is_contiguous()):
-            return self.signal(a, y)
+            return self.signal(a, y, logits)
         return self.closed_form(a, y)
 
     def closed_form(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

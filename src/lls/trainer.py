@@ -227,7 +227,7 @@ class Trainer:
         """A block's local loss from its output ``a`` (or its sliced step's)."""
         if isinstance(a, SlicedBlock):
             return a.loss(signal, y, logits)
-        return signal(a, y) if logits is None else signal(a, y, logits)
+        return signal(a, y, logits)
 
     def update(self, index: int, loss: torch.Tensor) -> torch.Tensor:
         """Backward of block ``index``'s loss (L: the head's) and a step of that block's optimizer."""

@@ -118,7 +118,7 @@ def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
     ).as_dict()
     if not args.no_memory:
         device = str(resolve_device(args.device))
-        memory = getattr(args, "memory", None)
+        memory = args.memory
         if memory is not None and RULES.get(name).timing == "end-to-end":
             if not args.compare:
                 raise LLSError(
