@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from .cost import count_costs
-from .engine import WARMUP_STEPS
+from .engine import ENGINES, WARMUP_STEPS
+from .errors import LLSError
 from .memory import example_batch, measure_memory
 from .optim import OptimizerFactory
 from .report_format import mib, ratio, table
@@ -34,6 +35,8 @@ from .trainer import build_trainer
 def split_engine(spec: str) -> tuple[str, str | None]:
     """``lls:basis=periodic@graph`` -> ("lls:basis=periodic", "graph"); no ``@``: (spec, None)."""
     rule, at, engine = spec.partition("@")
+    if at and engine not in ENGINES:
+        raise LLSError(f"{spec}: unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
     return rule, (engine if at else None)
 
 

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from ..bench import bench_text, run_bench, summarize
+from ..bench import bench_text, run_bench, split_engine, summarize
 from ..cost import compare_text, cost_text, count_costs
 from ..engine import ENGINES
 from ..errors import LLSError
@@ -163,10 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     specs = args.rules.split(",")
     for spec in specs:
-        rule, _, engine = spec.partition("@")
-        parse_rule_spec(rule)  # every rule checked before anything is timed
-        if engine and engine not in ENGINES:
-            raise LLSError(f"{spec}: unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
+        parse_rule_spec(split_engine(spec)[0])  # every entry checked before anything is timed
     results = run_bench(
         args.model,
         shape,
