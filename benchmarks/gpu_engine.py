@@ -56,6 +56,7 @@ import lls
 from lls.data import make_loader
 from lls.engine import WARMUP_STEPS, GraphEngine
 from lls.fit import BATCHNORM_MIN_BATCH, EVAL_BATCH_SIZE, REFRESH_BATCHES, Loaders, evaluate, train_epoch
+from lls.memory import example_batch
 from lls.optim import create_optimizer
 from lls.trainer import Trainer, build_trainer
 
@@ -171,12 +172,6 @@ def make_trainer(
     return trainer
 
 
-def example_batch(shape, classes, batch, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *shape, generator=g).to(device).contiguous(memory_format=torch.channels_last)
-    return x, torch.randint(0, classes, (batch,), generator=g).to(device)
-
-
 # --- stage 1: tests --------------------------------------------------------------------------------
 
 
@@ -265,7 +260,7 @@ def stage_steps(run: Run) -> dict:
             if variant.startswith("graph") and not run.graph:
                 continue
             trainers[name] = make_trainer(run, model, rule, shape, classes, variant)
-        x, y = example_batch(shape, classes, batch, run.device)
+        x, y = example_batch(shape, classes, batch, run.device, channels_last=True)
         seconds = interleaved(run, trainers, x, y, steps, warmup + (WARMUP_STEPS + 1 if run.graph else 0))
         rows = {}
         for name, values in seconds.items():
@@ -320,7 +315,7 @@ def count_kernels(run: Run, trainer: Trainer, x, y) -> dict:
 
 def stage_kernels(run: Run) -> dict:
     label, model, shape, classes, batch = (DRY_STEP_JOBS if run.args.dry_run else STEP_JOBS)[0]
-    x, y = example_batch(shape, classes, batch, run.device)
+    x, y = example_batch(shape, classes, batch, run.device, channels_last=True)
     record = {"job": label}
     for name, rule, variant in VARIANTS:
         if variant.startswith("graph") and not run.graph:
