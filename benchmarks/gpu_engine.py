@@ -54,11 +54,18 @@ import torch
 
 import lls
 from lls.data import make_loader
-from lls.engine import WARMUP_STEPS, GraphEngine
-from lls.fit import BATCHNORM_MIN_BATCH, EVAL_BATCH_SIZE, REFRESH_BATCHES, Loaders, evaluate, train_epoch
-from lls.memory import example_batch
-from lls.optim import create_optimizer
-from lls.trainer import Trainer, build_trainer
+from lls.measure.memory import example_batch
+from lls.step.engine import WARMUP_STEPS, GraphEngine
+from lls.step.optim import create_optimizer
+from lls.step.trainer import Trainer, build_trainer
+from lls.training.fit import (
+    BATCHNORM_MIN_BATCH,
+    EVAL_BATCH_SIZE,
+    REFRESH_BATCHES,
+    Loaders,
+    evaluate,
+    train_epoch,
+)
 
 BUDGET_SECONDS = 470  # the whole run; stages check the time left (the device tool allows 600)
 PAPER_RUN_SECONDS = 150  # the 100-epoch run starts only with this much left
@@ -67,7 +74,7 @@ LOSS_TOLERANCE = 1e-3  # per-step loss agreement over 100 steps, relative (a jud
 
 
 def capturable_sf(params, lr, weight_decay):
-    """lls.sfadamw's schedule-free AdamW, the one the graph engine runs."""
+    """lls.step.sfadamw's schedule-free AdamW, the one the graph engine runs."""
     return create_optimizer("adamw-sf", params, lr, weight_decay, capturable=True)
 
 

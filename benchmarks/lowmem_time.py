@@ -3,7 +3,7 @@
     python benchmarks/lowmem_time.py --model vgg8 --shape 3,32,32 --rules lls --memory low --steps 25
 
 Each rule runs the ordinary step and the low-memory step in turn (a b a b ...) after a warm-up, so
-that slow and fast periods of the machine hit both alike (``lls.bench.run_bench``); prints medians,
+that slow and fast periods of the machine hit both alike (``lls.measure.bench.run_bench``); prints medians,
 interquartile ranges, the ratio low-memory / ordinary and both step peaks. Time it on a quiet
 machine: on a shared one the ratio drifts with the neighbours' load.
 """
@@ -15,8 +15,8 @@ import argparse
 import torch
 
 import lls
-from lls.bench import run_bench, summarize
-from lls.lowmem import parse_memory
+from lls.measure.bench import run_bench, summarize
+from lls.step.lowmem import parse_memory
 
 
 def main() -> None:

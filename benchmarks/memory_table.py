@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 import lls
-from lls.lowmem import LowMemory, memory_plan
-from lls.memory import cpu_step_peak, measure_memory
+from lls.measure.memory import cpu_step_peak, measure_memory
+from lls.step.lowmem import LowMemory, memory_plan
 
 MIB = 2**20
 PAPER_BATCH = 128  # METHOD.md section 6

@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 
-from lls.cost import count_costs
-from lls.pipeline import balance_stages
+from lls.measure.cost import count_costs
+from lls.training.pipeline import balance_stages
 
 COMMON = [
     "train",

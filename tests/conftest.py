@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lls
-from lls.net import AvgPool, Conv, Dense, MaxPool, build
+from lls.method.net import AvgPool, Conv, Dense, MaxPool, build
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share two cores: one thread each
     torch.set_num_threads(1)

@@ -12,8 +12,8 @@ from torch import nn
 
 import lls
 from lls.data import Split, TensorLoader
-from lls.distributed import DataParallel
-from lls.fit import Loaders
+from lls.training.distributed import DataParallel
+from lls.training.fit import Loaders
 
 
 def net() -> lls.LocalNet:

@@ -29,7 +29,7 @@ _CONTEXT.set_forkserver_preload(
         "matplotlib.backends.backend_agg",
         "lls",
         "lls.cli",
-        "lls.pipeline",
+        "lls.training.pipeline",
         "tests.processes",
     ]
 )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lls
-from lls.basis import BASIS_KINDS, frequencies
+from lls.method.basis import BASIS_KINDS, frequencies
 
 
 def test_periodic_entries_match_the_formula_by_hand():

@@ -132,8 +132,8 @@ def test_a_new_rule_option_appears_on_the_command_line_by_itself(monkeypatch):
     import dataclasses
 
     from lls.cli import build_parser
+    from lls.method.rules import LLS, RULES
     from lls.options import option
-    from lls.rules import LLS, RULES
 
     @dataclasses.dataclass
     class Sharper(LLS):
@@ -144,7 +144,7 @@ def test_a_new_rule_option_appears_on_the_command_line_by_itself(monkeypatch):
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "--sharpness" in help_text and "how sharp the scores are" in help_text
     with pytest.raises(Exception, match="--sharpness must be > 0"):
-        from lls.config import config_from_options
+        from lls.training.config import config_from_options
 
         config_from_options({"rule": "sharper"}, {"sharpness": -1.0})
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import lls
 from lls.cli import main
-from lls.cost import count_costs, projection_signal_ops
-from lls.memory import SavedTensorMeter
-from lls.rules import create_rule
+from lls.measure.cost import count_costs, projection_signal_ops
+from lls.measure.memory import SavedTensorMeter
+from lls.method.rules import create_rule
 
 from .conftest import TINY_INPUT, tiny_net
 
@@ -191,7 +191,7 @@ def test_cost_needs_a_shape(capsys):
 
 
 def test_grouped_and_strided_convolutions_by_formula():
-    from lls.cost import module_costs
+    from lls.measure.cost import module_costs
 
     depthwise = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
     assert module_costs(depthwise, torch.randn(2, 32, 16, 16))[:3] == (16 * 16 * 32 * 9,) * 3
@@ -208,7 +208,7 @@ def test_pooling_counts_follow_the_pooling_operator(sizes, pool):
     row's nonzeros (nnz - bins additions) and scales rows of more than one entry; the backward
     scales those rows again and adds up each column's nonzeros (nnz - entries additions). A copy
     (one entry in a bin, as in 1024 -> 2048) costs nothing forward."""
-    from lls.cost import pooling_ops
+    from lls.measure.cost import pooling_ops
 
     n = math.prod(sizes)
     eye = torch.eye(n, dtype=torch.float64).view(n, 1, *sizes)

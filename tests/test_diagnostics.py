@@ -10,9 +10,9 @@ from torch import nn
 
 import lls
 from lls.cli import main
-from lls.diagnose import diagnose
-from lls.rules import RULES, Rule
-from lls.signals import BlockSignal
+from lls.measure.diagnose import diagnose
+from lls.method.rules import RULES, Rule
+from lls.method.signals import BlockSignal
 
 from .conftest import tiny_batch, tiny_trainer
 
@@ -105,7 +105,7 @@ def test_diagnostics_never_change_training(rule, digits, tmp_path):
             )
             == 0
         )
-        runs.append(lls.rundir.load_checkpoint_file(out / "checkpoint.pt")["trainer"]["net"])
+        runs.append(lls.training.rundir.load_checkpoint_file(out / "checkpoint.pt")["trainer"]["net"])
     for name, tensor in runs[0].items():
         assert torch.equal(tensor, runs[1][name]), name
     before = (tmp_path / "--block-accuracy" / "checkpoint.pt").read_bytes()

@@ -7,8 +7,8 @@ import torch
 
 from lls.cli import main
 from lls.errors import LLSError
-from lls.pipeline import balance_stages, parse_stages
-from lls.rundir import load_checkpoint_file
+from lls.training.pipeline import balance_stages, parse_stages
+from lls.training.rundir import load_checkpoint_file
 
 from . import dist_worker
 from .processes import SIGINT, finish, lls, lls_torchrun, start, torchrun, wait_for

@@ -19,15 +19,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lls
-from lls.bench import run_bench, split_engine
 from lls.data import Augment, FileSplit, Split, make_loader
 from lls.data.device import DeviceLoader
-from lls.engine import StreamSchedule, check_capturable, is_capturable, optimizer_engine, resolve_engine
-from lls.fused import FusedProjection, block_losses
-from lls.optim import create_optimizer
-from lls.rules import create_rule
-from lls.signals import ProjectionSignal
-from lls.trainer import Trainer, build_trainer
+from lls.measure.bench import run_bench, split_engine
+from lls.method.fused import FusedProjection, block_losses
+from lls.method.rules import create_rule
+from lls.method.signals import ProjectionSignal
+from lls.step.engine import StreamSchedule, check_capturable, is_capturable, optimizer_engine, resolve_engine
+from lls.step.optim import create_optimizer
+from lls.step.trainer import Trainer, build_trainer
 
 from .conftest import TINY_INPUT, tiny_batch, tiny_net, tiny_trainer
 
@@ -104,7 +104,7 @@ class _Event:
 
 
 class TraceStreams:
-    """A :class:`~lls.engine.StreamBackend` for the CPU: ops run at once in program order, and the
+    """A :class:`~lls.step.engine.StreamBackend` for the CPU: ops run at once in program order, and the
     log records streams' events, waits, keep-alives and (through :class:`OpLog`) every op with the
     stream it was issued on, what it read and what it wrote."""
 
@@ -718,7 +718,7 @@ def test_streams_without_the_fused_signal_change_nothing(exact_float32):
     """Graph capture and the stream schedule alone (the autograd chain for the signal) run the
     same kernels as the eager step: weights agree to rounding (cuDNN's backward-weight kernels
     may sum in another order between runs, nothing more)."""
-    from lls.engine import GraphEngine
+    from lls.step.engine import GraphEngine
 
     (eager, graph), (again, _) = _cuda_pair("lls", True), _cuda_pair("lls", True)
     graph.engine = GraphEngine(graph, fused=False)

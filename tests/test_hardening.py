@@ -14,8 +14,8 @@ import torch
 
 import lls
 from lls.cli import main
-from lls.files import Lock
-from lls.rundir import RunDir, load_checkpoint_file
+from lls.training.files import Lock
+from lls.training.rundir import RunDir, load_checkpoint_file
 
 pytestmark = pytest.mark.usefixtures("digits")
 RUN = ["train", "--dataset", "digits", "--batch-size", "64", "--quiet"]
@@ -114,7 +114,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatc
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr("lls.files.os.fsync", fsync)
+    monkeypatch.setattr("lls.training.files.os.fsync", fsync)
     one_line(capsys, [*RUN, "--epochs", "3", "--out", str(out)], "No space left on device", "free disk space")
     monkeypatch.undo()
     assert load_checkpoint_file(out / "checkpoint.pt")["epoch"] == 1

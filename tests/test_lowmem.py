@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import lls
-from lls.diagnose import rule_gradients
-from lls.lowmem import GRADIENTS_IN_FLIGHT, Budget, LowMemory, SliceSamples, memory_plan, parse_memory
-from lls.memory import SavedTensorMeter
-from lls.models import model_specs
-from lls.net import Conv, Dense, DWSeparable, LeakyReLU, LocalNet, build
+from lls.measure.diagnose import rule_gradients
+from lls.measure.memory import SavedTensorMeter
+from lls.method.models import model_specs
+from lls.method.net import Conv, Dense, DWSeparable, LeakyReLU, LocalNet, build
+from lls.step.lowmem import GRADIENTS_IN_FLIGHT, Budget, LowMemory, SliceSamples, memory_plan, parse_memory
 
 LOCAL_RULES = [r for r in lls.list_rules() if r != "bp"]
 CLASSES = 5
@@ -268,7 +268,7 @@ def test_diagnostics_take_gradients_of_the_sliced_loss():
 
 def test_diagnose_leaves_a_low_memory_trainer_untouched():
     """diagnose() works on a copy of the network: the sliced step must run the copy's blocks."""
-    from lls.diagnose import diagnose
+    from lls.measure.diagnose import diagnose
 
     shape = ZOO_INPUT["smallconv"]
 
@@ -303,7 +303,7 @@ def test_budget_picks_the_largest_slice_that_fits():
 
 
 def test_low_is_twice_the_least_a_sliced_step_needs():
-    from lls.lowmem import LOW_FACTOR
+    from lls.step.lowmem import LOW_FACTOR
 
     shape, n = (1, 28, 28), 64
     net = lls.create_model("smallconv", in_channels=1, input_size=28, num_classes=CLASSES)
@@ -349,7 +349,7 @@ def test_memory_plan_accepts_the_api_forms():
 
 
 def test_build_trainer_passes_memory_on():
-    trainer = lls.trainer.build_trainer("smallconv", "lls", (1, 8, 8), CLASSES, memory="low")
+    trainer = lls.step.trainer.build_trainer("smallconv", "lls", (1, 8, 8), CLASSES, memory="low")
     assert trainer.low_memory is not None and trainer.memory == "low"
 
 
@@ -392,7 +392,7 @@ def test_user_signal_with_only_a_forward():
 
 
 def test_bench_times_each_rule_with_and_without_low_memory():
-    from lls.bench import run_bench, summarize
+    from lls.measure.bench import run_bench, summarize
 
     results = run_bench(
         "smallconv",
@@ -416,7 +416,7 @@ def test_bench_times_each_rule_with_and_without_low_memory():
 def test_batchnorm_sums_taken_directly_equal_the_fused_kernels(channels_last):
     """The two ways a slice's BatchNorm sums are taken (the CPU's fused kernel; the direct sums
     CUDA uses) agree, and equal sum(dy) and sum(dy * (x - mean) / sqrt(var + eps)) by hand."""
-    from lls.lowmem import _Norm
+    from lls.step.lowmem import _Norm
 
     g = torch.Generator().manual_seed(0)
     x, dy = torch.randn(2, 6, 3, 5, 5, generator=g).unbind(0)

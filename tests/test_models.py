@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import lls
-from lls.models import model_specs
-from lls.net import Conv, Dense, DWSeparable
+from lls.method.models import model_specs
+from lls.method.net import Conv, Dense, DWSeparable
 
 # (input shape, classes) small enough to build every model quickly
 SMALL_INPUT = {"mobilenetv1": (3, 32, 32), "vgg11": (3, 32, 32)}
@@ -121,7 +121,7 @@ def test_every_model_has_a_layout_written_out():
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_block_by_block(name):
-    from lls.signals import latent_dim
+    from lls.method.signals import latent_dim
 
     input_shape, blocks, first_dense_input, head_input = LAYOUTS[name]
     net = uninitialised(name, in_channels=input_shape[0], input_size=input_shape[1:], num_classes=10)
@@ -173,7 +173,7 @@ def test_mobilenet_depthwise_padding_as_the_authors():
 
 def test_dense_latent_output_scores_dense_outputs_as_they_are():
     """The layouts above are the default ('pooled', the authors' lengths); 'output' keeps the units."""
-    from lls.signals import latent_dim
+    from lls.method.signals import latent_dim
 
     for name, width in (("smallconvl", 1024), ("vgg11", 4096)):
         net = uninitialised(name, input_size=32, dense_latent="output")
@@ -229,7 +229,7 @@ def test_unknown_model_lists_the_known_ones():
 
 
 def test_memory_lean_leaky_relu_matches_pytorch_and_saves_only_its_output():
-    from lls.net import LeakyReLU
+    from lls.method.net import LeakyReLU
 
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64).requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)

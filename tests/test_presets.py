@@ -13,8 +13,8 @@ import torch
 import lls
 from lls.data import DATASETS, dataset_shape
 from lls.data.base import Augment
-from lls.presets import PRESETS, select
-from lls.trainer import build_trainer
+from lls.step.trainer import build_trainer
+from lls.training.presets import PRESETS, select
 
 from .test_data import write_tiny_idx_set
 from .test_datasets import write_cifar10, write_image

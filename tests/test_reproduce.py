@@ -6,7 +6,7 @@ import pytest
 
 import lls
 from lls.cli import main
-from lls.presets import PRESETS, Preset, select
+from lls.training.presets import PRESETS, Preset, select
 
 pytestmark = pytest.mark.usefixtures("digits")
 
@@ -52,7 +52,7 @@ def test_sweep_skips_finished_rows_and_reports_mean_and_std(tmp_path, monkeypatc
         Preset("compare", "digits", "smallconv", "bp", "BP", 2),
         Preset("compare", "digits", "smallconv", "lls", "LLS (square)", 2, None, {"basis": "square"}),
     )
-    monkeypatch.setattr("lls.presets.PRESETS", tiny)
+    monkeypatch.setattr("lls.training.presets.PRESETS", tiny)
     out = tmp_path / "sweep"
     args = ["reproduce", "compare", "--dataset", "digits", "--seeds", "0,1", "--out", str(out), "--quiet"]
     assert main(args) == 0
@@ -117,8 +117,8 @@ def test_report_rows_merge_seeds_and_nothing_else(tmp_path, capsys):
 def test_a_model_option_sets_a_report_row_apart_and_its_default_does_not():
     from pathlib import Path
 
-    from lls.config import TrainConfig
-    from lls.report import RunResult
+    from lls.measure.report import RunResult
+    from lls.training.config import TrainConfig
 
     def label(**model_options):
         config = TrainConfig(model="smallconvl", model_options=model_options)

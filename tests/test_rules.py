@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lls
-from lls.signals import FEEDBACK_SCALE, block_seed
+from lls.method.signals import FEEDBACK_SCALE, block_seed
 
 from .conftest import NUM_CLASSES, tiny_batch, tiny_trainer
 
@@ -216,7 +216,7 @@ def test_drtp_builds_tanh_networks():
 
 @pytest.mark.parametrize("size,pool", [(28, 4), (14, 2), (7, 2), (5, 3), (4, 4), (3, 1)])
 def test_latent_is_adaptive_average_pooling_in_any_memory_format(size, pool):
-    from lls.signals import latent
+    from lls.method.signals import latent
 
     a = torch.randn(3, 5, size, size + 1, dtype=torch.float64)
     expected = torch.nn.functional.adaptive_avg_pool2d(a, pool).flatten(1)

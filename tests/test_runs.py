@@ -14,7 +14,7 @@ import torch
 
 import lls
 from lls.cli import main
-from lls.rundir import load_checkpoint_file
+from lls.training.rundir import load_checkpoint_file
 
 from .processes import lls as spawn
 from .processes import wait_for
@@ -113,7 +113,7 @@ def test_stop_mid_epoch_saves_the_partial_epoch_and_resumes_exactly(reference, t
 
         yield should_stop
 
-    monkeypatch.setattr("lls.run.graceful_interrupt", stop_after_60_steps)
+    monkeypatch.setattr("lls.training.run.graceful_interrupt", stop_after_60_steps)
     assert main([*DIGITS_RUN, "--epochs", "3", "--out", str(out)]) == 130
     state = load_checkpoint_file(out / "checkpoint.pt")
     assert state["epoch"] == 1 and state["progress"]["epoch"] == 1 and state["progress"]["step"] == 60 - 45
@@ -216,8 +216,8 @@ def test_checkpoint_leaves_no_temp_files(reference):
 
 
 def test_holdout_evaluates_on_training_images_the_run_never_trains_on(tmp_path, capsys):
-    from lls.config import TrainConfig
-    from lls.run import build_session
+    from lls.training.config import TrainConfig
+    from lls.training.run import build_session
 
     session = build_session(TrainConfig(dataset="digits", holdout=300), device=torch.device("cpu"))
     full = lls.load_dataset("digits")

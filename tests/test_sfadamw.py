@@ -12,8 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lls import LLSError
-from lls.optim import OPTIMIZERS, create_optimizer, is_schedule_free
-from lls.sfadamw import AdamWScheduleFree
+from lls.step.optim import OPTIMIZERS, create_optimizer, is_schedule_free
+from lls.step.sfadamw import AdamWScheduleFree
 
 SHAPES = [(7,), (3, 5), (2, 3, 4, 4), ()]
 LATE_PARAM, LATE_STEPS = 1, 10  # this parameter has no gradient for its group's first steps

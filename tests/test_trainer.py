@@ -197,7 +197,7 @@ def test_one_optimizer_per_block_for_every_local_rule(rule):
 def test_fit_refreshes_batchnorm_on_50_training_batches(digits):
     """METHOD.md section 6: before each evaluation, 50 training batches forwarded in train mode
     without gradients. Counted at the first block: train mode without gradients is the refresh."""
-    from lls.net import build
+    from lls.method.net import build
 
     from .conftest import TINY_SPECS
 
@@ -220,7 +220,7 @@ def test_fit_refreshes_batchnorm_on_50_training_batches(digits):
 def test_basis_readout_of_a_pooled_dense_latent(pool):
     """A dense block's own accuracy scores its pooled latent (8 units -> 16 repeats, -> 4 averages
     pairs) against the basis of the pooled length, as its training signal does."""
-    from lls.net import AvgPool, Conv, Dense, MaxPool, build
+    from lls.method.net import AvgPool, Conv, Dense, MaxPool, build
 
     from .conftest import NUM_CLASSES
 

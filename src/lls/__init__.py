@@ -13,16 +13,16 @@ or, from names: ``trainer = lls.build_trainer("smallconv", "lls", data, rule_opt
 
 __version__ = "0.1.0"  # the one definition (pyproject.toml reads it)
 
-from .basis import BASIS_KINDS, basis
 from .data import Dataset, Split, TensorLoader, list_datasets, load_dataset
 from .errors import LLSError
-from .fit import EpochRecord, History, Loaders, evaluate, fit, train_epoch
 from .malloc import tune_malloc
-from .models import create_model, list_models
-from .net import LocalNet
-from .rules import Rule, create_rule, list_rules, register_rule
-from .signals import BlockSignal
-from .trainer import Evaluation, StepResult, Trainer, build_trainer
+from .method.basis import BASIS_KINDS, basis
+from .method.models import create_model, list_models
+from .method.net import LocalNet
+from .method.rules import Rule, create_rule, list_rules, register_rule
+from .method.signals import BlockSignal
+from .step.trainer import Evaluation, StepResult, Trainer, build_trainer
+from .training.fit import EpochRecord, History, Loaders, evaluate, fit, train_epoch
 
 __all__ = [
     "BASIS_KINDS",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..data import DATASETS, check_dataset, fetch_dataset, list_datasets
-from ..models import list_models
-from ..optim import OPTIMIZERS
-from ..rules import list_rules
+from ..method.models import list_models
+from ..method.rules import list_rules
+from ..step.optim import OPTIMIZERS
 from .common import counted
 
 

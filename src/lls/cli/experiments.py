@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 from ..errors import LLSError
-from ..presets import PRESETS, TABLES, select, with_epochs
-from ..report import write_report
-from ..reproduce import plan, sweep
-from ..run import RunOptions
+from ..measure.report import write_report
+from ..training.presets import PRESETS, TABLES, select, with_epochs
+from ..training.reproduce import plan, sweep
+from ..training.run import RunOptions
 from .common import EXIT_INTERRUPTED, add_data_options, add_device, counted, number_list, resolve_device
 
 

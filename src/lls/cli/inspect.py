@@ -7,10 +7,10 @@ import json
 from itertools import islice
 from pathlib import Path
 
-from ..basis import BASIS_KINDS
-from ..diagnose import diagnose, diagnosis_text, plot_basis, plot_diagnosis
 from ..errors import LLSError
-from ..run import describe_rule, open_trained
+from ..measure.diagnose import diagnose, diagnosis_text, plot_basis, plot_diagnosis
+from ..method.basis import BASIS_KINDS
+from ..training.run import describe_rule, open_trained
 from .common import add_data_options, add_device, counted, resolve_device
 
 

@@ -7,16 +7,16 @@ import json
 
 import torch
 
-from ..bench import bench_text, run_bench, split_engine, summarize
-from ..cost import compare_text, cost_text, count_costs
-from ..engine import ENGINES
 from ..errors import LLSError
-from ..lowmem import memory_plan
-from ..memory import measure_memory
-from ..models import model_options
-from ..net import ModelOptions
+from ..measure.bench import bench_text, run_bench, split_engine, summarize
+from ..measure.cost import compare_text, cost_text, count_costs
+from ..measure.memory import measure_memory
+from ..method.models import model_options
+from ..method.net import ModelOptions
+from ..method.rules import RULES, create_rule, parse_rule_spec
 from ..options import add_arguments, given, options_of
-from ..rules import RULES, create_rule, parse_rule_spec
+from ..step.engine import ENGINES
+from ..step.lowmem import memory_plan
 from .common import add_device, add_problem, counted, problem_shape, resolve_device
 
 COMPARE_RULES = ("bp", "lls", "lls:basis=periodic", "lls-m", "lls-mxm", "local-classifier", "dfa", "drtp")

@@ -1,6 +1,6 @@
 """``lls train`` and ``lls eval``.
 
-``lls train``'s options that define a run are generated from :class:`~lls.config.TrainConfig` and
+``lls train``'s options that define a run are generated from :class:`~lls.training.config.TrainConfig` and
 from the options of every registered rule: a new field there is a new flag here, with its help.
 """
 
@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..config import CONFIG_OPTIONS, TrainConfig, config_from_options
 from ..data import load_dataset, make_loader
-from ..distributed import STRATEGIES
 from ..errors import LLSError
-from ..fit import EVAL_BATCH_SIZE, Loaders, evaluate
-from ..net import ModelOptions
+from ..method.net import ModelOptions
+from ..method.rules import rule_options
 from ..options import add_arguments, given, options_of
-from ..rules import rule_options
-from ..run import RunOptions, create_strategy, open_trained, tensorboard_writer, train_run
-from ..rundir import RunDir
+from ..training.config import CONFIG_OPTIONS, TrainConfig, config_from_options
+from ..training.distributed import STRATEGIES
+from ..training.fit import EVAL_BATCH_SIZE, Loaders, evaluate
+from ..training.run import RunOptions, create_strategy, open_trained, tensorboard_writer, train_run
+from ..training.rundir import RunDir
 from .common import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,

@@ -14,9 +14,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import LLSError
+from ..method.rules import REFERENCE_READOUT_WIDTH, seeded_options
 from .config import TrainConfig
-from .errors import LLSError
-from .rules import REFERENCE_READOUT_WIDTH, seeded_options
 
 TABLES = ("table1", "table2", "table3", "compare")
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LLSError
 from .basis import basis
-from .errors import LLSError
 
 NORMALIZE_EPS = 1e-12  # eps of the row-wise L2 normalisation max(||a||, eps)
 MODULATION_INIT_STD = 0.01  # N(0, 0.01^2) init of LLS-M's vector and LLS-MxM's matrix

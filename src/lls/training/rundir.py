@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from .. import __version__
+from ..errors import LLSError
 from .config import TrainConfig
-from .errors import LLSError
 from .files import Lock, atomic_write, describe_os_error, remove_stale_temp_files
 from .fit import EpochProgress, EpochRecord, History
 
@@ -155,7 +155,7 @@ class RunDir:
         atomic_write(self.metrics_csv, out.getvalue().encode())
         if not plot:
             return
-        from .plots import plot_curves
+        from ..measure.plots import plot_curves
 
         plot_curves(records, self.curves, title)
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import LLSError
+from ..errors import LLSError
 from .signals import NORMALIZE_EPS, ProjectionSignal, latent_dim, pooling_matrix
 
 # Where a block output's latent comes from: flat (dense), the (C, H, W) map as it is, or pooled.
@@ -64,7 +64,7 @@ class _Geometry:
 
 
 class FusedProjection:
-    """The loss of a :class:`~lls.signals.ProjectionSignal` for block outputs of ``out_shape`` (no
+    """The loss of a :class:`~lls.method.signals.ProjectionSignal` for block outputs of ``out_shape`` (no
     batch), with the closed-form backward: ``FusedProjection(signal, out_shape)(a, y) -> loss``.
 
     Equal to ``signal(a, y)`` up to float rounding, in value and in gradients with respect to

@@ -3,7 +3,7 @@
 Each entry is a list of block specs; ``pool`` is the block's LLS latent pool side p_l from the
 paper, and for a dense block the length the authors' code pools its output to (``pooling_size`` of
 their layers: 2048 for SmallConvL's 1024 units and VGG11's 4096; the output's own length for
-SmallConv and VGG8). ``create_model`` turns a spec list into a :class:`~lls.net.LocalNet` for any
+SmallConv and VGG8). ``create_model`` turns a spec list into a :class:`~lls.method.net.LocalNet` for any
 number of input channels, input size and classes, with the options of :class:`ModelOptions`.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from .errors import LLSError
+from ..errors import LLSError
+from ..registry import Registry
 from .net import AvgPool, Conv, Dense, DWSeparable, LocalNet, MaxPool, ModelOptions, Spec, build
-from .registry import Registry
 
 MODELS: Registry[tuple[Spec, ...]] = Registry("model")
 

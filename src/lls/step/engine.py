@@ -1,4 +1,4 @@
-"""Step engines: how a :class:`~lls.trainer.Trainer`'s training step is issued on the device.
+"""Step engines: how a :class:`~lls.step.trainer.Trainer`'s training step is issued on the device.
 
 - ``eager``: the Trainer's own step, op by op from Python. The reference; on a CPU the only one.
 - ``graph`` (CUDA only): the whole step (every block's forward, signal, backward and optimizer
@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .errors import LLSError
+from ..errors import LLSError
 
 if TYPE_CHECKING:
     from .trainer import StepResult, Trainer
@@ -266,7 +266,7 @@ class GraphEngine:
         fused: bool = True,
         strict: bool = True,
     ) -> None:
-        from .fused import block_losses
+        from ..method.fused import block_losses
 
         param = next(trainer.net.parameters())
         resolve_engine("graph", param.device)

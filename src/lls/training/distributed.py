@@ -6,7 +6,7 @@ rank's share of the batch) are summed across ranks in one ``all_reduce`` and div
 size, before that block's own optimizer steps. Every rule works this way, BP included. With
 BatchNorm, each rank normalises with its own share's statistics (as PyTorch's
 DistributedDataParallel does) unless ``--sync-bn`` (CUDA) synchronises them. The layer pipeline is
-in ``pipeline.py``. Both are :class:`~lls.fit.Strategy` subclasses: ``fit`` drives them as it
+in ``pipeline.py``. Both are :class:`~lls.training.fit.Strategy` subclasses: ``fit`` drives them as it
 drives one process.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import LLSError
+from ..errors import LLSError
+from ..registry import Registry
+from ..step.trainer import Trainer
 from .fit import EpochProgress, Loaders, Strategy, evaluate, train_epoch
-from .registry import Registry
-from .trainer import Trainer
 
 
 @dataclass

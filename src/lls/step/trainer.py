@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LLSError
+from ..method.models import create_model
+from ..method.net import LocalNet, Spec
+from ..method.rules import Rule, create_rule, seeded_options
+from ..method.signals import BlockSignal
 from .engine import SERIAL, GraphEngine, Schedule, check_capturable, is_capturable, optimizer_engine
-from .errors import LLSError
 from .lowmem import LowMemory, MemorySpec, SlicedBlock, memory_plan
-from .models import create_model
-from .net import LocalNet, Spec
 from .optim import OptimizerFactory, create_optimizer, is_schedule_free
-from .rules import Rule, create_rule, seeded_options
-from .signals import BlockSignal
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -295,7 +295,7 @@ class Trainer:
         With ``blocks``, also each block's own accuracy (see ``readout.py``): the rule's basis or
         learned classifier where it has one, else ridge probes fitted on ``probe_batches``.
         """
-        from .readout import block_predictions, fit_probes, readout_kind
+        from ..method.readout import block_predictions, fit_probes, readout_kind
 
         total_loss = torch.zeros((), dtype=torch.float64)
         correct, count = 0, 0
@@ -372,7 +372,7 @@ def build_trainer(
     ``data`` is a dataset (its input shape and class count are used) or an input shape ``(C, H,
     W)`` with ``num_classes``. ``seed`` seeds the initial weights and, for rules that draw fixed
     random tensors (a random basis, feedback matrices), those too. The network is built with the
-    rule's activation (Tanh for DRTP) and ``model_options`` (:class:`~lls.models.ModelOptions`,
+    rule's activation (Tanh for DRTP) and ``model_options`` (:class:`~lls.method.models.ModelOptions`,
     e.g. ``{"dense_latent": "output"}``), on ``device``, optionally in channels-last layout, and
     steps with ``engine`` ("eager", "graph" or "auto"; see engine.py). ``memory``: the low-memory
     step, see :class:`Trainer`.

@@ -21,10 +21,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from ..errors import LLSError
+from ..options import check, option, options_of
+from ..registry import Registry
 from .basis import BASIS_KINDS
-from .errors import LLSError
-from .options import check, option, options_of
-from .registry import Registry
 from .signals import FEEDBACK_KINDS, BlockSignal, FeedbackSignal, ProjectionSignal, block_seed, latent_dim
 
 Timing = Literal["block", "head", "end-to-end"]

@@ -6,8 +6,8 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import LLSError
-from .files import atomic_write, describe_os_error
+from ..errors import LLSError
+from ..training.files import atomic_write, describe_os_error
 
 
 def save_figure(figure, path: Path, *, tight: bool = True) -> None:

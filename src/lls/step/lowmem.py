@@ -64,8 +64,8 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .errors import LLSError
-from .signals import BlockSignal
+from ..errors import LLSError
+from ..method.signals import BlockSignal
 
 GRADIENTS_IN_FLIGHT = 2  # full-size gradients alive at once in a block's backward, beyond what it saves
 PARAMETER_COPIES = 2  # a block's gradient and the optimizer step's temporaries, in parameter sizes

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import schedulefree
 import torch
 
-from .registry import Registry
+from ..registry import Registry
 from .sfadamw import AdamWScheduleFree
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter], float, float], torch.optim.Optimizer]

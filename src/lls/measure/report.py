@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DISTINGUISHING, TrainConfig
-from .errors import LLSError
-from .files import atomic_write
-from .models import model_options
-from .rules import RULES
-from .rundir import RunDir
+from ..errors import LLSError
+from ..method.models import model_options
+from ..method.rules import RULES
+from ..training.config import DISTINGUISHING, TrainConfig
+from ..training.files import atomic_write
+from ..training.rundir import RunDir
 
 
 @dataclass
@@ -127,10 +127,10 @@ def summarize(runs: list[RunResult], with_costs: bool = True) -> list[dict[str, 
 
 def costs_of(config: TrainConfig) -> dict[str, Any]:
     """Learning-signal multiply-adds, extra parameters and activation memory from ``lls cost``."""
+    from ..data import dataset_shape
+    from ..method.rules import create_rule
     from .cost import count_costs
-    from .data import dataset_shape
     from .memory import measure_memory
-    from .rules import create_rule
 
     known = dataset_shape(config.dataset)
     if known is None:

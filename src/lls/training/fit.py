@@ -1,4 +1,4 @@
-"""The training loop around a :class:`~lls.trainer.Trainer`: epochs, evaluation, progress, records.
+"""The training loop around a :class:`~lls.step.trainer.Trainer`: epochs, evaluation, progress, records.
 
 :func:`fit` runs epochs through a :class:`Strategy`. The base strategy trains in this process;
 data parallelism and the layer pipeline (``distributed.py``, ``pipeline.py``) are strategies that
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .data import BatchLoader, Dataset, FileSplit, make_loader
-from .errors import LLSError
-from .readout import PROBE_IMAGES
-from .trainer import Evaluation, Trainer
+from ..data import BatchLoader, Dataset, FileSplit, make_loader
+from ..errors import LLSError
+from ..method.readout import PROBE_IMAGES
+from ..step.trainer import Evaluation, Trainer
 
 REFRESH_BATCHES = 50  # BatchNorm refresh before each evaluation (the paper's procedure)
 EVAL_BATCH_SIZE = 250  # results do not depend on it in eval mode; larger is slower on CPU

@@ -15,7 +15,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from .errors import LLSError
+from ..errors import LLSError
 
 TEMP_SUFFIX = ".tmp"
 

@@ -14,15 +14,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .data import DATASETS
-from .engine import ENGINES
-from .errors import LLSError
-from .lowmem import memory_plan
-from .models import MODELS, model_options
-from .net import ModelOptions
-from .optim import OPTIMIZERS
-from .options import check, check_values, flag, option, options_of
-from .rules import RULES, create_rule, rule_options, seeded_options
+from ..data import DATASETS
+from ..errors import LLSError
+from ..method.models import MODELS, model_options
+from ..method.net import ModelOptions
+from ..method.rules import RULES, create_rule, rule_options, seeded_options
+from ..options import check, check_values, flag, option, options_of
+from ..step.engine import ENGINES
+from ..step.lowmem import memory_plan
+from ..step.optim import OPTIMIZERS
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LLSError
-from .options import check, option
+from ..errors import LLSError
+from ..options import check, option
 
 LEAKY_SLOPE = 0.01  # LeakyReLU negative slope of every block (PyTorch's default, the paper's)
 

@@ -2,7 +2,7 @@
 
 :func:`train_run` is what ``lls train`` and ``lls reproduce`` call: it loads the data, builds the
 trainer, resumes it from the run's checkpoint if asked, lets the strategy (one process, data
-parallel, pipeline) train it with :func:`~lls.fit.fit`, and after every epoch writes the checkpoint,
+parallel, pipeline) train it with :func:`~lls.training.fit.fit`, and after every epoch writes the checkpoint,
 the metrics and the curves. Everything a user can get wrong is checked before the run directory is
 created, so a refused command leaves nothing behind.
 """
@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
+from ..data import Dataset, load_dataset
+from ..errors import LLSError
+from ..step.trainer import Trainer, build_trainer
 from . import pipeline  # noqa: F401 (registers --parallel pipeline)
 from .config import TrainConfig
-from .data import Dataset, load_dataset
 from .distributed import STRATEGIES
-from .errors import LLSError
 from .fit import EpochProgress, EpochRecord, History, Interrupted, Loaders, Strategy, TrainingDiverged, fit
 from .rundir import RunDir, checkpoint_state, environment, read_state, set_rng_state
-from .trainer import Trainer, build_trainer
 
 # curves.png takes 1-2 s to draw (matplotlib's layout), more than a GPU epoch: after the first epoch
 # of a session it is redrawn at most this often, and always after the last epoch or a stop.

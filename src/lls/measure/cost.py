@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .net import LocalNet
+from ..method.net import LocalNet
+from ..method.rules import BP, Rule, create_rule
+from ..method.signals import ProjectionSignal
+from ..step.trainer import Trainer, build_trainer
 from .report_format import mib, ratio, si, table
-from .rules import BP, Rule, create_rule
-from .signals import ProjectionSignal
-from .trainer import Trainer, build_trainer
 
 COUNT_BATCH = 2  # FLOP counts are exact and linear in the batch; 2 keeps BatchNorm1d in train mode happy
 

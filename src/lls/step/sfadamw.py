@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .errors import LLSError
+from ..errors import LLSError
 
 BIAS_CORRECTIONS = ("moment", "lr")
 # Group entries that change every step: float64 device tensors once stepped, plain numbers in a

@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
+from ..errors import LLSError
+from ..method.rules import RULES, create_rule, parse_rule_spec
+from ..step.engine import ENGINES, WARMUP_STEPS
+from ..step.optim import OptimizerFactory
+from ..step.trainer import build_trainer
 from .cost import count_costs
-from .engine import ENGINES, WARMUP_STEPS
-from .errors import LLSError
 from .memory import example_batch, measure_memory
-from .optim import OptimizerFactory
 from .report_format import mib, ratio, table
-from .rules import RULES, create_rule, parse_rule_spec
-from .trainer import build_trainer
 
 
 def split_engine(spec: str) -> tuple[str, str | None]:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .signals import ProjectionSignal, latent
-from .trainer import Trainer
+from ..method.signals import ProjectionSignal, latent
+from ..step.trainer import Trainer
 
 
 @dataclass
@@ -210,7 +210,7 @@ def plot_basis(num_classes: int, dim: int, kind: str, path: Path, seed: int = 0)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .basis import basis
+    from ..method.basis import basis
     from .plots import save_figure
 
     b = basis(num_classes, dim, kind, seed, dtype=torch.float64).numpy()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .trainer import Trainer, build_trainer
+from ..step.trainer import Trainer, build_trainer
 
 
 class SavedTensorMeter:
@@ -176,7 +176,11 @@ def cpu_step_peak(
         [model, rule, list(input_shape), classes, batch, channels_last, options, memory, model_options or {}]
     )
     done = subprocess.run(
-        [sys.executable, "-m", "lls.memory", spec], capture_output=True, text=True, env=env, timeout=1800
+        [sys.executable, "-m", "lls.measure.memory", spec],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
     )
     if done.returncode != 0:
         return {

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from .errors import LLSError
+from ..errors import LLSError
 
 BASIS_KINDS = ("periodic", "square", "random")
 MIN_FREQUENCY = 50.0  # rad per index step of the slowest class pattern

@@ -2,7 +2,7 @@
 
 The blocks are split into stages, one per rank; stage s receives (activations, labels) of a batch
 from stage s-1, trains its blocks with the trainer's own block-local step
-(:meth:`~lls.trainer.Trainer.local_pass` over its range) and sends its output on without waiting
+(:meth:`~lls.step.trainer.Trainer.local_pass` over its range) and sends its output on without waiting
 (``isend``), so up to PIPELINE_DEPTH batches are in flight and all stages work at once. Nothing ever
 travels backwards. Each stage sees the batches in order and updates after each, so block l+1 learns
 from exactly the activations block l produced for that batch: the same algorithm as one process
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import LLSError
+from ..step.trainer import Trainer
 from .distributed import STRATEGIES, Distributed
-from .errors import LLSError
 from .fit import EpochProgress, Loaders, LossWatch, evaluate, loss_names
-from .trainer import Trainer
 
 PIPELINE_DEPTH = 2  # batches a stage may have sent that its successor has not yet received
 
@@ -101,7 +101,7 @@ class Pipeline(Distributed):
         if self.stages_text:
             self.layout = parse_stages(self.stages_text, count)
         else:
-            from .cost import count_costs
+            from ..measure.cost import count_costs
 
             # on a copy, and with the random state put back: counting runs the blocks in training
             # mode (which moves BatchNorm statistics) and builds signals (which may draw weights)

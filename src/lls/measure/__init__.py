@@ -1,0 +1,1 @@
+"""Measurement: multiply-add counts, memory, step timing, diagnostics, reports and plots."""
