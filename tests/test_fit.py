@@ -79,7 +79,9 @@ class ScriptedTrainer:
         self.evaluated.append(
             {"test": list(batches), "refresh": list(refresh), "blocks": blocks, "probes": list(probe_batches)}
         )
-        return self.evaluations.pop(0) if self.evaluations else lls.Evaluation(0.5, 0.75, [0.25, 0.5], "basis")
+        return (
+            self.evaluations.pop(0) if self.evaluations else lls.Evaluation(0.5, 0.75, [0.25, 0.5], "basis")
+        )
 
 
 def loaders(sizes=SIZES):
@@ -100,7 +102,9 @@ def test_an_epoch_sums_losses_and_counts_weighted_by_batch_size():
 def test_an_epoch_resumes_from_its_progress():
     trainer = ScriptedTrainer()
     loader = ScriptedLoader()
-    resume = EpochProgress(epoch=2, step=1, loss_sum=10.0, correct=5, seen=7, block_sums=[1.0, 2.0], seconds=3.0)
+    resume = EpochProgress(
+        epoch=2, step=1, loss_sum=10.0, correct=5, seen=7, block_sums=[1.0, 2.0], seconds=3.0
+    )
     done = lls.train_epoch(trainer, loader, epoch=2, progress=False, resume=resume)
     assert loader.calls == [(2, "train", 1)]  # the loader skips the batch already trained
     assert trainer.trained == [1, 2]
@@ -141,7 +145,11 @@ def test_bp_epochs_have_no_block_losses():
     done = lls.train_epoch(trainer, ScriptedLoader(), epoch=0, progress=False)
     assert done.block_sums == [] and done.loss_sum == pytest.approx(17.0)
     assert loss_names(trainer, range(2)) == ["the head's loss"]
-    assert loss_names(ScriptedTrainer(), range(2)) == ["block 0's local loss", "block 1's local loss", "the head's loss"]
+    assert loss_names(ScriptedTrainer(), range(2)) == [
+        "block 0's local loss",
+        "block 1's local loss",
+        "the head's loss",
+    ]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -194,14 +202,21 @@ def test_evaluation_is_handed_50_refresh_batches_of_this_epoch_the_test_set_and_
 
 
 def test_fit_records_each_epoch_from_its_sums():
-    trainer = ScriptedTrainer(evaluations=[lls.Evaluation(0.9, 0.5, [0.1, 0.2], "basis"), lls.Evaluation(0.7, 0.8, [], None)])
+    trainer = ScriptedTrainer(
+        evaluations=[lls.Evaluation(0.9, 0.5, [0.1, 0.2], "basis"), lls.Evaluation(0.7, 0.8, [], None)]
+    )
     records = []
     history = lls.fit(trainer, loaders(), 2, progress=False, on_epoch=records.append)
     assert history.records == records and [r.epoch for r in records] == [1, 2]
     first = records[0]
     assert first.train_loss == pytest.approx(17 / 8) and first.train_accuracy == pytest.approx(4 / 8)
     assert first.block_losses == pytest.approx([12 / 8, 9 / 8])
-    assert (first.test_loss, first.test_accuracy, first.block_accuracy, first.readout) == (0.9, 0.5, [0.1, 0.2], "basis")
+    assert (first.test_loss, first.test_accuracy, first.block_accuracy, first.readout) == (
+        0.9,
+        0.5,
+        [0.1, 0.2],
+        "basis",
+    )
     assert first.lr == 0.125 and first.eval_seconds >= 0 and first.train_seconds >= 0
     assert trainer.evaluated[0]["blocks"] is True  # block accuracy by default
     assert history.best_test_accuracy == 0.8 and history.final_test_accuracy == 0.8
@@ -236,7 +251,9 @@ def test_fit_stops_between_epochs_but_not_after_the_last():
 @pytest.mark.parametrize("loss", [math.nan, math.inf])
 def test_fit_refuses_a_non_finite_test_loss(loss):
     trainer = ScriptedTrainer(evaluations=[lls.Evaluation(loss, 0.1, [])])
-    with pytest.raises(TrainingDiverged, match=f"evaluation after epoch 1 gave a test loss of {loss}; lower --lr"):
+    with pytest.raises(
+        TrainingDiverged, match=f"evaluation after epoch 1 gave a test loss of {loss}; lower --lr"
+    ):
         lls.fit(trainer, loaders(), 2, progress=False)
 
 
@@ -264,7 +281,12 @@ def test_loaders_for_a_dataset(digits):
     least 2 images; the test set in fixed order at the evaluation batch size; the ridge probes on
     the first training images, never randomly cropped."""
     data = lls.Loaders.for_dataset(digits, batch_size=16, seed=3, limit=100, channels_last=True)
-    assert (data.train.batch_size, data.train.seed, data.train.shuffle, data.train.min_batch) == (16, 3, True, 2)
+    assert (data.train.batch_size, data.train.seed, data.train.shuffle, data.train.min_batch) == (
+        16,
+        3,
+        True,
+        2,
+    )
     assert data.test.batch_size == fit_module.EVAL_BATCH_SIZE and not data.test.shuffle
     assert len(data.train.labels) == 100 and len(data.test.labels) == min(100, len(digits.test.labels))
     assert len(data.probe.labels) == min(fit_module.PROBE_IMAGES, 100)
@@ -274,3 +296,26 @@ def test_loaders_for_a_dataset(digits):
     raw = digits.test.images[: len(x)].float() / 255
     mean, std = torch.tensor(digits.mean).view(1, -1, 1, 1), torch.tensor(digits.std).view(1, -1, 1, 1)
     torch.testing.assert_close(x, (raw - mean) / std)  # normalised with the dataset's statistics
+    plain = lls.Loaders.for_dataset(digits, batch_size=16)
+    assert next(plain.train.epoch())[0].is_contiguous() and plain.train.seed == 0  # the defaults
+
+
+def test_an_epoch_sees_every_training_image_once_the_partial_last_batch_included(digits):
+    """100 images in batches of 16: six full batches and one of 4, each image exactly once."""
+    data = lls.Loaders.for_dataset(digits, batch_size=16, seed=1, limit=100)
+    seen = []
+
+    class Recorder(ScriptedTrainer):
+        def train_step(self, x, y):
+            seen.append(x.flatten(1).clone())
+            return lls.StepResult(torch.zeros(len(y), CLASSES), torch.tensor(1.0), torch.zeros(2))
+
+    done = lls.train_epoch(Recorder(), data.train, epoch=0, progress=False)
+    assert [len(x) for x in seen] == [16] * 6 + [4] and done.seen == 100
+    # every image once: the batches are a permutation of the first 100 training images (flips and
+    # crops aside: digits has no augmentation)
+    images = torch.cat(seen)
+    expected = next(
+        data.test.__class__(digits.train.head(100), 100, mean=digits.mean, std=digits.std).epoch()
+    )[0]
+    assert sorted(map(tuple, images.tolist())) == sorted(map(tuple, expected.flatten(1).tolist()))

@@ -139,7 +139,9 @@ def paper_presets() -> set[tuple]:
     for dataset, augment in (("mnist", None), ("cifar10", "basic"), ("cifar100", "basic")):
         rows.append(("table2", dataset, "smallconvl", "bp", "BP", 100, augment, {}))
         rows.append(("table2", dataset, "smallconvl", "dfa", "DFA", 100, augment, {}))
-        rows.append(("table2", dataset, "smallconvl", "lls", "LLS (square)", 100, augment, {"basis": "square"}))
+        rows.append(
+            ("table2", dataset, "smallconvl", "lls", "LLS (square)", 100, augment, {"basis": "square"})
+        )
     square = {"basis": "square"}
     for dataset, augment in (
         ("cifar10", "aug"),
@@ -183,7 +185,16 @@ def test_presets_are_the_papers_runs():
     built = presets._presets()
     assert built == list(PRESETS)
     rows = [
-        (p.table, p.dataset, p.model, p.rule, p.label, p.epochs, p.augment, tuple(sorted(p.rule_options.items())))
+        (
+            p.table,
+            p.dataset,
+            p.model,
+            p.rule,
+            p.label,
+            p.epochs,
+            p.augment,
+            tuple(sorted(p.rule_options.items())),
+        )
         for p in built
     ]
     assert len(rows) == len(set(rows))
@@ -192,7 +203,11 @@ def test_presets_are_the_papers_runs():
 
 @pytest.mark.parametrize(
     "label,slug",
-    [("LLS (random)", "lls-random"), ("LLS-MxM (R=100)", "lls-mxm-r100"), ("Local classifiers", "local-classifiers")],
+    [
+        ("LLS (random)", "lls-random"),
+        ("LLS-MxM (R=100)", "lls-mxm-r100"),
+        ("Local classifiers", "local-classifiers"),
+    ],
 )
 def test_preset_names_are_slugs_of_the_row_labels(label, slug):
     preset = lls.training.presets.Preset("table3", "cifar100", "vgg8", "lls", label, 300)

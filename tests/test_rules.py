@@ -341,7 +341,7 @@ def test_lls_latent_is_scale_free(batch, scale):
 def test_lls_loss_gradient_matches_its_formula(batch):
     """d loss / d z for loss = CE((z / |z|) @ B^T / T, y), written out by hand:
     g_u = (softmax(u) - onehot) / N, g_zhat = g_u @ B / T, g_z = (g_zhat - zhat <zhat, g_zhat>) / |z|."""
-    a, y = batch
+    _, y = batch
     signal = make_signal("lls", basis="periodic", temperature=0.25)
     z = torch.randn(len(y), D, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(signal.latent_loss(z, y), z)
@@ -369,9 +369,11 @@ def test_dfa_feedback_is_a_fixed_signal_not_a_path_into_the_head():
 
 
 def test_signal_refuses_a_latent_of_another_size(batch):
-    a, y = batch
+    _, y = batch
     signal = make_signal("lls")
-    with pytest.raises(lls.LLSError, match=f"block output has latent size {2 * D}, its signal was built for {D}"):
+    with pytest.raises(
+        lls.LLSError, match=f"block output has latent size {2 * D}, its signal was built for {D}"
+    ):
         signal.latent_loss(torch.randn(len(y), 2 * D, dtype=torch.float64), y)
 
 
@@ -379,10 +381,15 @@ def test_a_reduced_basis_needs_the_matrix_modulation():
     from lls.method.signals import ProjectionSignal
 
     with pytest.raises(ValueError, match="needs a matrix modulation"):
-        ProjectionSignal(5, 8, None, readout="square", temperature=0.5, normalize=True, rows=3, modulation="vector")
+        ProjectionSignal(
+            5, 8, None, readout="square", temperature=0.5, normalize=True, rows=3, modulation="vector"
+        )
     signal = ProjectionSignal(5, 8, None, readout="square", temperature=0.5, normalize=True, rows=5)
     assert signal.rows == 5 and signal.modulation is None and signal.classifier is None
-    assert ProjectionSignal(5, 8, None, readout="random", temperature=0.5, normalize=False, width=8).width is None
+    assert (
+        ProjectionSignal(5, 8, None, readout="random", temperature=0.5, normalize=False, width=8).width
+        is None
+    )
 
 
 def test_block_seeds_differ_between_blocks_and_runs():
@@ -406,7 +413,9 @@ def test_latent_of_flat_and_unpooled_outputs():
     video = torch.randn(2, 3, 2, 2, 2)  # neither dense nor a map: taken as it is
     assert torch.equal(latent(video, 2), video.flatten(1))
     one_channel = torch.randn(2, 1, 6, 6).contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(latent(one_channel, 3), torch.nn.functional.adaptive_avg_pool2d(one_channel, 3).flatten(1))
+    torch.testing.assert_close(
+        latent(one_channel, 3), torch.nn.functional.adaptive_avg_pool2d(one_channel, 3).flatten(1)
+    )
 
 
 def test_rule_configs_and_specs():
@@ -419,7 +428,10 @@ def test_rule_configs_and_specs():
         "seed": 0,
         "readout_width": None,
     }
-    assert parse_rule_spec("lls:basis=periodic,temperature=0.25") == ("lls", {"basis": "periodic", "temperature": 0.25})
+    assert parse_rule_spec("lls:basis=periodic,temperature=0.25") == (
+        "lls",
+        {"basis": "periodic", "temperature": 0.25},
+    )
     assert parse_rule_spec("lls-mxm:reduced=3") == ("lls-mxm", {"reduced": 3})
     assert parse_rule_spec("bp") == ("bp", {})
     for bad in ("lls:basis", "lls:=3"):

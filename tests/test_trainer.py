@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import lls
-
 from lls.step.optim import is_schedule_free
 
 from .conftest import TINY_INPUT, tiny_batch, tiny_net, tiny_trainer
@@ -255,7 +254,9 @@ def test_every_optimizer_gets_the_learning_rate_and_weight_decay():
     for optimizer in trainer.optimizers:
         assert is_schedule_free(optimizer)
         assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == (5e-3, 0.0)
-    trainer = lls.Trainer(tiny_net(), "dfa", input_shape=TINY_INPUT, optimizer="sgd", lr=0.1, weight_decay=0.2)
+    trainer = lls.Trainer(
+        tiny_net(), "dfa", input_shape=TINY_INPUT, optimizer="sgd", lr=0.1, weight_decay=0.2
+    )
     assert trainer.lr == 0.1
     assert all(
         isinstance(o, torch.optim.SGD) and (o.defaults["lr"], o.defaults["weight_decay"]) == (0.1, 0.2)
@@ -267,7 +268,9 @@ def test_every_optimizer_gets_the_learning_rate_and_weight_decay():
         made.append((len(params), lr, weight_decay))
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
-    trainer = lls.Trainer(tiny_net(), "lls-m", input_shape=TINY_INPUT, optimizer=factory, lr=0.3, weight_decay=0.4)
+    trainer = lls.Trainer(
+        tiny_net(), "lls-m", input_shape=TINY_INPUT, optimizer=factory, lr=0.3, weight_decay=0.4
+    )
     # three blocks: weight, bias, two BatchNorm parameters and LLS-M's vector; head: weight, bias
     assert made == [(5, 0.3, 0.4)] * 3 + [(2, 0.3, 0.4)]
 
@@ -327,7 +330,7 @@ def test_errors_name_the_problem():
     with pytest.raises(lls.LLSError, match="block 1 has no trainable parameters; merge it into a neighbour"):
         lls.Trainer(plain, "lls", input_shape=TINY_INPUT)
     headless = lls.LocalNet(blocks[:1], torch.nn.ReLU(), [None], latent_pool=[None])
-    with pytest.raises(lls.LLSError, match="cannot tell the number of classes: the head has no nn.Linear"):
+    with pytest.raises(lls.LLSError, match=r"cannot tell the number of classes: the head has no nn\.Linear"):
         lls.Trainer(headless, "lls", input_shape=TINY_INPUT)
 
 
@@ -357,12 +360,18 @@ def test_build_trainer_from_a_dataset_or_a_shape():
     with pytest.raises(TypeError, match="needs a dataset, or an input shape and num_classes"):
         lls.build_trainer(TINY_SPECS, "lls", TINY_INPUT)
     with pytest.raises(TypeError, match="rule_options go with a rule name"):
-        lls.build_trainer(TINY_SPECS, lls.create_rule("lls"), TINY_INPUT, NUM_CLASSES, rule_options={"basis": "square"})
+        lls.build_trainer(
+            TINY_SPECS, lls.create_rule("lls"), TINY_INPUT, NUM_CLASSES, rule_options={"basis": "square"}
+        )
     rule = lls.create_rule("lls", basis="periodic")
-    trainer = lls.build_trainer(TINY_SPECS, rule, TINY_INPUT, NUM_CLASSES, channels_last=True, lr=0.01, optimizer="adam")
+    trainer = lls.build_trainer(
+        TINY_SPECS, rule, TINY_INPUT, NUM_CLASSES, channels_last=True, lr=0.01, optimizer="adam"
+    )
     assert trainer.rule is rule and trainer.lr == 0.01 and isinstance(trainer.optimizers[0], torch.optim.Adam)
     assert trainer.net.blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert isinstance(lls.build_trainer(TINY_SPECS, "drtp", TINY_INPUT, NUM_CLASSES).net.blocks[0][-1], torch.nn.Tanh)
+    assert isinstance(
+        lls.build_trainer(TINY_SPECS, "drtp", TINY_INPUT, NUM_CLASSES).net.blocks[0][-1], torch.nn.Tanh
+    )
     low = lls.build_trainer(TINY_SPECS, "lls", TINY_INPUT, NUM_CLASSES, memory="low", weight_decay=0.5)
     assert low.memory == "low" and low.low_memory is not None
     assert low.optimizers[0].defaults["weight_decay"] == 0.5
