@@ -267,12 +267,12 @@ def test_epoch_progress_round_trips_and_rejects_what_is_not_a_count():
     progress = EpochProgress(epoch=1, step=4, loss_sum=2.5, correct=3, seen=8, block_sums=[1.0], seconds=0.5)
     assert EpochProgress.from_dict({**progress.as_dict(), "unknown": 1}) == progress
     for field, value in (("epoch", -1), ("step", 1.5), ("correct", "3"), ("seen", -2)):
-        with pytest.raises(ValueError, match="must be counts"):
+        with pytest.raises(ValueError, match=r"^epoch, step, correct and seen must be counts, got \("):
             EpochProgress.from_dict({**progress.as_dict(), field: value})
     for field in ("loss_sum", "seconds"):
-        with pytest.raises(ValueError, match="must be numbers"):
+        with pytest.raises(ValueError, match=r"^loss_sum and seconds must be numbers$"):
             EpochProgress.from_dict({**progress.as_dict(), field: "1"})
-    with pytest.raises(ValueError, match="block_sums must be a list"):
+    with pytest.raises(ValueError, match=r"^block_sums must be a list$"):
         EpochProgress.from_dict({**progress.as_dict(), "block_sums": 1.0})
 
 
@@ -319,3 +319,38 @@ def test_an_epoch_sees_every_training_image_once_the_partial_last_batch_included
         data.test.__class__(digits.train.head(100), 100, mean=digits.mean, std=digits.std).epoch()
     )[0]
     assert sorted(map(tuple, images.tolist())) == sorted(map(tuple, expected.flatten(1).tolist()))
+
+
+def test_progress_is_shown_by_default_on_stderr(capsys):
+    lls.train_epoch(ScriptedTrainer(), ScriptedLoader(), epoch=0, desc="epoch 1/1")
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss 2.125 acc 50.0% | blocks 1.500 1.125" in err
+    lls.fit(ScriptedTrainer(), loaders(), 2)
+    err = capsys.readouterr().err
+    assert "epoch 1/2" in err and "epoch 2/2" in err
+    lls.fit(ScriptedTrainer(), loaders(), 1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_evaluation_reports_the_seconds_it_took(monkeypatch):
+    clock = iter([100.0, 102.5])
+    monkeypatch.setattr(fit_module.time, "perf_counter", lambda: next(clock))
+    _, seconds = lls.evaluate(ScriptedTrainer(), loaders(), epoch=0)
+    assert seconds == 2.5
+
+
+def test_each_epochs_evaluation_refreshes_from_that_epoch():
+    data = loaders()
+    lls.fit(ScriptedTrainer(), data, 2, progress=False)
+    assert [c for c in data.train.calls if c[1] == "refresh"] == [(0, "refresh", 0), (1, "refresh", 0)]
+
+
+def test_the_training_loader_augments_as_the_dataset_says(digits):
+    import dataclasses
+
+    from lls.data.base import Augment
+
+    flipped = dataclasses.replace(digits, augment=Augment(hflip=True))
+    data = lls.Loaders.for_dataset(flipped, batch_size=16)
+    assert data.train.augment == Augment(hflip=True)
+    assert data.test.augment != Augment(hflip=True) and data.probe.augment != Augment(hflip=True)

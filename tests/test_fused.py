@@ -52,6 +52,8 @@ def test_which_signals_have_a_fused_form():
     assert supports(conv, SHAPES[0]) and supports(dense, SHAPES[1]) and supports(conv)
     pooled_dense = lls.create_rule("lls").signal(0, torch.Size((6,)), 12, 3)  # 6 units pooled to 12
     assert not supports(pooled_dense, (6,)) and supports(pooled_dense, (12,))
+    (kept,) = block_losses([pooled_dense], [(6,)], device=torch.device("cpu"), dtype=torch.float32)
+    assert kept is pooled_dense  # the authors' pooled dense latent keeps the signal's own chain
     learned = lls.method.signals.ProjectionSignal(
         3, 8, None, readout="learned", temperature=0.5, normalize=True
     )
