@@ -471,3 +471,12 @@ def test_timings_and_activations_of_the_rules():
     assert lls.create_rule("drtp").signal(0, torch.Size((4,)), None, 3).use_error is False
     assert lls.create_rule("dfa").signal(0, torch.Size((4,)), None, 3).use_error is True
     assert lls.create_rule("bp").signal(0, torch.Size((4,)), None, 3) is None
+
+
+def test_scores_are_the_normalised_latent_against_the_basis(batch):
+    """What a block's basis readout predicts from: s = (z / |z|) @ B^T, before the temperature."""
+    a, _ = batch
+    signal = make_signal("lls", basis="periodic")
+    z = reference_latent(a.numpy(), POOL)
+    expected = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ reference_basis("periodic", K, D).T
+    np.testing.assert_allclose(signal.scores(a).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
