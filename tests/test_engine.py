@@ -26,8 +26,9 @@ from lls.method.fused import FusedProjection, block_losses
 from lls.method.rules import create_rule
 from lls.method.signals import ProjectionSignal
 from lls.step.engine import StreamSchedule, check_capturable, is_capturable, optimizer_engine, resolve_engine
+from lls.step.factory import build_trainer
 from lls.step.optim import create_optimizer
-from lls.step.trainer import Trainer, build_trainer
+from lls.step.trainer import Trainer
 
 from .conftest import TINY_INPUT, tiny_batch, tiny_net, tiny_trainer
 
@@ -82,7 +83,8 @@ def test_graph_engine_needs_capturable_optimizers():
 def test_eager_engine_steps_exactly_as_before():
     """``engine="eager"`` and ``"auto"`` on a CPU are the trainer's own step: same weights bit for bit
     as the step written out by hand (blocks in order, each on its own detached input)."""
-    a, b = tiny_trainer("lls"), Trainer(tiny_net(), "lls", input_shape=TINY_INPUT, engine="auto")
+    a = Trainer(tiny_net(), "lls", input_shape=TINY_INPUT, engine="eager")
+    b = Trainer(tiny_net(), "lls", input_shape=TINY_INPUT, engine="auto")
     x, y = tiny_batch()
     a.train_step(x, y)
     b.train_step(x, y)
@@ -721,7 +723,7 @@ def test_streams_without_the_fused_signal_change_nothing(exact_float32):
     from lls.step.engine import GraphEngine
 
     (eager, graph), (again, _) = _cuda_pair("lls", True), _cuda_pair("lls", True)
-    graph.engine = GraphEngine(graph, fused=False)
+    graph.engine = GraphEngine(graph.step, graph.input_shape, fused=False)
     for x, y in _cuda_batches([32] * 8, True):
         for trainer in (eager, graph, again):
             trainer.train_step(x, y)

@@ -13,7 +13,7 @@ import torch
 import lls
 from lls.data import DATASETS, dataset_shape
 from lls.data.base import Augment
-from lls.step.trainer import build_trainer
+from lls.step.factory import build_trainer
 from lls.training.presets import PRESETS, select
 
 from .test_data import write_tiny_idx_set

@@ -27,13 +27,13 @@ def record_gradient_flow(trainer: lls.Trainer) -> list[tuple[int, int]]:
     flow = []
     for p, owner in owners.items():
         p.register_hook(lambda g, owner=owner: flow.append((current["update"], owner)))
-    original = trainer.update
+    original = trainer.step.update
 
     def update(index, loss):
         current["update"] = index
         return original(index, loss)
 
-    trainer.update = update
+    trainer.step.update = update  # the step the trainer issues
     if trainer.rule.timing == "end-to-end":
         current["update"] = "end-to-end"
     return flow

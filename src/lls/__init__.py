@@ -21,7 +21,8 @@ from .method.models import create_model, list_models
 from .method.net import LocalNet
 from .method.rules import Rule, create_rule, list_rules, register_rule
 from .method.signals import BlockSignal
-from .step.trainer import Evaluation, StepResult, Trainer, build_trainer
+from .step.factory import build_trainer
+from .step.trainer import Evaluation, StepResult, Trainer
 from .training.fit import EpochRecord, History, Loaders, evaluate, fit, train_epoch
 
 __all__ = [

@@ -25,8 +25,8 @@ import torch
 from ..errors import LLSError
 from ..method.rules import RULES, create_rule, parse_rule_spec
 from ..step.engine import ENGINES, WARMUP_STEPS
+from ..step.factory import build_trainer
 from ..step.optim import OptimizerFactory
-from ..step.trainer import build_trainer
 from .cost import count_costs
 from .memory import example_batch, measure_memory
 from .report_format import mib, ratio, table

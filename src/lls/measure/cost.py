@@ -32,7 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..method.net import LocalNet
 from ..method.rules import BP, Rule, create_rule
 from ..method.signals import ProjectionSignal
-from ..step.trainer import Trainer, build_trainer
+from ..step.factory import build_trainer
+from ..step.trainer import Trainer
 from .report_format import mib, ratio, si, table
 
 COUNT_BATCH = 2  # FLOP counts are exact and linear in the batch; 2 keeps BatchNorm1d in train mode happy

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..method.signals import ProjectionSignal, latent
+from ..step.step import Step, bp_loss
 from ..step.trainer import Trainer
 
 
@@ -75,10 +76,10 @@ def _flat_grads(params: list[torch.Tensor], grads) -> torch.Tensor:
     )
 
 
-def bp_gradients(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    """The BP gradient of every block's parameters (one backward pass of the head's loss)."""
+def bp_gradients(trainer: Trainer | Step, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The BP gradient of every block's parameters (one backward pass of BP's loss)."""
     net = trainer.net
-    loss = F.cross_entropy(net(x), y)
+    _, loss = bp_loss(net, x, y)
     params = [list(b.parameters()) for b in net.blocks]
     grads = torch.autograd.grad(loss, [p for group in params for p in group], allow_unused=True)
     out, start = [], 0
@@ -88,7 +89,7 @@ def bp_gradients(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> list[tor
     return out
 
 
-def rule_gradients(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+def rule_gradients(trainer: Trainer | Step, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     """The gradient each block's parameters get from the trainer's rule on this batch (no step)."""
     if trainer.rule.timing == "end-to-end":
         return bp_gradients(trainer, x, y)
@@ -110,8 +111,9 @@ def diagnose(trainer: Trainer, batches, *, sync: bool = True) -> list[BlockDiagn
 
     Works on a copy of the network, so the trainer's weights and BatchNorm statistics are untouched.
     """
-    probe = copy.copy(trainer)
-    probe.net = copy.deepcopy(trainer.net)
+    probe = Step(
+        copy.deepcopy(trainer.net), trainer.rule, trainer.signals, trainer.optimizers, trainer.low_memory
+    )
     probe.net.train()
     results = [BlockDiagnosis(i) for i in range(len(trainer.net.blocks))]
     sums: list[torch.Tensor | None] = [None] * len(results)

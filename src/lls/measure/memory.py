@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..step.trainer import Trainer, build_trainer
+from ..step.factory import build_trainer
+from ..step.trainer import Trainer
 
 
 class SavedTensorMeter:
