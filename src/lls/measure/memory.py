@@ -19,6 +19,7 @@ import torch
 
 from ..step.factory import build_trainer
 from ..step.trainer import Trainer
+from ..training.config import DEFAULTS
 
 
 class SavedTensorMeter:
@@ -94,9 +95,9 @@ def measure_memory(
     input_shape,
     classes: int,
     *,
-    batch: int = 128,
+    batch: int = DEFAULTS.batch_size,
     device: str = "cpu",
-    channels_last: bool = True,
+    channels_last: bool = DEFAULTS.channels_last,
     subprocess_peak: bool = True,
     rule_options: dict[str, Any] | None = None,
     memory: str | int | None = None,

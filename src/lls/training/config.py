@@ -97,7 +97,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self)
         rule = create_rule(self.rule, **self.rule_options)  # the rule checks its own options
-        model_options(self.model_options)  # and the model its own
+        # Resolved: every option with the value the run uses, so that config.json records it and a
+        # run re-read later keeps it whatever today's defaults are.
+        self.rule_options = dataclasses.asdict(rule)
+        self.model_options = model_options(self.model_options)  # checked, defaults filled in
         check_memory(self.memory, rule)
 
     def as_dict(self) -> dict[str, Any]:
