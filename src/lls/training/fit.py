@@ -24,6 +24,7 @@ from ..data import BatchLoader, Dataset, FileSplit, make_loader
 from ..errors import LLSError
 from ..method.readout import PROBE_IMAGES
 from ..step.trainer import Evaluation, Trainer
+from .config import DEFAULTS
 
 REFRESH_BATCHES = 50  # BatchNorm refresh before each evaluation (the paper's procedure)
 EVAL_BATCH_SIZE = 250  # results do not depend on it in eval mode; larger is slower on CPU
@@ -121,15 +122,16 @@ class Loaders:
     def for_dataset(
         cls,
         data: Dataset,
-        batch_size: int,
+        batch_size: int = DEFAULTS.batch_size,
         *,
-        seed: int = 0,
+        seed: int = DEFAULTS.seed,
         device: torch.device | str = "cpu",
-        limit: int | None = None,
-        channels_last: bool = False,
+        limit: int | None = DEFAULTS.limit,
+        channels_last: bool = DEFAULTS.channels_last,
         draws: str = "host",
     ) -> Loaders:
-        """``draws``: where the training loader shuffles and augments (``make_loader``)."""
+        """The loaders ``lls train`` makes (its defaults); ``draws``: where the training loader
+        shuffles and augments (``make_loader``)."""
         layout = torch.channels_last if channels_last else torch.contiguous_format
         common = {"mean": data.mean, "std": data.std, "device": device, "memory_format": layout}
         train = data.train.head(limit)
