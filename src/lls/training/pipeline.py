@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import LLSError
+from ..step.step import StepResult
 from ..step.trainer import Trainer
 from .distributed import STRATEGIES, Distributed
-from .fit import EpochProgress, Loaders, LossWatch, evaluate, loss_names
+from .fit import EpochProgress, Loaders, evaluate, train_epoch
 
 PIPELINE_DEPTH = 2  # batches a stage may have sent that its successor has not yet received
 
@@ -170,34 +171,37 @@ class Pipeline(Distributed):
                 "this checkpoint is mid-epoch; finish that epoch without --parallel pipeline first"
             )
         self.busy = self.waiting = 0.0
-        names = loss_names(trainer, self.blocks)
-        watch = LossWatch(names if self.last else names[:-1], epoch, 1)
-        sums = {"loss": 0.0, "correct": 0, "seen": 0, "steps": 0}
-        sums["blocks"] = torch.zeros(len(self.blocks), dtype=torch.float64)
         start = time.perf_counter()
-        for step, (x, y) in enumerate(self.batches(loaders, epoch), start=1):
+
+        def stage_step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
             began = time.perf_counter()
             trainer.batch_size_in_step = len(y)
             done = trainer.local_pass(x, y, trainer.update, self.blocks)
-            n = len(y)
-            sums["blocks"] += done.block_losses.double().cpu() * n
-            sums["seen"] += n
-            sums["steps"] = step
-            if self.last:
-                sums["loss"] += float(done.loss) * n
-                sums["correct"] += int((done.output.argmax(1) == y).sum())
-                watch.add(torch.cat([done.block_losses, done.loss.view(1)]))
-            else:
-                watch.add(done.block_losses)
-            if step % 10 == 0:
-                watch.check()
             self.busy += time.perf_counter() - began
             if not self.last:
                 self.send(done.output, y)
-        watch.check()
+                return StepResult(done.output, None, done.block_losses)
+            return StepResult(done.output, done.loss, done.block_losses)
+
+        mine = train_epoch(
+            trainer,
+            loaders.train,
+            epoch,
+            progress=False,
+            batches=self.batches(loaders, epoch),
+            step_fn=stage_step,
+            blocks=self.blocks,
+        )
         if not self.last:
             self.send(None, None)
         seconds = time.perf_counter() - start
+        sums = {
+            "loss": mine.loss_sum,
+            "correct": mine.correct,
+            "seen": mine.seen,
+            "steps": mine.step,
+            "blocks": torch.tensor(mine.block_sums, dtype=torch.float64),
+        }
         part = (self.blocks, sums, seconds, self.busy / max(self.busy + self.waiting, 1e-9))
         parts: list[Any] = [None] * self.ctx.world
         dist.all_gather_object(parts, part)
