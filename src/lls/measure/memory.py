@@ -8,6 +8,7 @@ blocks to the system).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -203,8 +204,6 @@ def _read_status(field_name: str) -> int:
 def _peak_in_this_process(
     model, rule, input_shape, classes, batch, channels_last, options, memory=None, model_options=None
 ) -> dict[str, Any]:
-    import gc
-
     trainer = build_trainer(
         model,
         rule,

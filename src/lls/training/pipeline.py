@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import LLSError
+from ..measure.cost import count_costs
 from ..step.step import StepResult
 from ..step.trainer import Trainer
 from .distributed import STRATEGIES, Distributed
@@ -102,8 +103,6 @@ class Pipeline(Distributed):
         if self.stages_text:
             self.layout = parse_stages(self.stages_text, count)
         else:
-            from ..measure.cost import count_costs
-
             # on a copy, and with the random state put back: counting runs the blocks in training
             # mode (which moves BatchNorm statistics) and builds signals (which may draw weights)
             with torch.random.fork_rng(devices=[]):
