@@ -24,7 +24,7 @@ its slices (``h`` is the block's input, kept whole; nothing of the block's own a
    small: the gradient of the signal's latent (C p^2 numbers per sample for LLS), the gradients of
    the signal's own parameters, and the last BatchNorm's backward sums (below). DFA's signal needs
    the head's logits: its blocks run this pass without gradients, and again after the head.
-3. backward, inside ``loss.backward()`` (so ``Trainer.update``, the gradient sync of data
+3. backward, inside ``loss.backward()`` (so ``Step.update``, the gradient sync of data
    parallelism and the diagnostics see an ordinary scalar loss): BatchNorm's input gradient needs
    the batch sums of dL/dy and dL/dy * x_hat, so one pass per remaining BatchNorm, last to first,
    gathers them; a last pass back-propagates every slice to the block's weights, each BatchNorm

@@ -2,7 +2,7 @@
 
 The blocks are split into stages, one per rank; stage s receives (activations, labels) of a batch
 from stage s-1, trains its blocks with the trainer's own block-local step
-(:meth:`~lls.step.trainer.Trainer.local_pass` over its range) and sends its output on without waiting
+(:meth:`~lls.step.step.Step.local_pass` over its range) and sends its output on without waiting
 (``isend``), so up to PIPELINE_DEPTH batches are in flight and all stages work at once. Nothing ever
 travels backwards. Each stage sees the batches in order and updates after each, so block l+1 learns
 from exactly the activations block l produced for that batch: the same algorithm as one process
