@@ -56,8 +56,9 @@ import lls
 from lls.data import make_loader
 from lls.measure.memory import example_batch
 from lls.step.engine import WARMUP_STEPS, GraphEngine
+from lls.step.factory import build_trainer
 from lls.step.optim import create_optimizer
-from lls.step.trainer import Trainer, build_trainer
+from lls.step.trainer import Trainer
 from lls.training.fit import (
     BATCHNORM_MIN_BATCH,
     EVAL_BATCH_SIZE,
@@ -175,7 +176,9 @@ def make_trainer(
         engine="graph" if graph else "eager",
     )
     if graph and variant != "graph":  # the engine with one of its parts switched off
-        trainer.engine = GraphEngine(trainer, streams=False, fused=not variant.endswith("chain"), strict=True)
+        trainer.engine = GraphEngine(
+            trainer.step, trainer.input_shape, streams=False, fused=not variant.endswith("chain"), strict=True
+        )
     return trainer
 
 
