@@ -56,7 +56,10 @@ def add(commands) -> None:
     )
     add_problem(bench)
     bench.add_argument(
-        "--rules", default="lls,bp", help=f"comma-separated rules ({RULE_SPEC}; default lls,bp)"
+        "--rules",
+        default="lls,bp",
+        help=f"comma-separated rules ({RULE_SPEC}; an entry may name its own engine after @, "
+        "e.g. lls@graph,bp@eager; default lls,bp)",
     )
     bench.add_argument(
         "--steps", type=counted("--steps"), default=20, help="timed steps per rule (default 20)"
