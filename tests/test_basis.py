@@ -40,18 +40,38 @@ def test_random_basis_is_seeded_gaussian_with_std_0_1():
     assert a.std().item() == pytest.approx(0.1, rel=0.03)
 
 
-def test_basis_is_cached_and_pure():
-    assert lls.basis(7, 33, "square") is lls.basis(7, 33, "square")
-    assert lls.basis(7, 33, "square", seed=1) is lls.basis(7, 33, "square", seed=2)  # seed: random only
-    assert not lls.basis(7, 33, "square").requires_grad
+# --- every registered kind (a new kind gets these with no edit here) ---------------------------------
 
 
 @pytest.mark.parametrize("kind", BASIS_KINDS)
-def test_basis_follows_device_and_dtype(kind):
-    b = lls.basis(4, 9, kind, device="cpu", dtype=torch.float64)
-    assert b.dtype == torch.float64 and b.device.type == "cpu"
+def test_basis_is_pure_and_follows_device_and_dtype(kind):
+    b = lls.basis(4, 9, kind, seed=1, device="cpu", dtype=torch.float64)
+    assert b.shape == (4, 9) and b.dtype == torch.float64 and b.device.type == "cpu"
+    assert torch.equal(b, lls.basis(4, 9, kind, seed=1, dtype=torch.float64))
+    assert not b.requires_grad and torch.isfinite(b).all()
+    drawn = BASIS_KINDS.get(kind).drawn  # only a drawn kind depends on the seed
+    assert torch.equal(b, lls.basis(4, 9, kind, seed=2, dtype=torch.float64)) != drawn
+
+
+@pytest.mark.parametrize("kind", BASIS_KINDS)
+def test_a_sign_basis_has_only_signs_and_its_scoring_no_multiplies(kind):
+    entry = BASIS_KINDS.get(kind)
+    b = lls.basis(10, 300, kind, dtype=torch.float64)
+    assert set(b.unique().tolist()) <= {-1.0, 0.0, 1.0} if entry.signs else len(b.unique()) > 3
+    mults, adds = entry.scoring_ops(10, 300)
+    assert adds == 2 * 10 * 300 and mults == (0 if entry.signs else adds)
+
+
+@pytest.mark.parametrize("kind", BASIS_KINDS)
+def test_the_lls_signal_owns_its_basis_and_normalises_as_the_kind_says(kind):
+    signal = lls.create_rule("lls", basis=kind, seed=3).signal(2, torch.Size((4, 6, 6)), 2, 10)
+    assert signal.normalize == BASIS_KINDS.get(kind).normalized
+    assert "basis" in dict(signal.named_buffers()) and signal.state_dict() == {}  # not in checkpoints
+    want = lls.basis(10, 16, kind, seed=signal.seed, dtype=torch.float64)
+    assert torch.equal(signal.class_patterns(), want)
 
 
 def test_unknown_basis_names_the_known_ones():
-    with pytest.raises(lls.LLSError, match="known bases: periodic, square, random"):
+    known = ", ".join(sorted(BASIS_KINDS))
+    with pytest.raises(lls.LLSError, match=f"known bases: {known}"):
         lls.basis(3, 3, "triangle")

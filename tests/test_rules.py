@@ -280,7 +280,7 @@ def test_local_classifier_trained_wide_and_pooled(batch):
 
 
 def test_readout_width_is_for_the_random_basis_only():
-    with pytest.raises(lls.LLSError, match="readout_width applies to the random basis only"):
+    with pytest.raises(lls.LLSError, match="readout_width applies to drawn bases only"):
         lls.create_rule("lls-m", basis="square", readout_width=2048)
     with pytest.raises(lls.LLSError, match="readout_width must be >= 1"):
         lls.create_rule("lls", basis="random", readout_width=0)
