@@ -23,8 +23,8 @@ import lls
 from lls.data import Augment, FileSplit, Split, make_loader
 from lls.data.device import DeviceLoader
 from lls.measure.bench import run_bench, split_engine
-from lls.method.fused import FusedProjection, block_losses
 from lls.method.basis import BASIS_KINDS
+from lls.method.fused import FusedProjection, block_losses
 from lls.method.rules import RULES, create_rule
 from lls.method.signals import ProjectionSignal
 from lls.step.engine import StreamSchedule, check_capturable, is_capturable, optimizer_engine, resolve_engine
@@ -288,6 +288,7 @@ def test_dfa_cannot_overlap_its_blocks():
 
 
 # --- the fused signal ------------------------------------------------------------------------------
+
 
 def _variants() -> list[tuple[str, dict]]:
     """Every rule whose block signal has a fused form, with every basis kind it takes (and LLS-MxM
