@@ -40,6 +40,39 @@ def test_random_basis_is_seeded_gaussian_with_std_0_1():
     assert a.std().item() == pytest.approx(0.1, rel=0.03)
 
 
+def _sylvester(order: int) -> torch.Tensor:
+    """Sylvester's construction by Kronecker products: H_1 = [1], H_2n = [[H, H], [H, -H]]."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while len(h) < order:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+def test_hadamard_entries_by_hand():
+    # H_4 = [[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]; rows 1..3, row 0 skipped
+    want = [[1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]
+    assert lls.basis(3, 4, "hadamard", dtype=torch.float64).tolist() == want
+
+
+@pytest.mark.parametrize("classes,dim", [(10, 512), (3, 6), (10, 100), (100, 1024), (10, 4)])
+def test_hadamard_is_sylvesters_matrix_of_order_at_least_d_truncated(classes, dim):
+    order = 2 ** math.ceil(math.log2(max(dim, classes + 1)))
+    want = _sylvester(order)[1 : classes + 1, :dim]
+    assert torch.equal(lls.basis(classes, dim, "hadamard", dtype=torch.float64), want)
+
+
+@pytest.mark.parametrize("classes,dim", [(10, 512), (10, 256), (100, 1024), (200, 2048), (10, 48)])
+def test_hadamard_rows_are_exactly_orthogonal_where_the_square_waves_are_not(classes, dim):
+    """For d a multiple of 2^ceil(log2(K + 1)) (every latent of the models here), B B^T = d I
+    exactly and every row sums to 0; the square wave's rows are only nearly orthogonal."""
+    b = lls.basis(classes, dim, "hadamard", dtype=torch.float64)
+    assert torch.equal(b @ b.T, dim * torch.eye(classes, dtype=torch.float64))
+    assert torch.equal(b.sum(1), torch.zeros(classes, dtype=torch.float64))
+    square = lls.basis(classes, dim, "square", dtype=torch.float64)
+    off_diagonal = (square @ square.T).fill_diagonal_(0)
+    assert off_diagonal.abs().max() > 0
+
+
 # --- every registered kind (a new kind gets these with no edit here) ---------------------------------
 
 

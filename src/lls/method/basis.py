@@ -111,6 +111,35 @@ def random(num_classes: int, dim: int, seed: int, width: int | None) -> torch.Te
     return values if drawn == dim else F.adaptive_avg_pool1d(values, dim)
 
 
+@register_basis(
+    "hadamard",
+    "rows 1..K of a Sylvester Hadamard matrix, truncated to d columns: signs, exactly orthogonal",
+    signs=True,
+)
+def hadamard(num_classes: int, dim: int, seed: int, width: int | None) -> torch.Tensor:
+    """Rows 1..K of the Sylvester (Walsh-Hadamard) matrix H of order n = 2^ceil(log2(max(d, K + 1))),
+    its first d columns: ``B[k, t] = H[k + 1, t] = (-1)^popcount((k + 1) & t)``.
+
+    Entries are +-1, so scoring needs no multiplies (as the square wave's). Which rows: row 0 is all
+    ones and would score a latent by its plain sum, the same evidence for every input, so it is
+    skipped; rows 1..K in Sylvester's (natural) order depend only on the lowest m = ceil(log2(K+1))
+    bits of t, so each pair of them stays exactly orthogonal (and each sums to 0) over any first d
+    columns with d a multiple of 2^m, which every latent of this project's models is (multiples of
+    256). Rows in sequency order would lose that as soon as d < n. Like the square wave's fastest
+    patterns, these alternate quickly along the latent, mixing neighbouring positions and channels.
+    """
+    # (-1)^popcount(i & t) is entry (i, t) of Sylvester's matrix of every order 2^m > i, t, so the
+    # order n itself never needs to be built
+    rows = torch.arange(1, num_classes + 1)[:, None]
+    t = torch.arange(dim)[None, :]
+    bits = rows & t
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):  # popcount, one bit at a time
+        parity ^= bits & 1
+        bits = bits >> 1
+    return (1 - 2 * parity).to(torch.float64)
+
+
 def basis(
     num_classes: int,
     dim: int,
