@@ -103,7 +103,7 @@ def test_cost_command_json(capsys):
         == 0
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # METHOD.md's SmallConv on 1x28x28: 32, M, 64, M, 128, A(2), fc 512, head 10 (3x3 convs, pad 1)
+    # docs/method.md's SmallConv on 1x28x28: 32, M, 64, M, 128, A(2), fc 512, head 10 (3x3 convs, pad 1)
     convs = 28 * 28 * 32 * (1 * 9) + 14 * 14 * 64 * (32 * 9) + 7 * 7 * 128 * (64 * 9)
     assert result["totals"]["forward"] == convs + (128 * 2 * 2) * 512 + 512 * 10  # 7.7 M, as the issue says
     assert result["totals"]["input_grad"] == 0
