@@ -291,8 +291,9 @@ def test_dfa_cannot_overlap_its_blocks():
 
 
 def _variants() -> list[tuple[str, dict]]:
-    """Every rule whose block signal has a fused form, with every basis kind it takes (and LLS-MxM
-    reduced to fewer basis rows): generated from the registries, so a new rule or kind is tested."""
+    """Every rule whose block signal has a fused form, with every basis kind it takes, plus LLS-MxM
+    reduced to fewer basis rows and every readout drawn or trained wide and pooled (readout_width):
+    generated from the registries, so a new rule or kind is tested."""
     out = []
     for name in RULES.names():
         takes_basis = "basis" in {f.name for f in dataclasses.fields(RULES.get(name))}
@@ -300,8 +301,16 @@ def _variants() -> list[tuple[str, dict]]:
             signal = create_rule(name, **options).signal(0, torch.Size((2, 3, 3)), None, 5)
             if signal is not None and signal.fused(torch.Size((2, 3, 3)), device="cpu", dtype=torch.float32):
                 out.append((name, options))
-    reducible = [(n, o) for n, o in out if "reduced" in {f.name for f in dataclasses.fields(RULES.get(n))}]
-    return out + [(name, {**options, "reduced": 3}) for name, options in reducible[:1]]
+
+    def takes(name, option, options):  # readout_width: only with a drawn basis, or a learned readout
+        drawn = "basis" not in options or BASIS_KINDS.get(options["basis"]).drawn
+        return option in {f.name for f in dataclasses.fields(RULES.get(name))} and (
+            option != "readout_width" or drawn
+        )
+
+    reduced = [(n, {**o, "reduced": 3}) for n, o in out if takes(n, "reduced", o)][:1]
+    wide = [(n, {**o, "readout_width": 7}) for n, o in out if takes(n, "readout_width", o)]
+    return out + reduced + wide
 
 
 VARIANTS = _variants()
@@ -399,8 +408,19 @@ class _OpCount(TorchDispatchMode):
         return out
 
 
+def _op_variants() -> list[tuple[str, dict]]:
+    """One variant per rule and normalisation: the op counts depend on nothing else."""
+    seen, out = set(), []
+    for name, options in VARIANTS:
+        key = (name, "basis" in options and BASIS_KINDS.get(options["basis"]).normalized)
+        if key not in seen and not {"reduced", "readout_width"} & set(options):
+            seen.add(key)
+            out.append((name, options))
+    return out
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("rule,options", VARIANTS, ids=str)
+@pytest.mark.parametrize("rule,options", _op_variants(), ids=str)
 def test_fused_signal_issues_fewer_ops(rule, options, channels_last):
     """The point of the closed form: for a VGG8-like block (64 x 16 x 16, pool 2), fewer ops (kernels
     on a GPU) for the forward and backward of a normalised loss than autograd's chain, and fewer
