@@ -1,4 +1,4 @@
-"""Issue 13 on one H100/H200, in one run: the step engine's GPU tests, timings and agreement checks.
+"""The graph engine on one H100/H200, in one run: the step engine's GPU tests, timings and agreement checks.
 
 Prepare the carry folder once (ignored by git; see benchmarks/gpu_carry.sh), then, on the device
 machine, from the repository root::

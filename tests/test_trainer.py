@@ -195,8 +195,9 @@ def test_one_optimizer_per_block_for_every_local_rule(rule):
 
 
 def test_fit_refreshes_batchnorm_on_50_training_batches(digits):
-    """METHOD.md section 6: before each evaluation, 50 training batches forwarded in train mode
-    without gradients. Counted at the first block: train mode without gradients is the refresh."""
+    """docs/method.md, "The evaluation procedure": before each evaluation, 50 training batches
+    forwarded in train mode without gradients. Counted at the first block: train mode without
+    gradients is the refresh."""
     from lls.method.net import build
 
     from .conftest import TINY_SPECS

@@ -13,7 +13,7 @@ from ..measure.cost import compare_text, cost_text, count_costs
 from ..measure.memory import measure_memory
 from ..method.models import model_options
 from ..method.net import ModelOptions
-from ..method.rules import create_rule, parse_rule_spec
+from ..method.rules import RULES, comparison_rules, create_rule, parse_rule_spec
 from ..options import add_arguments, given, options_of
 from ..step.lowmem import memory_plan
 from ..training.config import check_memory
@@ -27,7 +27,6 @@ from .common import (
     resolve_device,
 )
 
-COMPARE_RULES = ("bp", "lls", "lls:basis=periodic", "lls-m", "lls-mxm", "local-classifier", "dfa", "drtp")
 RULE_SPEC = "name, optionally with options: lls:basis=periodic,temperature=0.25"
 
 
@@ -41,7 +40,7 @@ def add(commands) -> None:
     cost.add_argument("--rule", default="lls", help=f"rule ({RULE_SPEC}; default lls)")
     cost.add_argument("--compare", action="store_true", help="every rule side by side, with ratios to bp")
     cost.add_argument(
-        "--rules", help=f"comma-separated rules for --compare (default {','.join(COMPARE_RULES)})"
+        "--rules", help=f"comma-separated rules for --compare (default {','.join(compare_rules())})"
     )
     model = cost.add_argument_group("the model's options (as on lls train)")
     add_arguments(model, options_of(ModelOptions), lambda field: ModelOptions)
@@ -79,6 +78,15 @@ def add(commands) -> None:
     )
     common(bench)
     bench.set_defaults(func=cmd_bench)
+
+
+def compare_rules() -> list[str]:
+    """``--compare``'s default: :func:`~lls.method.rules.comparison_rules` as rule specs."""
+    specs = []
+    for name, options in comparison_rules():
+        given = {k: v for k, v in options.items() if getattr(RULES.get(name)(), k) != v}  # not defaults
+        specs.append(name + (":" + ",".join(f"{k}={v}" for k, v in given.items()) if given else ""))
+    return specs
 
 
 def memory_setting(text: str) -> str:
@@ -134,7 +142,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     shape, classes = problem_shape(args)
     where = f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes"
     if args.compare:
-        specs = args.rules.split(",") if args.rules else list(COMPARE_RULES)
+        specs = args.rules.split(",") if args.rules else compare_rules()
         results = {spec: cost_of(args, spec, shape, classes) for spec in specs}
         print(compare_text(results, where, args.batch))
         output = {**problem_record(args, shape, classes), "rules": results}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..method.signals import ProjectionSignal, latent
+from ..method.basis import BASIS_KINDS, basis
 from ..step.step import Step, bp_loss
 from ..step.trainer import Trainer
 
@@ -111,6 +111,10 @@ def diagnose(trainer: Trainer, batches, *, sync: bool = True) -> list[BlockDiagn
 
     Works on a copy of the network, so the trainer's weights and BatchNorm statistics are untouched.
     """
+    # synchronisation needs every block's signal to have fixed class patterns (a basis of K rows)
+    patterns = [s.class_patterns() for s in trainer.signals] if sync and trainer.signals else None
+    if patterns is not None and any(p is None for p in patterns):
+        patterns = None
     probe = Step(
         copy.deepcopy(trainer.net), trainer.rule, trainer.signals, trainer.optimizers, trainer.low_memory
     )
@@ -124,23 +128,18 @@ def diagnose(trainer: Trainer, batches, *, sync: bool = True) -> list[BlockDiagn
         for r, g_rule, g_bp in zip(results, rule, bp, strict=True):
             r.cosines.append(float(F.cosine_similarity(g_rule.double(), g_bp.double(), dim=0)))
             r.norm_ratios.append(float(g_rule.norm() / g_bp.norm().clamp_min(1e-30)))
-        if sync and trainer.signals and isinstance(trainer.signals[0], ProjectionSignal):
+        if patterns is not None:
             with torch.no_grad():
                 onehot = F.one_hot(y, trainer.num_classes).double()
                 counts = onehot.sum(0) if counts is None else counts + onehot.sum(0)
                 *outputs, _ = probe.net.walk(x)
                 for (i, a), signal in zip(outputs, trainer.signals, strict=True):
-                    z = F.normalize(latent(a, signal.pool).double(), dim=1)
+                    z = F.normalize(signal.latent(a).double(), dim=1)
                     per_class = onehot.T @ z  # (K, d) sums of normalised latents
                     sums[i] = per_class if sums[i] is None else sums[i] + per_class
-    if counts is not None:
-        for r, total, signal in zip(results, sums, trainer.signals, strict=True):
-            if signal.classifier is not None:
-                continue  # a learned classifier has no fixed basis to synchronise with
+    if patterns is not None and counts is not None:
+        for r, total, basis in zip(results, sums, patterns, strict=True):
             means = total / counts.clamp_min(1)[:, None]
-            basis = signal.readout_matrix(means)[: trainer.num_classes]
-            if basis.shape[0] != trainer.num_classes:
-                continue  # a reduced basis has fewer rows than classes
             r.sync = F.cosine_similarity(means[:, None, :], basis[None, :, :].double(), dim=2).tolist()
     return results
 
@@ -212,7 +211,6 @@ def plot_basis(num_classes: int, dim: int, kind: str, path: Path, seed: int = 0)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..method.basis import basis
     from .plots import save_figure
 
     b = basis(num_classes, dim, kind, seed, dtype=torch.float64).numpy()
@@ -228,7 +226,7 @@ def plot_basis(num_classes: int, dim: int, kind: str, path: Path, seed: int = 0)
         axes[1].plot(
             range(shown),
             b[k, :shown] + 2.5 * k,
-            drawstyle="steps-mid" if kind == "square" else "default",
+            drawstyle="steps-mid" if BASIS_KINDS.get(kind).signs else "default",
             label=f"row {k}",
         )
     axes[1].set(xlabel=f"t (first {shown} entries)", yticks=[], title="first rows, offset for clarity")

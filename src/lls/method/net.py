@@ -31,7 +31,7 @@ class LocalNet(nn.Module):
     """Blocks ``b_0..b_{L-1}``, fixed ops ``o_l`` after each block, and a head.
 
     ``forward(x) = head(o_{L-1}(b_{L-1}(... o_0(b_0(x)))))``. ``latent_pool[l]`` says how block l's
-    output becomes its LLS latent (METHOD.md section 3): for a conv output, the side p_l of the
+    output becomes its LLS latent (docs/method.md, "The local loss"): for a conv output, the side p_l of the
     adaptive average pool; for a flat (dense) output, the length it is adaptively average-pooled to
     (the reference code's ``adaptive_avg_pool1d``); ``None`` uses the flattened output as it is.
     """
@@ -210,10 +210,10 @@ DEPTHWISE_PADDINGS = ("1", "stride")
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """How a model is built from its specs where METHOD.md and the authors' code could differ
+    """How a model is built from its specs where the paper's text and the authors' code could differ
     (options of :func:`build` and of ``create_model``, checked here).
 
-    Defaults: the authors' dense latents (what the paper's tables ran, METHOD.md section 3) and the
+    Defaults: the authors' dense latents (what the paper's tables ran, docs/method.md) and the
     standard MobileNetV1 padding (no table of the paper uses MobileNetV1)."""
 
     dense_latent: str = option(
