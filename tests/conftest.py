@@ -43,12 +43,18 @@ def digits() -> lls.Dataset:
 # change to the basis is judged by the method's tests and not by every test that trains a network.
 MUTATION_TESTS = {
     "lls.method.basis": ("test_basis.py", "test_rules.py"),
+    "lls.method.latent": ("test_rules.py", "test_fused.py", "test_engine.py"),
     "lls.method.signals": ("test_rules.py", "test_fused.py"),
     "lls.method.fused": ("test_fused.py", "test_engine.py"),
     "lls.method.rules": ("test_rules.py",),
     "lls.step.sfadamw": ("test_sfadamw.py",),
+    "lls.step.step": ("test_trainer.py", "test_rules.py"),
     "lls.step.trainer": ("test_trainer.py", "test_rules.py"),
+    "lls.step.evaluation": ("test_trainer.py", "test_fit.py"),
+    "lls.step.factory": ("test_trainer.py",),
     "lls.step.lowmem": ("test_lowmem.py",),
+    "lls.step.sliced": ("test_lowmem.py",),
+    "lls.step.sliced_norm": ("test_lowmem.py",),
     "lls.training.fit": ("test_fit.py", "test_trainer.py"),
     "lls.training.presets": ("test_presets.py", "test_reproduce.py"),
 }

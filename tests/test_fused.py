@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import lls
-from lls.method.fused import FusedProjection, block_losses, supports
+from lls.method.fused import FusedProjection, block_losses
+from lls.method.latent import CHANNEL_MAJOR, POSITION_MAJOR
 
 SHAPES = [torch.Size((3, 4, 4)), torch.Size((6,))]
 LABELS = torch.tensor([0, 2, 1, 2])
@@ -23,7 +24,7 @@ def _signals(rule, **options):
 def test_block_losses_equal_the_signals_in_the_dtype_asked_for(rule, options):
     signals = [s.double() for s in _signals(rule, **options)]
     losses = block_losses(signals, SHAPES, device=torch.device("cpu"), dtype=torch.float64)
-    assert all(isinstance(loss, FusedProjection) for loss in losses)
+    assert all(isinstance(loss, FusedProjection) for loss in losses)  # every projection signal has one
     g = torch.Generator().manual_seed(1)
     for loss, signal, shape in zip(losses, signals, SHAPES, strict=True):
         a = torch.randn(len(LABELS), *shape, generator=g, dtype=torch.float64)
@@ -37,41 +38,25 @@ def test_block_losses_equal_the_signals_in_the_dtype_asked_for(rule, options):
 
 
 def test_signals_without_a_fused_form_are_used_as_they_are():
-    signals = _signals("dfa") + _signals("lls", basis="random", readout_width=24)
-    assert not any(supports(s) for s in signals)
-    losses = block_losses(signals, SHAPES * 2, device=torch.device("cpu"), dtype=torch.float32)
+    signals = _signals("dfa")
+    losses = block_losses(signals, SHAPES, device=torch.device("cpu"), dtype=torch.float32)
     assert all(loss is signal for loss, signal in zip(losses, signals, strict=True))
     with pytest.raises(ValueError):
-        block_losses(signals, SHAPES, device=torch.device("cpu"), dtype=torch.float32)  # one shape short
-    with pytest.raises(lls.LLSError, match="has no fused form here; use the signal itself"):
-        FusedProjection(signals[0], SHAPES[0])
-
-
-def test_which_signals_have_a_fused_form():
-    (conv, dense) = _signals("lls")
-    assert supports(conv, SHAPES[0]) and supports(dense, SHAPES[1]) and supports(conv)
-    pooled_dense = lls.create_rule("lls").signal(0, torch.Size((6,)), 12, 3)  # 6 units pooled to 12
-    assert not supports(pooled_dense, (6,)) and supports(pooled_dense, (12,))
-    (kept,) = block_losses([pooled_dense], [(6,)], device=torch.device("cpu"), dtype=torch.float32)
-    assert kept is pooled_dense  # the authors' pooled dense latent keeps the signal's own chain
-    learned = lls.method.signals.ProjectionSignal(
-        3, 8, None, readout="learned", temperature=0.5, normalize=True
-    )
-    assert not supports(learned)  # a learned readout of a normalised latent is no rule here
-    assert not supports(object())
+        block_losses(signals, SHAPES[:1], device=torch.device("cpu"), dtype=torch.float32)  # one shape short
+    (conv, _) = _signals("lls")
+    with pytest.raises(
+        lls.LLSError, match=r"block output \(5, 4, 4\) has latent size 20, its signal was built for 12"
+    ):
+        FusedProjection(conv, (5, 4, 4))
 
 
 def test_a_fixed_readout_is_made_once_in_the_dtype_and_device_asked_for():
     (conv, _) = _signals("lls", basis="periodic")
     plan = FusedProjection(conv, SHAPES[0], dtype=torch.float64)
     b = lls.basis(3, 12, "periodic", dtype=torch.float64)
-    torch.testing.assert_close(plan.readout["channel-major"], b / 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(plan.readout[CHANNEL_MAJOR], b, rtol=0, atol=0)
     # channels-last latents are read (h, w, c): the readout's columns follow
-    torch.testing.assert_close(
-        plan.readout["position-major"], (b / 0.5).view(3, 3, 4).transpose(1, 2).reshape(3, 12)
-    )
-    assert FusedProjection(conv, SHAPES[0]).readout["channel-major"].dtype == torch.float32
+    torch.testing.assert_close(plan.readout[POSITION_MAJOR], b.view(3, 3, 4).transpose(1, 2).reshape(3, 12))
+    assert FusedProjection(conv, SHAPES[0]).readout[CHANNEL_MAJOR].dtype == torch.float32
     (lls_m, _) = _signals("lls-m")
-    assert (
-        FusedProjection(lls_m.double(), SHAPES[0]).readout["channel-major"].dtype == torch.float64
-    )  # the parameters'
+    assert FusedProjection(lls_m.double(), SHAPES[0]).readout[CHANNEL_MAJOR].dtype == torch.float64

@@ -381,15 +381,10 @@ def test_a_reduced_basis_needs_the_matrix_modulation():
     from lls.method.signals import ProjectionSignal
 
     with pytest.raises(ValueError, match="needs a matrix modulation"):
-        ProjectionSignal(
-            5, 8, None, readout="square", temperature=0.5, normalize=True, rows=3, modulation="vector"
-        )
-    signal = ProjectionSignal(5, 8, None, readout="square", temperature=0.5, normalize=True, rows=5)
+        ProjectionSignal(5, (8,), None, basis="square", temperature=0.5, rows=3, modulation="vector")
+    signal = ProjectionSignal(5, (8,), None, basis="square", temperature=0.5, rows=5)
     assert signal.rows == 5 and signal.modulation is None and signal.classifier is None
-    assert (
-        ProjectionSignal(5, 8, None, readout="random", temperature=0.5, normalize=False, width=8).width
-        is None
-    )
+    assert ProjectionSignal(5, (8,), None, basis="random", temperature=0.5, width=8).width is None
 
 
 def test_block_seeds_differ_between_blocks_and_runs():

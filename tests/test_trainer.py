@@ -317,7 +317,9 @@ def test_a_checkpoint_resumes_training_exactly():
 
 def test_errors_name_the_problem():
     net = tiny_net()
-    with pytest.raises(lls.LLSError, match="low memory runs one block's step at a time"):
+    with pytest.raises(
+        lls.LLSError, match="--memory slices one block's step at a time and bp back-propagates"
+    ):
         lls.Trainer(net, "bp", input_shape=TINY_INPUT, memory="low")
     with pytest.raises(lls.LLSError, match="evaluation got no batches"):
         tiny_trainer("lls").evaluate([])
