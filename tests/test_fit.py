@@ -241,7 +241,7 @@ def test_fit_resumes_mid_epoch_and_continues_a_history():
 
 def test_fit_stops_between_epochs_but_not_after_the_last():
     trainer = ScriptedTrainer()
-    with pytest.raises(Interrupted, match="an epoch boundary") as caught:
+    with pytest.raises(Interrupted, match=r"^interrupted at an epoch boundary$") as caught:
         lls.fit(trainer, loaders(), 3, progress=False, should_stop=lambda: len(trainer.trained) >= 3)
     assert caught.value.progress is None and len(trainer.evaluated) == 1  # epoch 1 recorded, then stopped
     history = lls.fit(ScriptedTrainer(), loaders(), 1, progress=False, should_stop=lambda: False)
@@ -266,6 +266,7 @@ def test_empty_history_has_no_accuracy():
 def test_epoch_progress_round_trips_and_rejects_what_is_not_a_count():
     progress = EpochProgress(epoch=1, step=4, loss_sum=2.5, correct=3, seen=8, block_sums=[1.0], seconds=0.5)
     assert EpochProgress.from_dict({**progress.as_dict(), "unknown": 1}) == progress
+    assert EpochProgress.from_dict({"epoch": 0}) == EpochProgress(0)  # zero counts are counts
     for field, value in (("epoch", -1), ("step", 1.5), ("correct", "3"), ("seen", -2)):
         with pytest.raises(ValueError, match=r"^epoch, step, correct and seen must be counts, got \("):
             EpochProgress.from_dict({**progress.as_dict(), field: value})

@@ -214,6 +214,7 @@ def test_preset_names_are_slugs_of_the_row_labels(label, slug):
     assert preset.slug == slug
     assert preset.name == f"table3/cifar100/vgg8/{slug}"
     assert hash(preset) == hash(dataclasses.replace(preset, epochs=1))  # the name identifies a run
+    assert hash(preset) != hash(dataclasses.replace(preset, dataset="cifar10"))
 
 
 def test_select_filters_on_every_field_and_rule_slug():

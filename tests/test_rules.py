@@ -475,3 +475,21 @@ def test_scores_are_the_normalised_latent_against_the_basis(batch):
     z = reference_latent(a.numpy(), POOL)
     expected = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ reference_basis("periodic", K, D).T
     np.testing.assert_allclose(signal.scores(a).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_what_each_signal_offers_readouts_and_costs():
+    """The basis readout predicts argmax of the scores; the class patterns are the basis itself where
+    it has one row per class; DFA's projection costs K x (size of the block output) multiply-adds."""
+    a = torch.randn(5, C, H, W, dtype=torch.float64)
+    lls_signal = make_signal("lls", basis="periodic")
+    assert torch.equal(lls_signal.predict(a), lls_signal.scores(a).argmax(1))
+    torch.testing.assert_close(lls_signal.class_patterns(), torch.tensor(reference_basis("periodic", K, D)))
+    assert make_signal("lls-mxm", reduced=3).class_patterns() is None
+    assert make_signal("local-classifier").class_patterns() is None
+    dfa = make_signal("dfa")
+    assert dfa.class_patterns() is None
+    assert dfa.ops(torch.Size((C, H, W))) == (K * C * H * W, K * C * H * W)
+    with pytest.raises(lls.LLSError, match=r"^FeedbackSignal has no readout of its own; read its blocks"):
+        dfa.predict(a)
+    with pytest.raises(lls.LLSError, match=r"^BlockSignal does not say what its signal costs"):
+        lls.BlockSignal().ops(torch.Size((C, H, W)))
