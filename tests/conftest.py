@@ -44,9 +44,9 @@ def digits() -> lls.Dataset:
 MUTATION_TESTS = {
     "lls.method.basis": ("test_basis.py", "test_rules.py"),
     "lls.method.latent": ("test_rules.py", "test_fused.py", "test_engine.py"),
-    "lls.method.signals": ("test_rules.py", "test_fused.py"),
+    "lls.method.signals": ("test_rules.py", "test_fused.py", "test_cost.py"),
     "lls.method.fused": ("test_fused.py", "test_engine.py"),
-    "lls.method.rules": ("test_rules.py",),
+    "lls.method.rules": ("test_rules.py", "test_presets.py"),
     "lls.step.sfadamw": ("test_sfadamw.py",),
     "lls.step.step": ("test_trainer.py", "test_rules.py"),
     "lls.step.trainer": ("test_trainer.py", "test_rules.py"),

@@ -330,7 +330,14 @@ def test_bp_is_refused():
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("low", "low"), ("256MiB", 256 * 2**20), ("1GiB", 2**30), ("1.5 GiB", 3 * 2**29), ("4096b", 4096)],
+    [
+        ("low", "low"),
+        ("256MiB", 256 * 2**20),
+        ("1GiB", 2**30),
+        ("1.5 GiB", 3 * 2**29),
+        ("4096b", 4096),
+        ("1B", 1),
+    ],
 )
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected

@@ -384,3 +384,11 @@ def test_bp_has_no_extra_parameters_and_no_signals():
     trainer = tiny_trainer("bp")
     assert trainer.signals == [] and trainer.extra_parameters() == [0, 0, 0]
     assert trainer.state_dict()["signals"] == []
+
+
+def test_a_checkpoint_of_another_network_is_refused():
+    trainer = tiny_trainer("lls-m")
+    state = copy.deepcopy(trainer.state_dict())
+    state["signals"] = state["signals"][:-1]  # one block fewer
+    with pytest.raises(ValueError):
+        tiny_trainer("lls-m").load_state_dict(state)
