@@ -17,6 +17,7 @@ from ..method.rules import RULES, create_rule, parse_rule_spec
 from ..options import add_arguments, given, options_of
 from ..step.engine import ENGINES
 from ..step.lowmem import memory_plan
+from ..step.precision import DEFAULT_PRECISION, PRECISIONS
 from .common import add_device, add_problem, counted, problem_shape, resolve_device
 
 COMPARE_RULES = ("bp", "lls", "lls:basis=periodic", "lls-m", "lls-mxm", "local-classifier", "dfa", "drtp")
@@ -81,6 +82,12 @@ def add(commands) -> None:
         default=[],
         help="also time every local rule's low-memory step, under each comma-separated setting "
         "('low' or a budget such as 256MiB), interleaved with the rest",
+    )
+    bench.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default=DEFAULT_PRECISION,
+        help="what every step's forward pass computes in (fp32, bf16, fp16; see lls train)",
     )
     common(bench)
     bench.set_defaults(func=cmd_bench)
@@ -178,6 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         measure_peak=not args.no_memory,
         engine=args.engine,
         memory=[None, *args.memory],
+        precision=args.precision,
     )
     summary = summarize(results)
     name = (
@@ -187,11 +195,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     heading = (
         f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes, batch {args.batch}, "
-        f"{args.steps} interleaved steps per rule after {args.warmup} warm-up, {name}, "
+        f"{args.steps} interleaved steps per rule after {args.warmup} warm-up, {args.precision}, {name}, "
         f"torch {torch.__version__}"
     )
     print(bench_text(summary, heading))
     if args.json:
         device_record = {"device": str(device), "device_name": name, "torch_version": torch.__version__}
+        device_record["precision"] = args.precision
         print(json.dumps({**problem_record(args, shape, classes), **device_record, "rules": summary}))
     return 0

@@ -26,6 +26,7 @@ from ..method.signals import BlockSignal
 from .engine import SERIAL, GraphEngine, Schedule, check_capturable, is_capturable, optimizer_engine
 from .lowmem import LowMemory, MemorySpec, SlicedBlock, memory_plan
 from .optim import OptimizerFactory, create_optimizer, is_schedule_free
+from .precision import DEFAULT_PRECISION, Precision
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -68,6 +69,8 @@ class Trainer:
     ``memory`` (local rules only): ``None`` for the ordinary step; ``"low"``, or a budget in bytes
     (an int, or a string such as ``"256MiB"``), runs each block's step in slices of the batch with
     the same gradients, holding one slice's activations at a time (``lowmem.py``).
+
+    ``precision``: "fp32", or "bf16" / "fp16" mixed precision (``precision.py``).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class Trainer:
         weight_decay: float = 0.0,
         engine: str = "eager",
         memory: MemorySpec = None,
+        precision: str = DEFAULT_PRECISION,
     ) -> None:
         self.net = net
         self.rule = create_rule(rule) if isinstance(rule, str) else rule
@@ -104,7 +108,14 @@ class Trainer:
         for i, group in enumerate(groups):
             if not group:
                 raise LLSError(f"block {i} has no trainable parameters; merge it into a neighbour")
+        self.precision = Precision(precision, param.device, len(groups))
+        if self.precision.mixed and memory is not None:
+            raise LLSError(f"low memory recomputes in float32: drop --memory or --precision {precision}")
         mode = optimizer_engine(engine, param.device, optimizer)  # "eager" or "graph"
+        if mode == "graph" and self.precision.scalers:  # a scaler reads its overflow flag on the host
+            if engine != "auto":
+                raise LLSError("fp16's gradient scaling cannot be captured: use --engine eager, or bf16")
+            mode = "eager"
         if mode == "graph" and memory is not None:  # a captured step holds the whole batch's tensors
             if engine != "auto":
                 raise LLSError(
@@ -196,14 +207,18 @@ class Trainer:
         block_losses, held = [], []  # held: block outputs waiting for the head's output (DFA)
         loss = None
         walk = net.walk(h, blocks, detach=True, slicer=slicer)
+        autocast = self.precision.autocast
         for index in range(blocks.start, blocks.stop + 1):
             with schedule.issue(index):
-                _, a = next(walk)  # the fixed op after the previous block, then this block
+                with autocast():
+                    _, a = next(walk)  # the fixed op after the previous block, then this block
                 if index == blocks.stop:  # the head's logits, or the next stage's input
                     output = a
                     if blocks.stop == len(net.blocks):
-                        loss = consume(index, F.cross_entropy(output, y))
-                        output = output.detach()
+                        with autocast():  # (autocast's cross-entropy is float32)
+                            head_loss = F.cross_entropy(output, y)
+                        loss = consume(index, head_loss)
+                        output = output.detach().float()
                     continue
                 schedule.ready(index, a)
                 if waits_for_head:
@@ -217,8 +232,8 @@ class Trainer:
         losses = torch.stack(block_losses) if block_losses else h.new_zeros(0)
         return LocalPass(output, loss, losses)
 
-    @staticmethod
     def _block_loss(
+        self,
         signal: Callable[..., torch.Tensor],
         a: torch.Tensor | SlicedBlock,
         y: torch.Tensor,
@@ -227,30 +242,24 @@ class Trainer:
         """A block's local loss from its output ``a`` (or its sliced step's)."""
         if isinstance(a, SlicedBlock):
             return a.loss(signal, y, logits)
-        return signal(a, y, logits)
+        return self.precision.signal_loss(signal, a, y, logits)
 
     def update(self, index: int, loss: torch.Tensor) -> torch.Tensor:
         """Backward of block ``index``'s loss (L: the head's) and a step of that block's optimizer."""
         optimizer = self.optimizers[index]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.sync_gradients is not None:
-            self.sync_gradients(optimizer)
-        optimizer.step()
+        self.precision.update([optimizer], loss, self.sync_gradients, scaler=index)
         return loss.detach()
 
     def end_to_end_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """BP's step: one loss at the head, one backward pass through everything."""
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        for optimizer in self.optimizers:
-            if self.sync_gradients is not None:
-                self.sync_gradients(optimizer)
-            optimizer.step()
-        return StepResult(logits.detach(), loss.detach(), loss.new_zeros(0))
+        with self.precision.autocast():
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+        self.precision.update(self.optimizers, loss, self.sync_gradients)
+        return StepResult(logits.detach().float(), loss.detach(), loss.new_zeros(0))
 
     # --- evaluation ----------------------------------------------------------------------------
 
@@ -332,6 +341,7 @@ class Trainer:
             "net": self.net.state_dict(),
             "signals": [s.state_dict() for s in self.signals],
             "optimizers": [o.state_dict() for o in self.optimizers],
+            **({"scalers": self.precision.state_dict()} if self.precision.scalers else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -342,6 +352,7 @@ class Trainer:
             signal.load_state_dict(signal_state)
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
+        self.precision.load_state_dict(state.get("scalers"))
 
 
 class HasShape(Protocol):
@@ -365,6 +376,7 @@ def build_trainer(
     weight_decay: float = 0.0,
     engine: str = "eager",
     memory: MemorySpec = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> Trainer:
     """A trainer for a model (a registered name, or a list of block specs) and a rule: the one way
     every command builds one.
@@ -375,7 +387,7 @@ def build_trainer(
     rule's activation (Tanh for DRTP) and ``model_options`` (:class:`~lls.method.models.ModelOptions`,
     e.g. ``{"dense_latent": "output"}``), on ``device``, optionally in channels-last layout, and
     steps with ``engine`` ("eager", "graph" or "auto"; see engine.py). ``memory``: the low-memory
-    step, see :class:`Trainer`.
+    step, and ``precision`` ("fp32", "bf16", "fp16"), see :class:`Trainer`.
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
@@ -409,6 +421,7 @@ def build_trainer(
         weight_decay=weight_decay,
         engine=engine,
         memory=memory,
+        precision=precision,
     )
 
 

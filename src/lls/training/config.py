@@ -23,6 +23,7 @@ from ..options import check, check_values, flag, option, options_of
 from ..step.engine import ENGINES
 from ..step.lowmem import memory_plan
 from ..step.optim import OPTIMIZERS
+from ..step.precision import DEFAULT_PRECISION, PRECISIONS
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 
@@ -91,6 +92,13 @@ class TrainConfig:
         resumable=True,
         distinguishing=False,
     )
+    precision: str = option(
+        DEFAULT_PRECISION,
+        help="what the forward pass computes in: fp32, or bf16 / fp16 mixed precision (autocast; "
+        "weights, updates, the basis and the losses stay float32; fp16 scales each block's loss)",
+        choices=tuple(PRECISIONS),
+        known="precisions",
+    )
 
     def __post_init__(self) -> None:
         check(self)
@@ -98,6 +106,8 @@ class TrainConfig:
         model_options(self.model_options)  # and the model its own
         if self.memory is not None:
             memory_plan(self.memory)
+            if self.precision != DEFAULT_PRECISION:
+                raise LLSError(f"--memory runs in float32: drop --memory or --precision {self.precision}")
             if rule.timing == "end-to-end":
                 raise LLSError(
                     f"--memory slices one block's step at a time and {self.rule} back-propagates "

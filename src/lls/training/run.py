@@ -76,6 +76,7 @@ def build_session(
         weight_decay=config.weight_decay,
         engine=config.engine,
         memory=config.memory,
+        precision=config.precision,
     )
     loaders = Loaders.for_dataset(
         data,
