@@ -9,6 +9,7 @@ The public API::
     history = lls.fit(trainer, lls.Loaders.for_dataset(data, batch_size=128), epochs=1)
 
 or, from names: ``trainer = lls.build_trainer("smallconv", "lls", data, rule_options={"basis": "square"})``.
+A run directory's trained model, as a plain ``torch.nn`` module: ``model = lls.load_run("runs/my-run")``.
 """
 
 __version__ = "0.1.0"  # the one definition (pyproject.toml reads it)
@@ -23,6 +24,7 @@ from .method.rules import Rule, create_rule, list_rules, register_rule
 from .method.signals import BlockSignal
 from .step.trainer import Evaluation, StepResult, Trainer, build_trainer
 from .training.fit import EpochRecord, History, Loaders, evaluate, fit, train_epoch
+from .training.trained import load_run
 
 __all__ = [
     "BASIS_KINDS",
@@ -50,6 +52,7 @@ __all__ = [
     "list_models",
     "list_rules",
     "load_dataset",
+    "load_run",
     "register_rule",
     "train_epoch",
     "tune_malloc",
