@@ -100,6 +100,10 @@ class Precision:
             return nullcontext()
         return torch.autocast(self.device_type, enabled=False)
 
+    def restore(self, t: torch.Tensor) -> torch.Tensor:
+        """An output of an autocast region back in float32 (fp32: ``t`` itself, whatever its dtype)."""
+        return t.float() if self.mixed else t
+
     def signal_loss(
         self, signal: Callable[..., torch.Tensor], a: torch.Tensor, y: torch.Tensor, logits=None
     ) -> torch.Tensor:

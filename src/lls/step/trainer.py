@@ -213,12 +213,12 @@ class Trainer:
                 with autocast():
                     _, a = next(walk)  # the fixed op after the previous block, then this block
                 if index == blocks.stop:  # the head's logits, or the next stage's input
-                    output = a
+                    output = self.precision.restore(a)  # float32, whatever autocast computed in
                     if blocks.stop == len(net.blocks):
                         with autocast():  # (autocast's cross-entropy is float32)
                             head_loss = F.cross_entropy(output, y)
                         loss = consume(index, head_loss)
-                        output = output.detach().float()
+                        output = output.detach()
                     continue
                 schedule.ready(index, a)
                 if waits_for_head:
@@ -259,7 +259,7 @@ class Trainer:
             logits = self.net(x)
             loss = F.cross_entropy(logits, y)
         self.precision.update(self.optimizers, loss, self.sync_gradients)
-        return StepResult(logits.detach().float(), loss.detach(), loss.new_zeros(0))
+        return StepResult(self.precision.restore(logits.detach()), loss.detach(), loss.new_zeros(0))
 
     # --- evaluation ----------------------------------------------------------------------------
 
