@@ -1,6 +1,10 @@
 """Training precision: fp32 (the reference), bf16 and fp16 mixed precision, on the CPU (and CUDA)."""
 
+import contextlib
+import io
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,11 +165,18 @@ def test_bad_precision_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypa
         lls.training.config.TrainConfig(precision="fp8")
 
 
-def test_precision_is_recorded_and_honoured_on_resume(tmp_path, capsys, digits):
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory, digits) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "bf16"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main([*DIGITS_RUN, "--precision", "bf16", "--out", str(out), "--json"]) == 0
+    return out, json.loads(printed.getvalue().splitlines()[-1])
+
+
+def test_precision_is_recorded_and_honoured_on_resume(bf16_run, tmp_path, capsys):
     out = tmp_path / "r"
-    assert main([*DIGITS_RUN, "--precision", "bf16", "--out", str(out), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["config"]["precision"] == "bf16"
+    shutil.copytree(bf16_run[0], out)
+    assert bf16_run[1]["config"]["precision"] == "bf16"
     assert RunDir.open(out).read_config().precision == "bf16"
     one_line(
         capsys, ["train", "--resume", str(out), "--precision", "fp32"], "--precision fp32 (the run has bf16)"
@@ -175,23 +186,21 @@ def test_precision_is_recorded_and_honoured_on_resume(tmp_path, capsys, digits):
     assert session.trainer.precision.name == "bf16" and state["epoch"] == 2
 
 
-def test_an_old_config_without_precision_reads_as_fp32(tmp_path, capsys, digits):
+def test_an_old_config_without_precision_reads_as_fp32(bf16_run, tmp_path):
     out = tmp_path / "r"
-    assert main([*DIGITS_RUN, "--out", str(out)]) == 0
+    shutil.copytree(bf16_run[0], out)
     record = json.loads((out / "config.json").read_text())
     del record["config"]["precision"]
     (out / "config.json").write_text(json.dumps(record))
     assert RunDir.open(out).read_config().precision == "fp32"
 
 
+def test_the_model_of_a_mixed_precision_run_is_float32(bf16_run):
+    model = lls.load_run(bf16_run[0])
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and isinstance(model, nn.Sequential)
+
+
 def test_bench_times_a_precision(capsys):
     bench = ["bench", "--model", "smallconv", "--input", "1,8,8", "--classes", "3", "--steps", "1"]
     assert main([*bench, "--precision", "bf16", "--warmup", "0", "--no-memory", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["precision"] == "bf16"
-
-
-def test_exported_models_of_mixed_precision_runs_are_float32(tmp_path, digits):
-    out = tmp_path / "r"
-    assert main([*DIGITS_RUN, "--precision", "bf16", "--out", str(out)]) == 0
-    model = lls.load_run(out)
-    assert all(p.dtype == torch.float32 for p in model.parameters()) and isinstance(model, nn.Sequential)
