@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from ..errors import LLSError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_PRECISION = "fp32"
 
 
 @functools.cache
@@ -75,6 +74,11 @@ def check_precision(name: str, device: torch.device | str) -> torch.dtype:
     if device.type not in ("cpu", "cuda"):
         raise LLSError(f"--precision {name} runs on cpu and cuda, not {device.type}; use fp32")
     return dtype
+
+
+def is_mixed(name: str) -> bool:
+    """Whether precision ``name`` computes anything below float32."""
+    return PRECISIONS.get(name, torch.float32) is not torch.float32
 
 
 class Precision:
@@ -156,3 +160,6 @@ class Precision:
             raise ValueError(f"no fp16 gradient scalers for the {len(self.scalers)} optimizers")
         for scaler, scaler_state in zip(self.scalers, state, strict=True):
             scaler.load_state_dict(scaler_state)
+
+
+FP32 = Precision("fp32", torch.device("cpu"), 0)  # no autocast, no scaler: the reference step

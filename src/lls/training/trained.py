@@ -24,7 +24,8 @@ from torch import nn
 from ..data import Dataset, load_dataset, make_loader
 from ..data.base import FileSplit, Split
 from ..errors import LLSError
-from ..method.net import LeakyReLU, LocalNet
+from ..method.activation import LeakyReLU
+from ..method.net import LocalNet
 from .fit import EVAL_BATCH_SIZE, REFRESH_BATCHES
 from .run import Session, open_trained
 
