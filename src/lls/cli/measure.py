@@ -8,8 +8,9 @@ import json
 import torch
 
 from ..errors import LLSError
-from ..measure.bench import bench_text, run_bench, split_engine, summarize
+from ..measure.bench import bench_text, run_bench, split_engine, split_rules, summarize
 from ..measure.cost import compare_text, cost_text, count_costs
+from ..measure.fits import check_fits, estimated_bytes, meta_trainer
 from ..measure.memory import measure_memory
 from ..method.models import model_options
 from ..method.net import ModelOptions
@@ -17,7 +18,7 @@ from ..method.rules import RULES, create_rule, parse_rule_spec
 from ..options import add_arguments, given, options_of
 from ..step.engine import ENGINES
 from ..step.lowmem import memory_plan
-from .common import add_device, add_problem, counted, problem_shape, resolve_device
+from .common import add_device, add_problem, counted, problem_shape, resolve_device, threads
 
 COMPARE_RULES = ("bp", "lls", "lls:basis=periodic", "lls-m", "lls-mxm", "local-classifier", "dfa", "drtp")
 RULE_SPEC = "name, optionally with options: lls:basis=periodic,temperature=0.25"
@@ -60,7 +61,7 @@ def add(commands) -> None:
     bench.add_argument(
         "--warmup", type=counted("--warmup", 0), default=3, help="untimed steps first (default 3)"
     )
-    bench.add_argument("--threads", type=counted("--threads"), help="torch threads (default: all cores)")
+    bench.add_argument("--threads", type=threads, help="torch threads (default: all cores)")
     bench.add_argument("--compile", action="store_true", help="torch.compile every block first")
     bench.add_argument(
         "--channels-last",
@@ -110,29 +111,37 @@ def problem_record(args: argparse.Namespace, shape, classes: int) -> dict:
     return {"model": args.model, "input": list(shape), "classes": classes, "batch": args.batch}
 
 
+FIX = "lower --batch (or --classes, or the input size)"
+
+
 def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
     name, options = parse_rule_spec(spec)
     built = model_options(given(args, options_of(ModelOptions)))  # checked, defaults filled in
+    memory = args.memory
+    if memory is not None and RULES.get(name).timing == "end-to-end":
+        if not args.compare:
+            raise LLSError(
+                f"{name} has no low-memory step (it back-propagates through every block at "
+                "once); drop --memory"
+            )
+        memory = None  # --compare shows BP's ordinary step beside the others' low-memory ones
+    device = resolve_device(args.device)
+    trainer = meta_trainer(
+        args.model, name, shape, classes, rule_options=options, model_options=built, memory=memory
+    )
+    what = f"{spec} on {args.model} with {classes} classes at batch {args.batch}"
+    check_fits(estimated_bytes(trainer, args.batch), device, what, FIX)
     result = count_costs(
         args.model, create_rule(name, **options), shape, classes, model_options=built
     ).as_dict()
     if not args.no_memory:
-        device = str(resolve_device(args.device))
-        memory = args.memory
-        if memory is not None and RULES.get(name).timing == "end-to-end":
-            if not args.compare:
-                raise LLSError(
-                    f"{name} has no low-memory step (it back-propagates through every block at "
-                    "once); drop --memory"
-                )
-            memory = None  # --compare shows BP's ordinary step beside the others' low-memory ones
         result["memory"] = measure_memory(
             args.model,
             name,
             shape,
             classes,
             batch=args.batch,
-            device=device,
+            device=str(device),
             rule_options=options,
             memory=memory,
             model_options=built,
@@ -144,7 +153,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     shape, classes = problem_shape(args)
     where = f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes"
     if args.compare:
-        specs = args.rules.split(",") if args.rules else list(COMPARE_RULES)
+        specs = split_rules(args.rules) if args.rules else list(COMPARE_RULES)
         results = {spec: cost_of(args, spec, shape, classes) for spec in specs}
         print(compare_text(results, where, args.batch))
         output = {**problem_record(args, shape, classes), "rules": results}
@@ -161,9 +170,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = args.rules.split(",")
+    specs = split_rules(args.rules)
+    needed = 0  # every entry's trainer is alive at once
     for spec in specs:
-        parse_rule_spec(split_engine(spec)[0])  # every entry checked before anything is timed
+        name, options = parse_rule_spec(split_engine(spec)[0])  # checked before anything is timed
+        for memory in [None, *args.memory] if RULES.get(name).timing != "end-to-end" else [None]:
+            trainer = meta_trainer(args.model, name, shape, classes, rule_options=options, memory=memory)
+            needed += estimated_bytes(trainer, args.batch)
+    what = f"benchmarking {', '.join(specs)} on {args.model} with {classes} classes at batch {args.batch}"
+    check_fits(needed, device, what, FIX + " or time fewer rules")
     results = run_bench(
         args.model,
         shape,

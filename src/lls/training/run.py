@@ -22,6 +22,7 @@ import torch
 
 from ..data import Dataset, load_dataset
 from ..errors import LLSError
+from ..measure.fits import check_fits, estimated_bytes
 from ..step.trainer import Trainer, build_trainer
 from . import pipeline  # noqa: F401 (registers --parallel pipeline)
 from .config import TrainConfig
@@ -179,7 +180,14 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
         quiet=options.quiet_data or not main,
     )
     strategy.setup(session.trainer, session.loaders)
-    session.loaders.train.batches()  # refuses batches too small for BatchNorm on each process
+    # refuses batches too small for BatchNorm on each process, and steps too big for the memory
+    largest = max(map(len, session.loaders.train.batches()), default=0)
+    what = f"training {config.model} with {config.rule} at batch {largest}"
+    fix = "lower --batch-size" + (
+        " or use --memory low" if session.trainer.rule.timing != "end-to-end" else ""
+    )
+    device = next(session.trainer.net.parameters()).device
+    check_fits(estimated_bytes(session.trainer, largest), device, what, fix)
     # everything that can be refused has been checked: now the run directory
     run, state = open_run(config, out, resume, session, strategy, {"data_dir": options.data_dir})
     if run is not None:

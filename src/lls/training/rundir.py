@@ -30,7 +30,7 @@ import torch
 from .. import __version__
 from ..errors import LLSError
 from .config import TrainConfig
-from .files import Lock, atomic_write, describe_os_error, remove_stale_temp_files
+from .files import Lock, atomic_write, check_folder, describe_os_error, name_too_long, remove_stale_temp_files
 from .fit import EpochProgress, EpochRecord, History
 
 CHECKPOINT_FORMAT = "lls-checkpoint"
@@ -51,6 +51,9 @@ class RunDir:
     def create(cls, path: str | Path, config: TrainConfig, extra: dict[str, Any]) -> RunDir:
         """A new run directory holding ``config.json``, locked by this process."""
         run = cls(path)
+        problem = name_too_long(run.path)
+        if problem is not None:
+            raise LLSError(f"--out: {problem}")
         if run.path.exists() and not run.path.is_dir():
             raise LLSError(f"--out {run.path} is a file, not a folder; choose another --out")
         if run.config_path.exists() or run.checkpoint_path.exists():
@@ -69,9 +72,7 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
-        run = cls(path)
-        if not run.path.is_dir():
-            raise LLSError(f"run directory {run.path} does not exist")
+        run = cls(check_folder(path, "run directory"))
         if not run.config_path.is_file():
             raise LLSError(f"{run.path} is not an lls run directory (no config.json)")
         return run
