@@ -13,7 +13,7 @@ from ..errors import LLSError
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # lls.__main__ says it too, without importing this module
 # Bounds of the whole-number options typed on the command line: far above any real use, low enough
 # that no value allocates or loops beyond what a machine holds before it is checked.
 MAX_COUNT = 10**9

@@ -28,7 +28,7 @@ from . import pipeline  # noqa: F401 (registers --parallel pipeline)
 from .config import TrainConfig
 from .distributed import STRATEGIES
 from .fit import EpochProgress, EpochRecord, History, Interrupted, Loaders, Strategy, TrainingDiverged, fit
-from .rundir import RunDir, checkpoint_state, environment, read_state, set_rng_state
+from .rundir import RunDir, check_progress, checkpoint_state, environment, read_state, set_rng_state
 
 # curves.png takes 1-2 s to draw (matplotlib's layout), more than a GPU epoch: after the first epoch
 # of a session it is redrawn at most this often, and always after the last epoch or a stop.
@@ -109,6 +109,8 @@ def open_trained(path: str | Path, *, device: torch.device, data_dir: str | None
         raise LLSError(f"{run.path} has no checkpoint yet; train at least one epoch first")
     read_state(state, config, run.checkpoint_path)
     session = build_session(config, device=device, data_dir=data_dir, download=download, quiet=True)
+    if state["progress"] is not None:
+        check_progress(state["progress"], state["epoch"], len(session.loaders.train), run.checkpoint_path)
     load_trainer_state(session.trainer, state, run.checkpoint_path)
     return run, state, session
 
@@ -172,6 +174,12 @@ def train_run(
 def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, held) -> RunOutcome:
     main = strategy.main
     log = options.log if main else (lambda *a, **k: None)
+    run, state = None, None
+    if resume:  # the run's lock and its checkpoint's record checked before any data is loaded
+        run, state = open_run(config, out, True, None, strategy, {})
+        held.extend([run] if run is not None else [])
+        if state is not None:
+            read_state(state, config, out / "checkpoint.pt")
     session = build_session(
         config,
         device=strategy.place(options.device),
@@ -188,10 +196,9 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
     )
     device = next(session.trainer.net.parameters()).device
     check_fits(estimated_bytes(session.trainer, largest), device, what, fix)
-    # everything that can be refused has been checked: now the run directory
-    run, state = open_run(config, out, resume, session, strategy, {"data_dir": options.data_dir})
-    if run is not None:
-        held.append(run)
+    if not resume:  # everything that can be refused has been checked: now the run directory
+        run, state = open_run(config, out, False, session, strategy, {"data_dir": options.data_dir})
+        held.extend([run] if run is not None else [])
     history, start_epoch, progress = History(), 0, None
     if state is not None:
         history, start_epoch, progress = restore(session, state, strategy, out / "checkpoint.pt")
@@ -284,6 +291,8 @@ def open_run(config: TrainConfig, out: Path, resume: bool, session: Session, str
 def restore(session: Session, state: dict[str, Any], strategy: Strategy, where: Path):
     """Load a checkpoint into a freshly built session; returns (history, epoch, progress)."""
     history, epoch, record = read_state(state, session.config, where)
+    if record is not None:
+        check_progress(record, epoch, len(session.loaders.train), where)
     if session.config.epochs < epoch:
         raise LLSError(
             f"{where.parent} has trained {epoch} epochs already; resume with --epochs {epoch} or more"
