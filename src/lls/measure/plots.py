@@ -15,8 +15,9 @@ FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}  # a figure's fil
 def figure_format(path: Path) -> str:
     """The format a figure at ``path`` is written in, from its suffix; other suffixes are refused."""
     kind = FIGURE_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise LLSError(f"{path}: give a file name ending in {', '.join(FIGURE_FORMATS)}")
+    if kind is None or path.is_dir():
+        what = "is a folder" if path.is_dir() else "has another suffix"
+        raise LLSError(f"{path} {what}: give a file name ending in {', '.join(FIGURE_FORMATS)}")
     return kind
 
 
@@ -29,8 +30,6 @@ def save_figure(figure, path: Path, *, tight: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise LLSError(describe_os_error(error, path.parent)) from None
-    if path.is_dir():
-        raise LLSError(f"{path} is a folder; give a file name ending in {', '.join(FIGURE_FORMATS)}")
     buffer = io.BytesIO()
     figure.savefig(buffer, format=kind, dpi=110, bbox_inches="tight" if tight else None)
     atomic_write(path, buffer.getvalue())
