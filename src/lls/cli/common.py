@@ -10,6 +10,8 @@ import torch
 
 from ..data import dataset_shape, load_dataset
 from ..errors import LLSError
+from ..options import add_arguments, check_values, flag, options_of
+from ..training.config import DEFAULTS, TrainConfig
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -121,7 +123,8 @@ def add_problem(parser: argparse.ArgumentParser) -> None:
         "--classes", type=counted("--classes", 2, MAX_CLASSES), help="number of classes (with --input)"
     )
     batch = counted("--batch", MIN_TRAINING_BATCH, why=" (BatchNorm needs 2 images per batch in training)")
-    parser.add_argument("--batch", type=batch, default=128, help="batch size (default 128)")
+    default = DEFAULTS.batch_size
+    parser.add_argument("--batch", type=batch, default=default, help=f"batch size (default {default})")
 
 
 def problem_shape(args: argparse.Namespace) -> tuple[tuple[int, int, int], int]:
@@ -137,3 +140,17 @@ def problem_shape(args: argparse.Namespace) -> tuple[tuple[int, int, int], int]:
     if not (args.input and args.classes):
         raise LLSError("give --dataset NAME, or --input C,H,W and --classes K")
     return args.input, args.classes
+
+
+def add_config_options(parser: argparse.ArgumentParser, *names: str) -> None:
+    """``lls train``'s flags ``names`` (TrainConfig's declarations: help, choices, checks), for a
+    command that measures a step; :func:`config_value` reads them with the run's defaults."""
+    add_arguments(parser, [f for f in options_of(TrainConfig) if f.name in names], lambda field: TrainConfig)
+
+
+def config_value(args: argparse.Namespace, name: str):
+    """A run option given on the command line, else its default (checked either way)."""
+    value = getattr(args, name)
+    value = getattr(DEFAULTS, name) if value is None else value
+    check_values(TrainConfig, {name: value}, name=flag)
+    return value

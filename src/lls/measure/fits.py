@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from ..errors import LLSError
+from ..step.factory import build_trainer
 from ..step.lowmem import profile, size_text
-from ..step.trainer import Trainer, build_trainer
+from ..step.trainer import Trainer
 
 STATE_COPIES = 5  # per trainable parameter: the weight, its gradient, two optimizer moments, a temporary
 SCORE_COPIES = 3  # per score (the head's logits, a block signal's scores): value, softmax, gradient
@@ -31,15 +32,6 @@ def meta_trainer(model: str, rule: str, input_shape, classes: int, **options: An
         return build_trainer(model, rule, tuple(input_shape), classes, device="meta", **options)
 
 
-def fixed_readout_bytes(signal: torch.nn.Module, element: int) -> int:
-    """A fixed basis is regenerated on demand (cached), not held by the signal: its rows x d, drawn
-    rows x width first where it has a width."""
-    readout = getattr(signal, "readout", None)
-    if readout is None or readout == "learned":
-        return 0
-    return signal.rows * (signal.dim + (signal.width or 0)) * element
-
-
 def estimated_bytes(trainer: Trainer, batch: int) -> int:
     """Estimated peak bytes of training ``trainer`` at ``batch`` images: the weights with their
     gradients and optimizer state, the fixed tensors of the rule, and the largest step's
@@ -48,8 +40,7 @@ def estimated_bytes(trainer: Trainer, batch: int) -> int:
     element = next(net.parameters()).element_size()
     tensors = [*net.parameters(), *(p for s in trainer.signals for p in s.parameters())]
     trainable = sum(t.numel() * t.element_size() for t in tensors if t.requires_grad)
-    fixed = sum(b.numel() * b.element_size() for s in trainer.signals for b in s.buffers())
-    fixed += sum(fixed_readout_bytes(s, element) for s in trainer.signals)
+    fixed = sum(b.numel() * b.element_size() for s in trainer.signals for b in s.buffers())  # bases
     blocks = profile(net, trainer.input_shape)
     if trainer.low_memory is not None:
         activations = trainer.low_memory.estimated_peak(batch)

@@ -30,6 +30,7 @@ import torch
 
 from .. import __version__
 from ..errors import LLSError
+from ..measure.plots import plot_curves
 from ..options import flag
 from .config import RESUMABLE, TrainConfig
 from .files import Lock, atomic_write, check_folder, describe_os_error, name_too_long, remove_stale_temp_files
@@ -159,8 +160,6 @@ class RunDir:
         atomic_write(self.metrics_csv, out.getvalue().encode())
         if not plot:
             return
-        from ..measure.plots import plot_curves
-
         plot_curves(records, self.curves, title)
 
     def read_metrics(self) -> list[dict[str, Any]]:
