@@ -1,5 +1,6 @@
 """Nothing a user types or a machine does ends in a traceback or loses a run (issue 11's cases)."""
 
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +17,8 @@ import lls
 from lls.cli import main
 from lls.training.files import Lock
 from lls.training.rundir import RunDir, load_checkpoint_file
+
+from .test_engine import capturable_sgd
 
 pytestmark = pytest.mark.usefixtures("digits")
 RUN = ["train", "--dataset", "digits", "--batch-size", "64", "--quiet"]
@@ -513,3 +516,121 @@ def test_ctrl_c_while_the_libraries_load_ends_with_the_aborted_line(tmp_path):
     err = child.communicate(timeout=120)[1].decode()
     assert child.returncode == 130 and err.strip().splitlines()[-1] == "lls: aborted", err
     assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+# 11. the graph engine's state, read on a CPU (the CUDA tests skip without one)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+
+
+def small_trainer(device="cpu", engine="eager", optimizer="adamw-sf"):
+    return lls.build_trainer(
+        "smallconv", "lls", (1, 8, 8), 10, device=device, engine=engine, optimizer=optimizer, lr=1e-3
+    )
+
+
+def small_batch(device="cpu", n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw-sf", "sgd"])
+def test_a_training_step_inside_evaluation_is_refused(optimizer):
+    trainer = small_trainer(optimizer=optimizer)
+    x, y = small_batch()
+    trainer.train_step(x, y)
+    with trainer.evaluation(refresh=[(x, y)]), pytest.raises(lls.LLSError, match=r"inside evaluation\(\)"):
+        trainer.train_step(x, y)
+    trainer.train_step(x, y)  # after it, training goes on
+
+
+def test_the_hyperparameters_a_graph_holds_are_the_hosts():
+    from lls.step.engine import hyperparameters
+
+    trainer = small_trainer()
+    trainer.train_step(*small_batch())  # the step scalars are device tensors now
+    before = hyperparameters(trainer.optimizers)
+    assert before == hyperparameters(trainer.optimizers)
+    assert all("lr" in group and not any(torch.is_tensor(v) for v in group.values()) for group in before)
+    trainer.optimizers[1].param_groups[0]["lr"] = 1e-4
+    assert hyperparameters(trainer.optimizers) != before
+
+
+def test_a_mid_epoch_checkpoint_records_its_data_path_and_a_resume_keeps_it(tmp_path, capsys, monkeypatch):
+    out, polls = tmp_path / "r", {"n": 0}
+
+    @contextlib.contextmanager
+    def stop_after_two_steps():
+        yield lambda: polls.__setitem__("n", polls["n"] + 1) or polls["n"] > 2
+
+    monkeypatch.setattr("lls.training.run.graceful_interrupt", stop_after_two_steps)
+    assert main([*RUN, "--limit", "320", "--out", str(out)]) == 130
+    monkeypatch.undo()
+    progress = load_checkpoint_file(out / "checkpoint.pt")["progress"]
+    assert 0 < progress["step"] < 5 and progress["draws"] == "host"  # the eager engine's, on a CPU
+
+    real_build = lls.training.run.build_session
+    asked = []
+    monkeypatch.setattr(
+        "lls.training.run.build_session", lambda *a, **k: asked.append(k["draws"]) or real_build(*a, **k)
+    )
+    rewrite_checkpoint(out, lambda s: s["progress"].update(draws="device:cuda"))  # drawn by a GPU run
+    one_line(capsys, ["train", "--resume", str(out)], "'draws'", "'device:cuda'", "this run is on cpu")
+    assert asked == []  # refused before the dataset was loaded
+    rewrite_checkpoint(out, lambda s: s["progress"].update(draws="device:cpu"))
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert asked == ["device"]  # the rest of the epoch from the permutation it started with
+
+
+@needs_cuda
+def test_under_the_graph_engine_a_step_inside_evaluation_is_refused_after_capture():
+    trainer = small_trainer("cuda", "graph")
+    x, y = small_batch("cuda")
+    for _ in range(6):  # warm-up steps, then captured and replayed
+        trainer.train_step(x, y)
+    assert trainer.engine.replays > 0
+    with trainer.evaluation(refresh=[(x, y)]), pytest.raises(lls.LLSError, match=r"inside evaluation\(\)"):
+        trainer.train_step(x, y)
+
+
+@needs_cuda
+def test_under_the_graph_engine_a_new_learning_rate_takes_effect(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the engines compared in float32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    eager, graph = (small_trainer("cuda", engine, capturable_sgd) for engine in ("eager", "graph"))
+    x, y = small_batch("cuda")
+    for step in range(12):
+        if step == 8:  # after the graph was captured
+            for trainer in (eager, graph):
+                for optimizer in trainer.optimizers:
+                    optimizer.param_groups[0]["lr"] = 0.0
+        eager.train_step(x, y), graph.train_step(x, y)
+    frozen = {k: v.clone() for k, v in graph.net.state_dict().items() if "weight" in k}
+    graph.train_step(x, y)  # lr 0: the weights do not move
+    assert all(torch.equal(v, graph.net.state_dict()[k]) for k, v in frozen.items())
+    for a, b in zip(eager.net.parameters(), graph.net.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_under_the_graph_engine_a_divergence_stops_at_the_step(tmp_path):
+    from lls.training.fit import TrainingDiverged, train_epoch
+
+    trainer = small_trainer("cuda", "graph")
+
+    class Batches:  # 12 good batches, then one holding a NaN: replayed by the captured graph
+        device, batch_size = torch.device("cuda"), 16
+
+        def __len__(self):
+            return 20
+
+        def epoch(self, epoch, start=0):
+            for step in range(start, 20):
+                x, y = small_batch("cuda", seed=step)
+                if step == 12:
+                    x[0, 0, 0, 0] = float("nan")
+                yield x, y
+
+    with pytest.raises(TrainingDiverged, match=r"step 13: "):
+        train_epoch(trainer, Batches(), 0, progress=False)
+    assert trainer.engine.replays > 0

@@ -83,3 +83,11 @@ def check_fits(estimate: int, device: torch.device, what: str, fix: str) -> None
             f"{what} would not fit in memory: it needs about {size_text(estimate)} (estimated) and "
             f"{'this machine' if device.type == 'cpu' else device} has {size_text(free)} available; {fix}"
         )
+
+
+def check_training_fits(trainer: Trainer, batch: int) -> None:
+    """:func:`check_fits` for training ``trainer`` at ``batch`` images (``lls train``'s check)."""
+    rule, device = trainer.rule, next(trainer.net.parameters()).device
+    what = f"training with {rule.name} at batch {batch}"
+    fix = "lower --batch-size" + (" or use --memory low" if rule.timing != "end-to-end" else "")
+    check_fits(estimated_bytes(trainer, batch), device, what, fix)

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ..data import Dataset, load_dataset
+from ..data import Dataset, drawn_on, load_dataset
 from ..errors import LLSError
-from ..measure.fits import check_fits, estimated_bytes
+from ..measure.fits import check_training_fits
 from ..step.factory import build_trainer
 from ..step.trainer import Trainer
 from . import pipeline  # noqa: F401 (registers --parallel pipeline)
@@ -53,7 +53,9 @@ def build_session(
     data_dir: str | None = None,
     download: bool = True,
     quiet: bool = False,
+    draws: str | None = None,
 ) -> Session:
+    """``draws``: the training loader's (``host``, ``device``; None: as the engine suits, below)."""
     data = load_dataset(
         config.dataset,
         data_dir,
@@ -88,9 +90,21 @@ def build_session(
         channels_last=config.channels_last,
         # A replayed graph step outruns host-side augmentation: the graph engine draws on the
         # device (another stream of numbers than the eager engine's, which stays bit-for-bit).
-        draws="auto" if trainer.engine is not None else "host",
+        draws=draws or ("auto" if trainer.engine is not None else "host"),
     )
     return Session(config, data, trainer, loaders)
+
+
+def resumed_draws(progress: dict[str, Any] | None, device: torch.device, where: Path) -> str | None:
+    """The draws an epoch in progress came from (``drawn_on``), so that its rest is the same
+    permutation whatever engine resumes it; None: no epoch in progress, or no record of them."""
+    recorded = (progress or {}).get("draws")
+    if recorded in (None, "host", f"device:{device.type}"):
+        return recorded and recorded.split(":")[0]
+    raise LLSError(
+        f"{where}: the epoch in progress drew its batches with {recorded!r} (its progress field "
+        f"'draws') and this run is on {device.type}; resume it on that device"
+    )
 
 
 def load_trainer_state(trainer: Trainer, state: dict[str, Any], where: Path) -> None:
@@ -175,28 +189,25 @@ def train_run(
 def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, held) -> RunOutcome:
     main = strategy.main
     log = options.log if main else (lambda *a, **k: None)
-    run, state = None, None
+    run, state, draws = None, None, None
+    device = strategy.place(options.device)
     if resume:  # the run's lock and its checkpoint's record checked before any data is loaded
         run, state = open_run(config, out, True, None, strategy, {})
         held.extend([run] if run is not None else [])
         if state is not None:
             read_state(state, config, out / "checkpoint.pt")
+            draws = resumed_draws(state["progress"], device, out / "checkpoint.pt")
     session = build_session(
         config,
-        device=strategy.place(options.device),
+        device=device,
         data_dir=options.data_dir,
         download=options.download,
         quiet=options.quiet_data or not main,
+        draws=draws,
     )
     strategy.setup(session.trainer, session.loaders)
     # refuses batches too small for BatchNorm on each process, and steps too big for the memory
-    largest = max(map(len, session.loaders.train.batches()), default=0)
-    what = f"training {config.model} with {config.rule} at batch {largest}"
-    fix = "lower --batch-size" + (
-        " or use --memory low" if session.trainer.rule.timing != "end-to-end" else ""
-    )
-    device = next(session.trainer.net.parameters()).device
-    check_fits(estimated_bytes(session.trainer, largest), device, what, fix)
+    check_training_fits(session.trainer, max(map(len, session.loaders.train.batches()), default=0))
     if not resume:  # everything that can be refused has been checked: now the run directory
         run, state = open_run(config, out, False, session, strategy, {"data_dir": options.data_dir})
         held.extend([run] if run is not None else [])
@@ -254,7 +265,7 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
     except Interrupted as stop:
         replot()
         if stop.progress is not None:
-            record = strategy.progress_record(stop.progress)
+            record = {**strategy.progress_record(stop.progress), "draws": drawn_on(session.loaders.train)}
             if main:
                 trainer_state = session.trainer.state_dict()
                 run.save_checkpoint(

@@ -318,7 +318,7 @@ def read_state(state: dict[str, Any], config: TrainConfig, where: Path) -> tuple
 
 
 PROGRESS_REQUIRED = {"epoch", "step", "loss_sum", "correct", "seen", "seconds"}
-PROGRESS_EXTRA = {"ranks"}  # a data-parallel run's per-process sums
+PROGRESS_EXTRA = {"ranks", "draws"}  # a data-parallel run's per-process sums; the loader's data path
 
 
 def check_progress(progress: dict[str, Any], epoch: int, steps: int | None, where: Path) -> None:
