@@ -111,7 +111,7 @@ def run_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     with the changes a resume allows."""
     options, rule = given(args, CONFIG_OPTIONS), given(args, rule_fields())
     model = given(args, options_of(ModelOptions))
-    if not args.resume:
+    if args.resume is None:
         config = config_from_options(options, rule, model)
         return config, Path(args.out) if args.out else RUNS_ROOT / config.default_name()
     if args.out:
@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         block_accuracy=args.block_accuracy,
         quiet_data=args.json,
     )
-    outcome = train_run(config, out, options, resume=bool(args.resume), strategy=strategy)
+    outcome = train_run(config, out, options, resume=args.resume is not None, strategy=strategy)
     if outcome.run is None:  # a rank other than 0 of a parallel run: rank 0 reports
         return {"finished": 0, "interrupted": EXIT_INTERRUPTED}.get(outcome.status, EXIT_DIVERGED)
     if outcome.status == "interrupted":

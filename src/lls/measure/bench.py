@@ -33,6 +33,19 @@ from .memory import example_batch, measure_memory
 from .report_format import mib, ratio, table
 
 
+def split_rules(text: str) -> list[str]:
+    """``lls:basis=periodic,temperature=0.25,bp@eager`` -> ["lls:basis=periodic,temperature=0.25",
+    "bp@eager"]: a comma separates entries and also a rule's options, so a ``key=value`` item
+    without a colon of its own continues the entry before it."""
+    entries: list[str] = []
+    for item in text.split(","):
+        if entries and ":" in entries[-1] and "=" in item and ":" not in item:
+            entries[-1] += "," + item
+        else:
+            entries.append(item)
+    return entries
+
+
 def split_engine(spec: str) -> tuple[str, str | None]:
     """``lls:basis=periodic@graph`` -> ("lls:basis=periodic", "graph"); no ``@``: (spec, None)."""
     rule, at, engine = spec.partition("@")

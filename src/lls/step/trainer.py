@@ -23,7 +23,7 @@ from . import evaluation as evaluation_
 from .engine import GraphEngine, check_capturable, is_capturable, optimizer_engine
 from .evaluation import Batch, Evaluation
 from .lowmem import LowMemory, MemorySpec, memory_plan
-from .optim import OptimizerFactory, create_optimizer
+from .optim import OptimizerFactory, create_optimizer, is_schedule_free
 from .precision import Precision
 from .step import SERIAL, LocalPass, Schedule, Step, StepResult
 
@@ -147,6 +147,14 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One minibatch: every block updated from its own signal, the head from cross-entropy."""
         self.batch_size_in_step = len(y)  # read by data parallelism to weight this process's gradients
+        # Checked here, on the host, for every engine: a replayed graph runs no optimizer's own check
+        if not self.net.training or any(
+            is_schedule_free(o) and not o.param_groups[0]["train_mode"] for o in self.optimizers
+        ):
+            raise LLSError(
+                "a training step inside evaluation() (the network in eval mode, schedule-free optimizers "
+                "on their averaged weights); step after the evaluation has ended"
+            )
         if self.engine is not None:
             return self.engine.step(x, y)
         return self.step.eager(x, y)

@@ -28,6 +28,11 @@ from ..step.optim import OPTIMIZERS
 from ..step.precision import PRECISIONS, is_mixed
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+# Upper bounds far above any real run, so that a mistyped number is refused, not run for ever
+MAX_EPOCHS = 100_000
+MAX_BATCH = 2**24
+MAX_IMAGES = 2**40  # --limit / --holdout: above any dataset, so "all of them" stays expressible
+MAX_IMAGE_SIZE = 2**14
 
 
 @dataclass
@@ -49,10 +54,11 @@ class TrainConfig:
         1,
         help="epochs to train (a resumed run may be given more)",
         minimum=1,
+        maximum=MAX_EPOCHS,
         resumable=True,
         distinguishing=False,  # a report shows the budget in a column of its own
     )
-    batch_size: int = option(128, help="minibatch size", minimum=1)
+    batch_size: int = option(128, help="minibatch size", minimum=1, maximum=MAX_BATCH)
     lr: float = option(5e-3, help="learning rate of every block's optimizer", positive=True, maximum=1e3)
     weight_decay: float = option(0.0, help="weight decay of every optimizer", minimum=0.0, maximum=1e3)
     optimizer: str = option("adamw-sf", help="optimizer of every block and of the head", choices=OPTIMIZERS)
@@ -63,18 +69,21 @@ class TrainConfig:
         maximum=MAX_SEED,
         distinguishing=False,
     )
-    limit: int | None = option(None, help="use only the first N training and test images", minimum=1)
+    limit: int | None = option(
+        None, help="use only the first N training and test images", minimum=1, maximum=MAX_IMAGES
+    )
     augment: str | None = option(
         None, help="augmentation preset of the dataset (e.g. cifar10: basic, aug, none)"
     )
     image_size: int | None = option(
-        None, help="imagefolder: side of the square crops (default 64)", minimum=1
+        None, help="imagefolder: side of the square crops (default 64)", minimum=1, maximum=MAX_IMAGE_SIZE
     )
     channels_last: bool = option(True, help="channels-last memory layout (faster convolutions on CPU)")
     holdout: int | None = option(
         None,
         help="hold out N training images and evaluate on them instead of the test set (for tuning)",
         minimum=1,
+        maximum=MAX_IMAGES,
         distinguishing=False,
     )
 
