@@ -17,6 +17,7 @@ from .data import Dataset, Split, TensorLoader, list_datasets, load_dataset
 from .errors import LLSError
 from .malloc import tune_malloc
 from .method.basis import BASIS_KINDS, basis
+from .method.localize import localize
 from .method.models import create_model, list_models
 from .method.net import LocalNet
 from .method.rules import Rule, create_rule, list_rules, register_rule
@@ -50,6 +51,7 @@ __all__ = [
     "list_models",
     "list_rules",
     "load_dataset",
+    "localize",
     "register_rule",
     "train_epoch",
     "tune_malloc",

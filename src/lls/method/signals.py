@@ -38,8 +38,10 @@ def latent(a: torch.Tensor, pool: int | None) -> torch.Tensor:
     bins) and flattened channel-major, ``d = C * pool^2``. Flat (dense) outputs are average-pooled
     adaptively to length ``pool`` as the reference code does (``adaptive_avg_pool1d``: 1024 -> 2048
     repeats every entry, 4096 -> 2048 averages pairs). With ``pool`` None, outputs are flattened as
-    they are.
+    they are. A (N, tokens, dim) output (a transformer block's) is scored by its mean over tokens.
     """
+    if a.dim() == 3:
+        return a.mean(1)
     if pool is None:
         return a.flatten(1)
     if a.dim() == 2:
@@ -75,6 +77,8 @@ def latent_dim(out_shape: torch.Size, pool: int | None) -> int:
         return out_shape[0] * pool * pool
     if len(out_shape) == 1 and pool is not None:
         return pool
+    if len(out_shape) == 2:  # (tokens, dim): the token mean
+        return out_shape[1]
     return math.prod(out_shape)
 
 

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batches import check_batch
 from ..errors import LLSError
+from ..method.localize import as_local_net
 from ..method.models import create_model
 from ..method.net import LocalNet, Spec
 from ..method.rules import Rule, create_rule, seeded_options
@@ -75,13 +77,14 @@ class Trainer:
         net: LocalNet,
         rule: Rule | str = "lls",
         *,
-        input_shape: Sequence[int],
+        input_shape: Sequence[int] | None = None,
         optimizer: str | OptimizerFactory = "adamw-sf",
         lr: float = 5e-3,
         weight_decay: float = 0.0,
         engine: str = "eager",
         memory: MemorySpec = None,
     ) -> None:
+        net, input_shape = as_local_net(net, input_shape)
         self.net = net
         self.rule = create_rule(rule) if isinstance(rule, str) else rule
         self.num_classes = _num_classes(net.head)
@@ -152,6 +155,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One minibatch: every block updated from its own signal, the head from cross-entropy."""
+        x, y = check_batch((x, y), self.input_shape, self.num_classes, next(self.net.parameters()))
         self.batch_size_in_step = len(y)  # read by data parallelism to weight this process's gradients
         if self.engine is not None:
             return self.engine.step(x, y)
@@ -274,7 +278,7 @@ class Trainer:
         try:
             self.net.train()
             with torch.no_grad():
-                for x, _ in refresh:
+                for x, _ in self.checked(refresh):
                     self.net(x)
             self.net.eval()
             yield self.net
@@ -303,7 +307,7 @@ class Trainer:
         block_correct = [0] * len(self.net.blocks)
         with self.evaluation(refresh) as net:
             probes = fit_probes(net, probe_batches, self.num_classes) if kind == "ridge probe" else None
-            for x, y in batches:
+            for x, y in self.checked(batches):
                 if kind is None:
                     logits = net(x)
                 else:
@@ -318,6 +322,10 @@ class Trainer:
             raise LLSError("evaluation got no batches")
         block_accuracy = [c / count for c in block_correct] if kind is not None else []
         return Evaluation(float(total_loss) / count, correct / count, block_accuracy, kind)
+
+    def checked(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        like = next(self.net.parameters())
+        return (check_batch(b, self.input_shape, self.num_classes, like) for b in batches)
 
     # --- state ---------------------------------------------------------------------------------
 

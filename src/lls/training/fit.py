@@ -12,7 +12,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import BatchLoader, Dataset, FileSplit, make_loader
+from ..data.batches import as_batches
 from ..errors import LLSError
 from ..method.readout import PROBE_IMAGES
 from ..step.trainer import Evaluation, Trainer
@@ -113,9 +114,24 @@ class History:
 
 @dataclass
 class Loaders:
-    train: BatchLoader
-    test: BatchLoader
-    probe: BatchLoader | None = None  # unaugmented training images for the per-block ridge probes
+    """Training and test batches: lls' own loaders, or any re-iterable of ``(x, y)`` batches (a
+    ``torch.utils.data.DataLoader``), checked and moved to the trainer's device by :meth:`adapt`."""
+
+    train: BatchLoader | Iterable
+    test: BatchLoader | Iterable
+    probe: BatchLoader | Iterable | None = None  # unaugmented training images for the ridge probes
+
+    @classmethod
+    def adapt(cls, trainer: Trainer, loaders: Loaders | Iterable, test: Iterable | None = None) -> Loaders:
+        """``loaders``, or training batches with ``test`` batches, as loaders ``fit`` can run."""
+        if not isinstance(loaders, Loaders):
+            if test is None:
+                raise LLSError("fit got training batches without test batches: pass test=... as well")
+            loaders = cls(train=loaders, test=test)
+        like, shape, k = next(trainer.net.parameters()), trainer.input_shape, trainer.num_classes
+        train = as_batches(loaders.train, shape, k, like, min_batch=BATCHNORM_MIN_BATCH)
+        probe = None if loaders.probe is None else as_batches(loaders.probe, shape, k, like)
+        return cls(train, as_batches(loaders.test, shape, k, like), probe)
 
     @classmethod
     def for_dataset(
@@ -318,9 +334,10 @@ class Strategy:
 
 def fit(
     trainer: Trainer,
-    loaders: Loaders,
+    loaders: Loaders | Iterable,
     epochs: int,
     *,
+    test: Iterable | None = None,
     strategy: Strategy | None = None,
     start_epoch: int = 0,
     history: History | None = None,
@@ -331,7 +348,9 @@ def fit(
     block_accuracy: bool = True,
 ) -> History:
     """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after
-    each epoch with the paper's procedure; ``strategy`` says how (default: in this process)."""
+    each epoch with the paper's procedure; ``strategy`` says how (default: in this process).
+    ``loaders``: :class:`Loaders`, or any re-iterable of training batches with ``test`` batches."""
+    loaders = Loaders.adapt(trainer, loaders, test)
     strategy = strategy or Strategy()
     history = history or History()
     should_stop = strategy.agree(should_stop)
