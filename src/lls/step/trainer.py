@@ -27,7 +27,8 @@ from ..method.rules import Rule, create_rule, seeded_options
 from ..method.signals import BlockSignal
 from .engine import SERIAL, GraphEngine, Schedule, check_capturable, is_capturable, optimizer_engine
 from .lowmem import LowMemory, MemorySpec, SlicedBlock, memory_plan
-from .optim import OptimizerFactory, create_optimizer, is_schedule_free
+from .optim import LearningRate, OptimizerSpec, block_lrs, is_schedule_free, make_optimizer
+from .schedules import SCHEDULES, ScheduleFactory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -78,11 +79,12 @@ class Trainer:
         rule: Rule | str = "lls",
         *,
         input_shape: Sequence[int] | None = None,
-        optimizer: str | OptimizerFactory = "adamw-sf",
-        lr: float = 5e-3,
+        optimizer: OptimizerSpec = "adamw-sf",
+        lr: LearningRate = 5e-3,
         weight_decay: float = 0.0,
         engine: str = "eager",
         memory: MemorySpec = None,
+        lr_schedule: ScheduleFactory | None = None,
     ) -> None:
         net, input_shape = as_local_net(net, input_shape)
         self.net = net
@@ -115,19 +117,25 @@ class Trainer:
                     "use --engine eager with --memory"
                 )
             mode = "eager"
-        if isinstance(optimizer, str):  # the graph engine gets implementations it can capture
-            capturable = mode == "graph"
-            self.optimizers = [
-                create_optimizer(optimizer, group, lr, weight_decay, capturable=capturable)
-                for group in groups
-            ]
-        else:
-            self.optimizers = [optimizer(group, lr, weight_decay) for group in groups]
-            if mode == "graph" and not all(is_capturable(o) for o in self.optimizers):
-                if engine == "auto":
-                    mode = "eager"
-                else:
-                    check_capturable(self.optimizers)
+        lrs = block_lrs(lr, len(net.blocks))
+        if lr_schedule is not None and mode == "graph":  # a captured step replays the lr it saw
+            if engine != "auto":
+                raise LLSError(
+                    "the graph engine replays captured steps: use --engine eager with an lr schedule"
+                )
+            mode = "eager"
+        # the graph engine gets implementations it can capture
+        capturable = mode == "graph"
+        self.optimizers = [
+            make_optimizer(optimizer, group, rate, weight_decay, capturable=capturable)
+            for group, rate in zip(groups, lrs, strict=True)
+        ]
+        if mode == "graph" and not all(is_capturable(o) for o in self.optimizers):
+            if engine == "auto":
+                mode = "eager"
+            else:
+                check_capturable(self.optimizers)
+        self.schedulers = [lr_schedule(o) for o in self.optimizers] if lr_schedule is not None else []
         self.lr = lr
         self.input_shape = tuple(input_shape)
         # Called with an optimizer between its gradients and its step; data parallelism averages the
@@ -340,6 +348,7 @@ class Trainer:
             "net": self.net.state_dict(),
             "signals": [s.state_dict() for s in self.signals],
             "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -350,6 +359,13 @@ class Trainer:
             signal.load_state_dict(signal_state)
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
+        for scheduler, scheduler_state in zip(self.schedulers, state.get("schedulers", []), strict=True):
+            scheduler.load_state_dict(scheduler_state)
+
+    def end_epoch(self) -> None:
+        """Step every learning-rate schedule (once per epoch)."""
+        for scheduler in self.schedulers:
+            scheduler.step()
 
 
 class HasShape(Protocol):
@@ -368,11 +384,13 @@ def build_trainer(
     seed: int = 0,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
-    optimizer: str | OptimizerFactory = "adamw-sf",
-    lr: float = 5e-3,
+    optimizer: OptimizerSpec = "adamw-sf",
+    lr: LearningRate = 5e-3,
     weight_decay: float = 0.0,
     engine: str = "eager",
     memory: MemorySpec = None,
+    lr_schedule: str | ScheduleFactory | None = None,
+    epochs: int = 1,
 ) -> Trainer:
     """A trainer for a model (a registered name, or a list of block specs) and a rule: the one way
     every command builds one.
@@ -383,7 +401,7 @@ def build_trainer(
     rule's activation (Tanh for DRTP) and ``model_options`` (:class:`~lls.method.models.ModelOptions`,
     e.g. ``{"dense_latent": "output"}``), on ``device``, optionally in channels-last layout, and
     steps with ``engine`` ("eager", "graph" or "auto"; see engine.py). ``memory``: the low-memory
-    step, see :class:`Trainer`.
+    step, see :class:`Trainer`. ``lr_schedule``: a schedule's name (over ``epochs`` epochs) or factory.
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
@@ -417,6 +435,7 @@ def build_trainer(
         weight_decay=weight_decay,
         engine=engine,
         memory=memory,
+        lr_schedule=SCHEDULES.get(lr_schedule)(epochs) if isinstance(lr_schedule, str) else lr_schedule,
     )
 
 

@@ -23,6 +23,7 @@ from ..options import check, check_values, flag, option, options_of
 from ..step.engine import ENGINES
 from ..step.lowmem import memory_plan
 from ..step.optim import OPTIMIZERS
+from ..step.schedules import SCHEDULES
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 
@@ -53,6 +54,9 @@ class TrainConfig:
     lr: float = option(5e-3, help="learning rate of every block's optimizer", positive=True, maximum=1e3)
     weight_decay: float = option(0.0, help="weight decay of every optimizer", minimum=0.0, maximum=1e3)
     optimizer: str = option("adamw-sf", help="optimizer of every block and of the head", choices=OPTIMIZERS)
+    lr_schedule: str = option(
+        "none", help="learning-rate schedule of every optimizer over the epochs", choices=SCHEDULES
+    )
     seed: int = option(
         0,
         help="seed of the initial weights, shuffling, augmentation and the rule's random tensors",

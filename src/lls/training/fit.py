@@ -371,6 +371,8 @@ def fit(
             raise TrainingDiverged(
                 f"evaluation after epoch {epoch + 1} gave a test loss of {result.loss}; lower --lr"
             )
+        lr = trainer.optimizers[0].param_groups[0]["lr"]  # this epoch's (block 0's, where lrs differ)
+        trainer.end_epoch()  # before on_epoch checkpoints the trainer: a resume starts the next epoch
         record = EpochRecord(
             epoch=epoch + 1,
             train_loss=done.loss_sum / done.seen,
@@ -380,7 +382,7 @@ def fit(
             test_accuracy=result.accuracy,
             train_seconds=done.seconds,
             eval_seconds=eval_seconds,
-            lr=trainer.lr,
+            lr=lr,
             block_accuracy=result.block_accuracy,
             readout=result.readout,
             stage_busy=done.stage_busy,
