@@ -90,6 +90,7 @@ def run_bench(
     engine: str = "eager",
     optimizer: str | OptimizerFactory = "adamw-sf",
     memory: Sequence[str | int | None] = (None,),
+    model_options: dict[str, Any] | None = None,
 ) -> list[BenchResult]:
     """Time ``rules`` (``name[:key=value,...][@engine]``) interleaved, each under every ``memory``
     setting (``None``: the ordinary step; ``"low"`` or a budget in bytes: the low-memory step, for
@@ -100,7 +101,8 @@ def run_bench(
     for spec in rules:
         rule_spec, asked = split_engine(spec)
         name, options = parse_rule_spec(rule_spec)
-        cost = count_costs(model, create_rule(name, **options), input_shape, classes).step_macs
+        rule = create_rule(name, **options)
+        cost = count_costs(model, rule, input_shape, classes, model_options=model_options).step_macs
         for setting in memory:
             if setting is not None and RULES.get(name).timing == "end-to-end":
                 continue
@@ -111,6 +113,7 @@ def run_bench(
                 input_shape,
                 classes,
                 rule_options=options,
+                model_options=model_options,
                 device=dev,
                 channels_last=channels_last,
                 optimizer=optimizer,

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ..method.net import LocalNet
 from ..method.rules import BP, Rule, create_rule
@@ -112,7 +112,21 @@ def _conv_backward_flops(
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
-COUNTER_FIXES = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """The CPU kernel of scaled dot-product attention, counted as torch counts the GPU ones (torch
+    2.13's counter leaves the CPU kernel out): scores and weighting, 2 * B * H * T_q * T_k * d each."""
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+COUNTER_FIXES = {
+    torch.ops.aten.convolution_backward: _conv_backward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
 
 
 def _count(fn) -> int:
@@ -181,6 +195,9 @@ def projection_signal_ops(signal: ProjectionSignal, out_shape: torch.Size) -> tu
         pool_mults, pool_adds = pooling_ops(sizes, signal.pool)
         mults += channels * pool_mults
         adds += channels * pool_adds
+    if len(out_shape) == 2:  # the token mean: (T - 1) d additions and d scalings; backward d scalings
+        mults += 2 * out_shape[1]
+        adds += (out_shape[0] - 1) * out_shape[1]
     if signal.normalize:
         mults += d + d + 3 * d
         adds += (d - 1) + 2 * d
