@@ -48,7 +48,7 @@ def cifar_resnet_params(n: int, in_channels: int = 3, classes: int = 10) -> int:
     total = conv(in_channels, 16) + bn(16)
     cin = 16
     for c in (16, 32, 64):
-        for i in range(n):
+        for _ in range(n):
             total += conv(cin, c) + bn(c) + conv(c, c) + bn(c)
             if cin != c:
                 total += conv(cin, c, 1) + bn(c)
