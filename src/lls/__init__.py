@@ -22,6 +22,7 @@ from .method.models import create_model, list_models
 from .method.net import LocalNet
 from .method.rules import Rule, create_rule, list_rules, register_rule
 from .method.signals import BlockSignal
+from .step.schedules import lr_schedule
 from .step.trainer import Evaluation, StepResult, Trainer, build_trainer
 from .training.fit import EpochRecord, History, Loaders, evaluate, fit, train_epoch
 
@@ -52,6 +53,7 @@ __all__ = [
     "list_rules",
     "load_dataset",
     "localize",
+    "lr_schedule",
     "register_rule",
     "train_epoch",
     "tune_malloc",
