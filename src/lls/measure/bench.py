@@ -153,6 +153,7 @@ def run_bench(
                 channels_last=channels_last,
                 rule_options=options,
                 memory=setting,
+                model_options=model_options,
             )
             peak = measured.get("step_peak_bytes")
         results.append(
