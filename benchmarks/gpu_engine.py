@@ -1,4 +1,4 @@
-"""Issue 13 on one H100/H200, in one run: the step engine's GPU tests, timings and agreement checks.
+"""The graph engine on one H100/H200, in one run: the step engine's GPU tests, timings and agreement checks.
 
 Prepare the carry folder once (ignored by git; see benchmarks/gpu_carry.sh), then, on the device
 machine, from the repository root::
@@ -56,8 +56,9 @@ import lls
 from lls.data import make_loader
 from lls.measure.memory import example_batch
 from lls.step.engine import WARMUP_STEPS, GraphEngine
+from lls.step.factory import build_trainer
 from lls.step.optim import create_optimizer
-from lls.step.trainer import Trainer, build_trainer
+from lls.step.trainer import Trainer
 from lls.training.fit import (
     BATCHNORM_MIN_BATCH,
     EVAL_BATCH_SIZE,
@@ -175,7 +176,9 @@ def make_trainer(
         engine="graph" if graph else "eager",
     )
     if graph and variant != "graph":  # the engine with one of its parts switched off
-        trainer.engine = GraphEngine(trainer, streams=False, fused=not variant.endswith("chain"), strict=True)
+        trainer.engine = GraphEngine(
+            trainer.step, trainer.input_shape, streams=False, fused=not variant.endswith("chain"), strict=True
+        )
     return trainer
 
 

@@ -33,7 +33,7 @@ from lls.measure.memory import cpu_step_peak, measure_memory
 from lls.step.lowmem import LowMemory, memory_plan
 
 MIB = 2**20
-PAPER_BATCH = 128  # METHOD.md section 6
+PAPER_BATCH = 128  # the paper's batch (docs/method.md, "The presets")
 SHAPES = {"vgg8": (3, 32, 32), "smallconvl": (3, 32, 32), "mobilenetv1": (3, 128, 128)}
 CLASSES = 10
 BUDGETS = (256 * MIB, 512 * MIB, 1024 * MIB)

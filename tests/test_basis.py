@@ -40,18 +40,71 @@ def test_random_basis_is_seeded_gaussian_with_std_0_1():
     assert a.std().item() == pytest.approx(0.1, rel=0.03)
 
 
-def test_basis_is_cached_and_pure():
-    assert lls.basis(7, 33, "square") is lls.basis(7, 33, "square")
-    assert lls.basis(7, 33, "square", seed=1) is lls.basis(7, 33, "square", seed=2)  # seed: random only
-    assert not lls.basis(7, 33, "square").requires_grad
+def _sylvester(order: int) -> torch.Tensor:
+    """Sylvester's construction by Kronecker products: H_1 = [1], H_2n = [[H, H], [H, -H]]."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while len(h) < order:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+def test_hadamard_entries_by_hand():
+    # H_4 = [[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]; rows 1..3, row 0 skipped
+    want = [[1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]
+    assert lls.basis(3, 4, "hadamard", dtype=torch.float64).tolist() == want
+
+
+@pytest.mark.parametrize("classes,dim", [(10, 512), (3, 6), (10, 100), (100, 1024), (10, 4)])
+def test_hadamard_is_sylvesters_matrix_of_order_at_least_d_truncated(classes, dim):
+    order = 2 ** math.ceil(math.log2(max(dim, classes + 1)))
+    want = _sylvester(order)[1 : classes + 1, :dim]
+    assert torch.equal(lls.basis(classes, dim, "hadamard", dtype=torch.float64), want)
+
+
+@pytest.mark.parametrize("classes,dim", [(10, 512), (10, 256), (100, 1024), (200, 2048), (10, 48)])
+def test_hadamard_rows_are_exactly_orthogonal_where_the_square_waves_are_not(classes, dim):
+    """For d a multiple of 2^ceil(log2(K + 1)) (every latent of the models here), B B^T = d I
+    exactly and every row sums to 0; the square wave's rows are only nearly orthogonal."""
+    b = lls.basis(classes, dim, "hadamard", dtype=torch.float64)
+    assert torch.equal(b @ b.T, dim * torch.eye(classes, dtype=torch.float64))
+    assert torch.equal(b.sum(1), torch.zeros(classes, dtype=torch.float64))
+    square = lls.basis(classes, dim, "square", dtype=torch.float64)
+    off_diagonal = (square @ square.T).fill_diagonal_(0)
+    assert off_diagonal.abs().max() > 0
+
+
+# --- every registered kind (a new kind gets these with no edit here) ---------------------------------
 
 
 @pytest.mark.parametrize("kind", BASIS_KINDS)
-def test_basis_follows_device_and_dtype(kind):
-    b = lls.basis(4, 9, kind, device="cpu", dtype=torch.float64)
-    assert b.dtype == torch.float64 and b.device.type == "cpu"
+def test_basis_is_pure_and_follows_device_and_dtype(kind):
+    b = lls.basis(4, 9, kind, seed=1, device="cpu", dtype=torch.float64)
+    assert b.shape == (4, 9) and b.dtype == torch.float64 and b.device.type == "cpu"
+    assert torch.equal(b, lls.basis(4, 9, kind, seed=1, dtype=torch.float64))
+    assert not b.requires_grad and torch.isfinite(b).all()
+    drawn = BASIS_KINDS.get(kind).drawn  # only a drawn kind depends on the seed
+    assert torch.equal(b, lls.basis(4, 9, kind, seed=2, dtype=torch.float64)) != drawn
+
+
+@pytest.mark.parametrize("kind", BASIS_KINDS)
+def test_a_sign_basis_has_only_signs_and_its_scoring_no_multiplies(kind):
+    entry = BASIS_KINDS.get(kind)
+    b = lls.basis(10, 300, kind, dtype=torch.float64)
+    assert set(b.unique().tolist()) <= {-1.0, 0.0, 1.0} if entry.signs else len(b.unique()) > 3
+    mults, adds = entry.scoring_ops(10, 300)
+    assert adds == 2 * 10 * 300 and mults == (0 if entry.signs else adds)
+
+
+@pytest.mark.parametrize("kind", BASIS_KINDS)
+def test_the_lls_signal_owns_its_basis_and_normalises_as_the_kind_says(kind):
+    signal = lls.create_rule("lls", basis=kind, seed=3).signal(2, torch.Size((4, 6, 6)), 2, 10)
+    assert signal.normalize == BASIS_KINDS.get(kind).normalized
+    assert "basis" in dict(signal.named_buffers()) and signal.state_dict() == {}  # not in checkpoints
+    want = lls.basis(10, 16, kind, seed=signal.seed, dtype=torch.float64)
+    assert torch.equal(signal.class_patterns(), want)
 
 
 def test_unknown_basis_names_the_known_ones():
-    with pytest.raises(lls.LLSError, match="known bases: periodic, square, random"):
+    known = ", ".join(sorted(BASIS_KINDS))
+    with pytest.raises(lls.LLSError, match=f"known bases: {known}"):
         lls.basis(3, 3, "triangle")

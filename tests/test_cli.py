@@ -186,7 +186,10 @@ def test_a_new_rule_option_appears_on_the_command_line_by_itself(monkeypatch):
         (["bench", "--dataset", "digits", "--steps", "0"], "--steps must be at least 1"),
         (["bench", "--dataset", "digits", "--rules", "lls@warp"], "unknown engine 'warp'"),
         (["bench", "--dataset", "digits", "--memory", "0MiB"], "--memory"),
-        (["cost", "--dataset", "digits", "--rule", "bp", "--memory", "low"], "bp has no low-memory step"),
+        (
+            ["cost", "--dataset", "digits", "--rule", "bp", "--memory", "low"],
+            "bp back-propagates through every block at once; drop --memory",
+        ),
         (["cost", "--dataset", "digits", "--depthwise-padding", "7"], "known paddings: 1, stride"),
         (["reproduce"], "name the experiments"),
         (["reproduce", "table9"], "known: table1, table2, table3, compare"),

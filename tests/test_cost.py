@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import lls
 from lls.cli import main
-from lls.measure.cost import count_costs, projection_signal_ops
+from lls.measure.cost import count_costs
 from lls.measure.memory import SavedTensorMeter
 from lls.method.rules import create_rule
 
@@ -50,14 +50,14 @@ def test_feedback_projection_costs_k_times_the_output_size():
 def test_lls_signal_by_hand():
     # block 0 of the tiny net: output 4x8x8 pooled to 2x2 -> d = 16, K = 5
     signal = create_rule("lls", basis="square").signal(0, torch.Size((4, 8, 8)), 2, K)
-    mults, adds = projection_signal_ops(signal, torch.Size((4, 8, 8)))
+    mults, adds = signal.ops(torch.Size((4, 8, 8)))
     bins, d = 4 * 2 * 2, 16
     pool_adds, pool_mults = 4 * 8 * 8 - bins, 2 * bins
     norm_mults, norm_adds = 5 * d, (d - 1) + 2 * d
     score_adds = 2 * K * d  # forward z @ B^T and backward g @ B: additions only with a +-1 basis
     assert (mults, adds) == (pool_mults + norm_mults, pool_adds + norm_adds + score_adds)
     periodic = create_rule("lls", basis="periodic").signal(0, torch.Size((4, 8, 8)), 2, K)
-    assert projection_signal_ops(periodic, torch.Size((4, 8, 8)))[0] == mults + 2 * K * d
+    assert periodic.ops(torch.Size((4, 8, 8)))[0] == mults + 2 * K * d
 
 
 def test_lls_scoring_multiplies_agree_with_pytorchs_flop_counter():
@@ -103,7 +103,7 @@ def test_cost_command_json(capsys):
         == 0
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # METHOD.md's SmallConv on 1x28x28: 32, M, 64, M, 128, A(2), fc 512, head 10 (3x3 convs, pad 1)
+    # docs/method.md's SmallConv on 1x28x28: 32, M, 64, M, 128, A(2), fc 512, head 10 (3x3 convs, pad 1)
     convs = 28 * 28 * 32 * (1 * 9) + 14 * 14 * 64 * (32 * 9) + 7 * 7 * 128 * (64 * 9)
     assert result["totals"]["forward"] == convs + (128 * 2 * 2) * 512 + 512 * 10  # 7.7 M, as the issue says
     assert result["totals"]["input_grad"] == 0
@@ -208,7 +208,7 @@ def test_pooling_counts_follow_the_pooling_operator(sizes, pool):
     row's nonzeros (nnz - bins additions) and scales rows of more than one entry; the backward
     scales those rows again and adds up each column's nonzeros (nnz - entries additions). A copy
     (one entry in a bin, as in 1024 -> 2048) costs nothing forward."""
-    from lls.measure.cost import pooling_ops
+    from lls.method.latent import pooling_ops
 
     n = math.prod(sizes)
     eye = torch.eye(n, dtype=torch.float64).view(n, 1, *sizes)
@@ -224,7 +224,7 @@ def test_pooled_dense_latent_signal_by_hand():
     the pooling's backward adds 1024 pairs of gradients; normalisation and scoring run at d = 2048."""
     k, d, units = 10, 2048, 1024
     signal = create_rule("lls", basis="square").signal(3, torch.Size((units,)), d, k)
-    mults, adds = projection_signal_ops(signal, torch.Size((units,)))
+    mults, adds = signal.ops(torch.Size((units,)))
     assert (mults, adds) == (5 * d, units + (d - 1) + 2 * d + 2 * k * d)
     shape = (3, 8, 8)  # the dense block's input is 512 x A(2) whatever the image size
     pooled = count_costs("smallconvl", "lls", shape, k)  # the authors' dense latent, by default

@@ -3,13 +3,14 @@
 What a CPU can check runs everywhere: the refusal of the graph engine off CUDA, the stream
 schedule's ordering and lifetimes (run on the CPU with a recording stand-in for streams and an op
 log that finds every cross-stream read without a happens-before edge), the closed-form signal
-against autograd (float64 gradcheck, float32 allclose) in every variant, and the device loader's
+against the signal itself in every rule, basis, latent shape and layout, and the device loader's
 determinism, resume and augmentation statistics. What needs a GPU (capture, replay, agreement of
 graph and eager training) is in the CUDA section at the end, skipped with the reason shown.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import pytest
@@ -22,12 +23,14 @@ import lls
 from lls.data import Augment, FileSplit, Split, make_loader
 from lls.data.device import DeviceLoader
 from lls.measure.bench import run_bench, split_engine
+from lls.method.basis import BASIS_KINDS
 from lls.method.fused import FusedProjection, block_losses
-from lls.method.rules import create_rule
+from lls.method.rules import RULES, create_rule
 from lls.method.signals import ProjectionSignal
 from lls.step.engine import StreamSchedule, check_capturable, is_capturable, optimizer_engine, resolve_engine
+from lls.step.factory import build_trainer
 from lls.step.optim import create_optimizer
-from lls.step.trainer import Trainer, build_trainer
+from lls.step.trainer import Trainer
 
 from .conftest import TINY_INPUT, tiny_batch, tiny_net, tiny_trainer
 
@@ -82,7 +85,8 @@ def test_graph_engine_needs_capturable_optimizers():
 def test_eager_engine_steps_exactly_as_before():
     """``engine="eager"`` and ``"auto"`` on a CPU are the trainer's own step: same weights bit for bit
     as the step written out by hand (blocks in order, each on its own detached input)."""
-    a, b = tiny_trainer("lls"), Trainer(tiny_net(), "lls", input_shape=TINY_INPUT, engine="auto")
+    a = Trainer(tiny_net(), "lls", input_shape=TINY_INPUT, engine="eager")
+    b = Trainer(tiny_net(), "lls", input_shape=TINY_INPUT, engine="auto")
     x, y = tiny_batch()
     a.train_step(x, y)
     b.train_step(x, y)
@@ -287,19 +291,38 @@ def test_dfa_cannot_overlap_its_blocks():
 
 # --- the fused signal ------------------------------------------------------------------------------
 
-VARIANTS = [
-    ("lls", {"basis": "square"}),
-    ("lls", {"basis": "periodic"}),
-    ("lls", {"basis": "random"}),
-    ("lls-m", {}),
-    ("lls-mxm", {}),
-    ("lls-mxm", {"reduced": 3}),
-    ("local-classifier", {}),
-]
-# (block output shape without batch, latent pool): even bins, uneven bins (7 -> 2, overlapping),
-# the whole map as latent, global pooling, a dense block
-# (small, so that the full float64 Jacobian of gradcheck stays cheap)
-LATENTS = [((3, 4, 4), 2), ((3, 5, 5), 2), ((2, 3, 3), None), ((3, 4, 4), 1), ((8,), None)]
+
+def _variants() -> list[tuple[str, dict]]:
+    """Every rule whose block signal has a fused form, with every basis kind it takes, plus LLS-MxM
+    reduced to fewer basis rows and every readout drawn or trained wide and pooled (readout_width):
+    generated from the registries, so a new rule or kind is tested."""
+    out = []
+    for name in RULES.names():
+        takes_basis = "basis" in {f.name for f in dataclasses.fields(RULES.get(name))}
+        for options in [{"basis": kind} for kind in BASIS_KINDS] if takes_basis else [{}]:
+            signal = create_rule(name, **options).signal(0, torch.Size((2, 3, 3)), None, 5)
+            if signal is not None and signal.fused(torch.Size((2, 3, 3)), device="cpu", dtype=torch.float32):
+                out.append((name, options))
+
+    def takes(name, option, options):  # readout_width: only with a drawn basis, or a learned readout
+        drawn = "basis" not in options or BASIS_KINDS.get(options["basis"]).drawn
+        return option in {f.name for f in dataclasses.fields(RULES.get(name))} and (
+            option != "readout_width" or drawn
+        )
+
+    reduced = [(n, {**o, "reduced": 3}) for n, o in out if takes(n, "reduced", o)][:1]
+    wide = [(n, {**o, "readout_width": 7}) for n, o in out if takes(n, "readout_width", o)]
+    return out + reduced + wide
+
+
+VARIANTS = _variants()
+# (block output shape without batch, latent pool, layout): a conv output pooled (even bins, uneven
+# overlapping bins 5 -> 2, global pooling), a conv output as it is, in both memory layouts; a dense
+# output stretched (4 -> 6), averaged (8 -> 4), pooled unevenly (6 -> 4) and taken as it is
+CONV = [((3, 4, 4), 2), ((3, 5, 5), 2), ((3, 4, 4), 1), ((2, 3, 3), None)]
+DENSE = [((4,), 6), ((8,), 4), ((6,), 4), ((8,), None)]
+LATENTS = [(*c, layout) for c in CONV for layout in ("contiguous", "channels-last")]
+LATENTS += [(*d, "contiguous") for d in DENSE]
 
 
 def _signal(rule, options, shape, pool, dtype=torch.float64) -> ProjectionSignal:
@@ -319,43 +342,35 @@ LABELS = torch.tensor([0, 4, 2, 2])
 
 @pytest.fixture
 def one_thread():
-    """gradcheck evaluates the loss a few hundred times on tensors of a few hundred elements, where
-    intra-op threads only add hand-offs (20x slower on a loaded 2-core machine)."""
+    """Each case runs a few dozen ops on tensors of a few hundred elements, where intra-op threads
+    only add hand-offs (many times slower on a loaded 2-core machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("shape,pool", LATENTS, ids=str)
+@pytest.mark.parametrize("shape,pool,layout", LATENTS, ids=str)
 @pytest.mark.parametrize("rule,options", VARIANTS, ids=str)
-def test_fused_signal_gradient_is_autograds(rule, options, shape, pool, one_thread):
-    """Float64 gradcheck of the closed-form backward (with respect to the block output and the
-    signal's own parameters), and float32 agreement with the autograd chain of the signal itself,
-    in both memory formats."""
-    signal = _signal(rule, options, shape, pool)
-    plan = FusedProjection(signal, shape, dtype=torch.float64)
-    for channels_last in (False, True) if len(shape) == 3 else (False,):
-        a = _output(shape, channels_last, torch.float64)
+def test_fused_form_equals_the_signal(rule, options, shape, pool, layout, one_thread):
+    """The fused form (the graph engine's) is the signal's own loss: equal in value and in gradients
+    with respect to the block output and the signal's parameters, to float64 rounding (so its
+    backward is autograd's exact one) and to float32 tolerance, for every rule x basis x latent
+    shape x layout; the gradient comes back in the output's own memory format (no layout copy)."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        signal = _signal(rule, options, shape, pool, dtype)
+        (fused,) = block_losses([signal], [torch.Size(shape)], device=torch.device("cpu"), dtype=dtype)
+        a = _output(shape, layout == "channels-last", dtype)
         inputs = (a, *signal.parameters())
-        assert torch.autograd.gradcheck(
-            lambda a, *_: plan.closed_form(a, LABELS), inputs, eps=1e-6, atol=1e-8
-        )
-    signal32 = _signal(rule, options, shape, pool, torch.float32)
-    plan32 = FusedProjection(signal32, shape, dtype=torch.float32)
-    for channels_last in (False, True) if len(shape) == 3 else (False,):
-        a = _output(shape, channels_last, torch.float32, seed=1)
-        inputs = (a, *signal32.parameters())
-        want, got = signal32(a, LABELS), plan32.closed_form(a, LABELS)
-        # float32 rounding of a few dozen-term sums of O(1) values: 1e-6 relative is ~10 ulps
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        for g_want, g_got in zip(
-            torch.autograd.grad(want, inputs), torch.autograd.grad(got, inputs), strict=True
-        ):
-            # atol: gradient elements near 0 keep a few-ulp absolute difference on any CPU
-            torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
-            if g_got.dim() == 4 and pool != 1:  # no layout copy: the gradient is in the output's format
-                assert g_got.stride() == a.stride()
+        for loss in (fused, fused.closed_form):  # the engine's call, and the closed form whatever it picks
+            want, got = signal(a, LABELS), loss(a, LABELS)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+            g_wants, g_gots = torch.autograd.grad(want, inputs), torch.autograd.grad(got, inputs)
+            for g_want, g_got in zip(g_wants, g_gots, strict=True):
+                # atol: gradient elements near 0 keep a few-ulp absolute difference on any CPU
+                torch.testing.assert_close(g_got, g_want, rtol=tol, atol=tol / 10)
+            if a.dim() == 4 and pool != 1:
+                assert g_gots[0].stride() == a.stride()
 
 
 def test_fused_signal_at_a_silent_sample_follows_the_clamped_norm():
@@ -395,8 +410,19 @@ class _OpCount(TorchDispatchMode):
         return out
 
 
+def _op_variants() -> list[tuple[str, dict]]:
+    """One variant per rule and normalisation: the op counts depend on nothing else."""
+    seen, out = set(), []
+    for name, options in VARIANTS:
+        key = (name, "basis" in options and BASIS_KINDS.get(options["basis"]).normalized)
+        if key not in seen and not {"reduced", "readout_width"} & set(options):
+            seen.add(key)
+            out.append((name, options))
+    return out
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("rule,options", VARIANTS, ids=str)
+@pytest.mark.parametrize("rule,options", _op_variants(), ids=str)
 def test_fused_signal_issues_fewer_ops(rule, options, channels_last):
     """The point of the closed form: for a VGG8-like block (64 x 16 x 16, pool 2), fewer ops (kernels
     on a GPU) for the forward and backward of a normalised loss than autograd's chain, and fewer
@@ -721,7 +747,7 @@ def test_streams_without_the_fused_signal_change_nothing(exact_float32):
     from lls.step.engine import GraphEngine
 
     (eager, graph), (again, _) = _cuda_pair("lls", True), _cuda_pair("lls", True)
-    graph.engine = GraphEngine(graph, fused=False)
+    graph.engine = GraphEngine(graph.step, graph.input_shape, fused=False)
     for x, y in _cuda_batches([32] * 8, True):
         for trainer in (eager, graph, again):
             trainer.train_step(x, y)

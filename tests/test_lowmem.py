@@ -345,7 +345,8 @@ def test_a_budget_below_the_inputs_is_refused_at_the_step():
 
 
 def test_bp_is_refused():
-    with pytest.raises(lls.LLSError, match=r"^BP back-propagates through every block at once; "):
+    refusal = r"^--memory slices one block's step at a time and bp back-propagates through every block"
+    with pytest.raises(lls.LLSError, match=refusal):
         make_trainer(lambda act: build(narrow("smallconv"), (1, 8, 8), CLASSES, act), "bp", (1, 8, 8), "low")
 
 
@@ -371,7 +372,7 @@ def test_memory_plan_accepts_the_api_forms():
 
 
 def test_build_trainer_passes_memory_on():
-    trainer = lls.step.trainer.build_trainer("smallconv", "lls", (1, 8, 8), CLASSES, memory="low")
+    trainer = lls.step.factory.build_trainer("smallconv", "lls", (1, 8, 8), CLASSES, memory="low")
     assert trainer.low_memory is not None and trainer.memory == "low"
 
 
@@ -438,7 +439,7 @@ def test_bench_times_each_rule_with_and_without_low_memory():
 def test_batchnorm_sums_taken_directly_equal_the_fused_kernels(channels_last):
     """The two ways a slice's BatchNorm sums are taken (the CPU's fused kernel; the direct sums
     CUDA uses) agree, and equal sum(dy) and sum(dy * (x - mean) / sqrt(var + eps)) by hand."""
-    from lls.step.lowmem import _Norm
+    from lls.step.sliced_norm import BatchNormSums as _Norm
 
     g = torch.Generator().manual_seed(0)
     x, dy = torch.randn(2, 6, 3, 5, 5, generator=g).unbind(0)

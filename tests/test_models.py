@@ -1,4 +1,4 @@
-"""The model zoo: layouts from METHOD.md, any input size and class count, clear shape errors."""
+"""The model zoo: layouts from docs/method.md, any input size and class count, clear shape errors."""
 
 import pytest
 import torch
@@ -28,7 +28,7 @@ def test_every_model_builds_and_runs(name, in_channels, classes):
     assert out.shape == (2, classes)
 
 
-# METHOD.md section 2's table and section 3's pool sizes, written out block by block for one input
+# docs/method.md's model table and latent pool sizes, written out block by block for one input
 # size each: (kind, output shape, stride of the block's 3x3 convolution, latent pool, d_l). "conv" is
 # 3x3 pad 1 + BN + LeakyReLU, "dw" depthwise 3x3 + BN + act + pointwise 1x1 + BN + act, "fc" Linear
 # + BN1d + act. The output shapes follow from the max-pools (M) between blocks; a dense block's pool

@@ -1,5 +1,5 @@
 """What every preset of the paper's tables trains on: the data's augmentation and normalisation
-(METHOD.md section 6, written out here) and the authors' settings where their code fixes a detail.
+(docs/method.md, "The presets", written out here) and the authors' settings where their code fixes a detail.
 
 Each dataset is read from tiny files in the real on-disk formats (the writers of test_data.py and
 test_datasets.py), with the preset's augmentation name, exactly as a run loads it."""
@@ -13,7 +13,7 @@ import torch
 import lls
 from lls.data import DATASETS, dataset_shape
 from lls.data.base import Augment
-from lls.step.trainer import build_trainer
+from lls.step.factory import build_trainer
 from lls.training.presets import PRESETS, select
 
 from .test_data import write_tiny_idx_set

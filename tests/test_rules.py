@@ -1,4 +1,4 @@
-"""Each rule's loss against an independent computation of its METHOD.md formula."""
+"""Each rule's loss against an independent computation of its formula in docs/method.md."""
 
 import numpy as np
 import pytest
@@ -280,13 +280,13 @@ def test_local_classifier_trained_wide_and_pooled(batch):
 
 
 def test_readout_width_is_for_the_random_basis_only():
-    with pytest.raises(lls.LLSError, match="readout_width applies to the random basis only"):
+    with pytest.raises(lls.LLSError, match="readout_width applies to drawn bases only"):
         lls.create_rule("lls-m", basis="square", readout_width=2048)
     with pytest.raises(lls.LLSError, match="readout_width must be >= 1"):
         lls.create_rule("lls", basis="random", readout_width=0)
 
 
-# Each rule's extra parameters and fixed random tensors at initialisation (METHOD.md sections 3-5):
+# Each rule's extra parameters and fixed random tensors at initialisation (docs/method.md):
 # (attribute of the block signal, distribution). None: the rule adds nothing.
 INIT = {
     "bp": None,

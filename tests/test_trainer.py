@@ -27,13 +27,13 @@ def record_gradient_flow(trainer: lls.Trainer) -> list[tuple[int, int]]:
     flow = []
     for p, owner in owners.items():
         p.register_hook(lambda g, owner=owner: flow.append((current["update"], owner)))
-    original = trainer.update
+    original = trainer.step.update
 
     def update(index, loss):
         current["update"] = index
         return original(index, loss)
 
-    trainer.update = update
+    trainer.step.update = update  # the step the trainer issues
     if trainer.rule.timing == "end-to-end":
         current["update"] = "end-to-end"
     return flow
@@ -195,8 +195,9 @@ def test_one_optimizer_per_block_for_every_local_rule(rule):
 
 
 def test_fit_refreshes_batchnorm_on_50_training_batches(digits):
-    """METHOD.md section 6: before each evaluation, 50 training batches forwarded in train mode
-    without gradients. Counted at the first block: train mode without gradients is the refresh."""
+    """docs/method.md, "The evaluation procedure": before each evaluation, 50 training batches
+    forwarded in train mode without gradients. Counted at the first block: train mode without
+    gradients is the refresh."""
     from lls.method.net import build
 
     from .conftest import TINY_SPECS

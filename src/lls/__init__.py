@@ -16,14 +16,15 @@ __version__ = "0.1.0"  # the one definition (pyproject.toml reads it)
 from .data import Dataset, Split, TensorLoader, list_datasets, load_dataset
 from .errors import LLSError
 from .malloc import tune_malloc
-from .method.basis import BASIS_KINDS, basis
+from .method.basis import BASIS_KINDS, basis, register_basis
 from .method.localize import localize
 from .method.models import create_model, list_models
 from .method.net import LocalNet
 from .method.rules import Rule, create_rule, list_rules, register_rule
 from .method.signals import BlockSignal
+from .step.factory import build_trainer
 from .step.schedules import lr_schedule
-from .step.trainer import Evaluation, StepResult, Trainer, build_trainer
+from .step.trainer import Evaluation, StepResult, Trainer
 from .training.fit import EpochRecord, History, Loaders, evaluate, fit, train_epoch
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "load_dataset",
     "localize",
     "lr_schedule",
+    "register_basis",
     "register_rule",
     "train_epoch",
     "tune_malloc",

@@ -13,8 +13,8 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to factories; unknown names fail with the list of known ones."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, plural: str | None = None) -> None:
+        self.kind, self.plural = kind, plural or f"{kind}s"
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -31,7 +31,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries))
-            raise LLSError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+            raise LLSError(f"unknown {self.kind} {name!r}; known {self.plural}: {known}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -41,3 +41,6 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)

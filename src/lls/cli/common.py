@@ -9,6 +9,8 @@ import torch
 
 from ..data import dataset_shape, load_dataset
 from ..errors import LLSError
+from ..options import add_arguments, check_values, flag, options_of
+from ..training.config import DEFAULTS, TrainConfig
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -92,7 +94,10 @@ def add_problem(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="take the input shape and class count from this dataset")
     parser.add_argument("--input", type=input_shape, help="input shape C,H,W (with --classes), e.g. 3,32,32")
     parser.add_argument("--classes", type=counted("--classes", 2), help="number of classes (with --input)")
-    parser.add_argument("--batch", type=counted("--batch"), default=128, help="batch size (default 128)")
+    batch = DEFAULTS.batch_size
+    parser.add_argument(
+        "--batch", type=counted("--batch"), default=batch, help=f"batch size (default {batch})"
+    )
 
 
 def problem_shape(args: argparse.Namespace) -> tuple[tuple[int, int, int], int]:
@@ -108,3 +113,17 @@ def problem_shape(args: argparse.Namespace) -> tuple[tuple[int, int, int], int]:
     if not (args.input and args.classes):
         raise LLSError("give --dataset NAME, or --input C,H,W and --classes K")
     return args.input, args.classes
+
+
+def add_config_options(parser: argparse.ArgumentParser, *names: str) -> None:
+    """``lls train``'s flags ``names`` (TrainConfig's declarations: help, choices, checks), for a
+    command that measures a step; :func:`config_value` reads them with the run's defaults."""
+    add_arguments(parser, [f for f in options_of(TrainConfig) if f.name in names], lambda field: TrainConfig)
+
+
+def config_value(args: argparse.Namespace, name: str):
+    """A run option given on the command line, else its default (checked either way)."""
+    value = getattr(args, name)
+    value = getattr(DEFAULTS, name) if value is None else value
+    check_values(TrainConfig, {name: value}, name=flag)
+    return value

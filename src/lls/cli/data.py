@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..data import DATASETS, check_dataset, fetch_dataset, list_datasets
+from ..method.basis import BASIS_KINDS
 from ..method.models import list_models
 from ..method.rules import list_rules
 from ..step.optim import OPTIMIZERS
@@ -45,6 +46,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     print("rules:      " + ", ".join(list_rules()))
+    print("bases:      " + ", ".join(BASIS_KINDS))
     print("models:     " + ", ".join(list_models()))
     print("datasets:   " + ", ".join(list_datasets()))
     print("optimizers: " + ", ".join(OPTIMIZERS.names()))

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import LLSError
 from ..measure.diagnose import diagnose, diagnosis_text, plot_basis, plot_diagnosis
 from ..method.basis import BASIS_KINDS
+from ..method.rules import LLS
 from ..training.run import describe_rule, open_trained
 from .common import add_data_options, add_device, counted, resolve_device
 
@@ -35,10 +36,11 @@ def add(commands) -> None:
 
     plot = commands.add_parser("plot", help="pictures (an LLS basis)", description="Pictures.")
     what = plot.add_subparsers(dest="what", required=True, metavar="WHAT", parser_class=type(plot))
-    basis = what.add_parser("basis", help="the rows of an LLS basis")
+    basis = what.add_parser("basis", help="the rows of an LLS basis (any registered kind)")
     basis.add_argument("--classes", type=counted("--classes", 2), default=10, help="rows (default 10)")
     basis.add_argument("--dim", type=counted("--dim"), default=512, help="length d of each row (default 512)")
-    basis.add_argument("--kind", choices=BASIS_KINDS, default="square", help="the basis (default square)")
+    default = LLS().basis
+    basis.add_argument("--kind", choices=BASIS_KINDS, default=default, help=f"the basis (default {default})")
     basis.add_argument("--out", help="PNG path (default basis-KIND-KxD.png)")
     basis.set_defaults(func=cmd_plot)
 
@@ -57,6 +59,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     figures = plot_diagnosis(results, folder, title)
     print(f"{title}; {args.batches} training batches of {config.batch_size}")
     print(diagnosis_text(results))
+    if all(r.sync is None for r in results):
+        print(f"synchronisation: not measured; {config.rule}'s block signals have no fixed class basis")
     print(f"figures: {', '.join(str(f) for f in figures)}")
     if args.json:
         blocks = [r.as_dict() for r in results]

@@ -13,13 +13,20 @@ from ..measure.cost import compare_text, cost_text, count_costs
 from ..measure.memory import measure_memory
 from ..method.models import model_options
 from ..method.net import ModelOptions
-from ..method.rules import RULES, create_rule, parse_rule_spec
+from ..method.rules import RULES, comparison_rules, create_rule, parse_rule_spec
 from ..options import add_arguments, given, options_of
-from ..step.engine import ENGINES
 from ..step.lowmem import memory_plan
-from .common import add_device, add_problem, counted, problem_shape, resolve_device
+from ..training.config import check_memory
+from .common import (
+    add_config_options,
+    add_device,
+    add_problem,
+    config_value,
+    counted,
+    problem_shape,
+    resolve_device,
+)
 
-COMPARE_RULES = ("bp", "lls", "lls:basis=periodic", "lls-m", "lls-mxm", "local-classifier", "dfa", "drtp")
 RULE_SPEC = "name, optionally with options: lls:basis=periodic,temperature=0.25"
 
 
@@ -33,15 +40,11 @@ def add(commands) -> None:
     cost.add_argument("--rule", default="lls", help=f"rule ({RULE_SPEC}; default lls)")
     cost.add_argument("--compare", action="store_true", help="every rule side by side, with ratios to bp")
     cost.add_argument(
-        "--rules", help=f"comma-separated rules for --compare (default {','.join(COMPARE_RULES)})"
+        "--rules", help=f"comma-separated rules for --compare (default {','.join(compare_rules())})"
     )
     model = cost.add_argument_group("the model's options (as on lls train)")
     add_arguments(model, options_of(ModelOptions), lambda field: ModelOptions)
-    cost.add_argument(
-        "--memory",
-        type=memory_setting,
-        help="measure the low-memory step instead: 'low' or a budget such as 256MiB (local rules only)",
-    )
+    add_config_options(cost, "memory")  # measures the low-memory step instead
     common(cost)
     cost.set_defaults(func=cmd_cost)
 
@@ -52,7 +55,10 @@ def add(commands) -> None:
     )
     add_problem(bench)
     bench.add_argument(
-        "--rules", default="lls,bp", help=f"comma-separated rules ({RULE_SPEC}; default lls,bp)"
+        "--rules",
+        default="lls,bp",
+        help=f"comma-separated rules ({RULE_SPEC}; an entry may name its own engine after @, "
+        "e.g. lls@graph,bp@eager; default lls,bp)",
     )
     add_arguments(
         bench.add_argument_group("the model's options (as on lls train)"),
@@ -67,19 +73,7 @@ def add(commands) -> None:
     )
     bench.add_argument("--threads", type=counted("--threads"), help="torch threads (default: all cores)")
     bench.add_argument("--compile", action="store_true", help="torch.compile every block first")
-    bench.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="memory layout (default on)",
-    )
-    bench.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="auto",
-        help="how steps are issued, for rules without their own @engine (e.g. lls@graph,bp@eager): "
-        "eager, graph (CUDA graphs) or auto (graph on CUDA, eager on CPU; default)",
-    )
+    add_config_options(bench, "channels_last", "engine")  # an entry's own @engine goes first
     bench.add_argument(
         "--memory",
         type=memory_settings,
@@ -89,6 +83,15 @@ def add(commands) -> None:
     )
     common(bench)
     bench.set_defaults(func=cmd_bench)
+
+
+def compare_rules() -> list[str]:
+    """``--compare``'s default: :func:`~lls.method.rules.comparison_rules` as rule specs."""
+    specs = []
+    for name, options in comparison_rules():
+        given = {k: v for k, v in options.items() if getattr(RULES.get(name)(), k) != v}  # not defaults
+        specs.append(name + (":" + ",".join(f"{k}={v}" for k, v in given.items()) if given else ""))
+    return specs
 
 
 def memory_setting(text: str) -> str:
@@ -118,19 +121,14 @@ def problem_record(args: argparse.Namespace, shape, classes: int) -> dict:
 def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
     name, options = parse_rule_spec(spec)
     built = model_options(given(args, options_of(ModelOptions)))  # checked, defaults filled in
-    result = count_costs(
-        args.model, create_rule(name, **options), shape, classes, model_options=built
-    ).as_dict()
+    rule = create_rule(name, **options)
+    result = count_costs(args.model, rule, shape, classes, model_options=built).as_dict()
     if not args.no_memory:
         device = str(resolve_device(args.device))
         memory = args.memory
-        if memory is not None and RULES.get(name).timing == "end-to-end":
-            if not args.compare:
-                raise LLSError(
-                    f"{name} has no low-memory step (it back-propagates through every block at "
-                    "once); drop --memory"
-                )
+        if args.compare and rule.timing == "end-to-end":
             memory = None  # --compare shows BP's ordinary step beside the others' low-memory ones
+        check_memory(memory, rule)
         result["memory"] = measure_memory(
             args.model,
             name,
@@ -149,7 +147,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     shape, classes = problem_shape(args)
     where = f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes"
     if args.compare:
-        specs = args.rules.split(",") if args.rules else list(COMPARE_RULES)
+        specs = args.rules.split(",") if args.rules else compare_rules()
         results = {spec: cost_of(args, spec, shape, classes) for spec in specs}
         print(compare_text(results, where, args.batch))
         output = {**problem_record(args, shape, classes), "rules": results}
@@ -178,10 +176,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         steps=args.steps,
         warmup=args.warmup,
         device=str(device),
-        channels_last=args.channels_last,
+        channels_last=config_value(args, "channels_last"),
         compile_blocks=args.compile,
         measure_peak=not args.no_memory,
-        engine=args.engine,
+        engine=config_value(args, "engine"),
         memory=[None, *args.memory],
         model_options=model_options(given(args, options_of(ModelOptions))),
     )

@@ -56,7 +56,9 @@ def add(commands) -> None:
         lambda field: owners[field.name][0],
         note=lambda field: f" [{', '.join(owners[field.name][1])}]",
     )
-    model = train.add_argument_group("the model's options (where the authors' code and METHOD.md differ)")
+    model = train.add_argument_group(
+        "the model's options (where the authors' code and the paper's text differ; docs/method.md)"
+    )
     add_arguments(model, options_of(ModelOptions), lambda field: ModelOptions)
     how = train.add_argument_group("how it runs (not part of the run's definition)")
     add_device(how)

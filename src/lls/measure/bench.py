@@ -25,8 +25,9 @@ import torch
 from ..errors import LLSError
 from ..method.rules import RULES, create_rule, parse_rule_spec
 from ..step.engine import ENGINES, WARMUP_STEPS
+from ..step.factory import build_trainer
 from ..step.optim import OptimizerFactory
-from ..step.trainer import build_trainer
+from ..training.config import DEFAULTS
 from .cost import count_costs
 from .memory import example_batch, measure_memory
 from .report_format import mib, ratio, table
@@ -80,15 +81,15 @@ def run_bench(
     classes: int,
     rules: list[str],
     *,
-    batch: int = 128,
+    batch: int = DEFAULTS.batch_size,
     steps: int = 20,
     warmup: int = 3,
     device: str = "cpu",
-    channels_last: bool = True,
+    channels_last: bool = DEFAULTS.channels_last,
     compile_blocks: bool = False,
     measure_peak: bool = True,
-    engine: str = "eager",
-    optimizer: str | OptimizerFactory = "adamw-sf",
+    engine: str = DEFAULTS.engine,
+    optimizer: str | OptimizerFactory = DEFAULTS.optimizer,
     memory: Sequence[str | int | None] = (None,),
     model_options: dict[str, Any] | None = None,
 ) -> list[BenchResult]:

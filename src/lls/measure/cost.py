@@ -11,10 +11,11 @@ Multiply-add counts of convolutions and linear layers come from PyTorch's own FL
 The *learning signal* is what a rule spends to give each block its gradient at the block output:
 
 - ``bp``: the error propagated back through the next block (its ``input_grad``);
-- ``dfa`` / ``drtp``: the feedback projection ``t @ F_l``, K x (size of the block output) multiply-adds;
-- LLS family: pooling, normalisation and scoring against the basis, forward and backward, with
-  multiplies and additions counted apart (closed form below) because the square basis needs no
-  multiplies; ``local-classifier``: the same without normalisation, plus its own weight gradient.
+- every local rule: what its block signal says it spends (``BlockSignal.ops``, signals.py), with
+  multiplies and additions counted apart: ``dfa`` / ``drtp`` the feedback projection ``t @ F_l``,
+  K x (size of the block output) multiply-adds; the LLS family pooling, normalisation and scoring
+  against the basis, forward and backward, where a basis of signs (square) needs no multiplies;
+  ``local-classifier`` the same without normalisation, plus its own weight gradient.
 
 Memory is measured, not estimated: see ``memory.py``.
 """
@@ -31,8 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ..method.net import LocalNet
 from ..method.rules import BP, Rule, create_rule
-from ..method.signals import ProjectionSignal
-from ..step.trainer import Trainer, build_trainer
+from ..step.factory import build_trainer
+from ..step.trainer import Trainer
 from .report_format import mib, ratio, si, table
 
 COUNT_BATCH = 2  # FLOP counts are exact and linear in the batch; 2 keeps BatchNorm1d in train mode happy
@@ -147,71 +148,6 @@ def module_costs(module: nn.Module, x: torch.Tensor) -> tuple[int, int, int, tor
     return forward // n, weight // n, (both - weight) // n, out.detach()
 
 
-def bin_lengths(size: int, pool: int) -> list[int]:
-    """Lengths of the ``pool`` adaptive-average bins over ``size`` entries (PyTorch's bins
-    [i*size//pool, ceil((i+1)*size/pool)): they overlap when ``pool`` does not divide ``size``,
-    and hold one entry each when ``pool >= size``, which then repeats entries)."""
-    return [-(-(i + 1) * size // pool) - (i * size) // pool for i in range(pool)]
-
-
-def pooling_ops(sizes: tuple[int, ...], pool: int) -> tuple[int, int]:
-    """(multiplies, additions) of adaptive average pooling over ``sizes`` (one channel) to ``pool``
-    per dimension, forward and backward.
-
-    Forward: each bin sums its entries (length - 1 additions) and scales the sum (one multiply,
-    none for a bin of one entry, a copy). Backward: each bin scales its gradient (one multiply,
-    again none for a copy) and every entry adds up the gradients of the bins holding it (bins - 1
-    additions; pooling a 1024-vector up to 2048 therefore costs 1024 additions, all backward).
-    """
-    per_dim = [bin_lengths(size, pool) for size in sizes]
-    bins = pool ** len(sizes)
-    entries = math.prod(sizes)
-    held = math.prod(sum(lengths) for lengths in per_dim)  # (bin, entry) pairs
-    copies = math.prod(sum(length == 1 for length in lengths) for lengths in per_dim)
-    mults = 2 * (bins - copies)
-    adds = (held - bins) + (held - entries)
-    return mults, adds
-
-
-def projection_signal_ops(signal: ProjectionSignal, out_shape: torch.Size) -> tuple[int, int]:
-    """(multiplies, additions) per sample of an LLS-family signal, forward and backward.
-
-    Pooling: see :func:`pooling_ops`, per channel of a conv output (to p x p) or on a dense output
-    (to its latent length d). Normalisation: d squares + d-1 additions for the norm, d divisions;
-    backward ``(g - z (z.g)) / |a|``: 3d multiplies and 2d additions. Scoring ``z @ B^T`` and its
-    backward ``g @ B``: K*d multiplies and K*d additions each, no multiplies for the square basis.
-    A learned classifier also computes its weight gradient (K*d more multiply-adds); one trained
-    at a width W != d is pooled to K x d once per step, not per sample (K*W / batch, left out),
-    and a random basis drawn at W is pooled once and cached. Modulation: K (vector) or R*K
-    (matrix) multiply-adds forward, twice that backward. The softmax cross-entropy on K scores
-    (O(K)) is not counted.
-    """
-    d, rows = signal.dim, signal.rows
-    mults = adds = 0
-    if signal.pool is not None and len(out_shape) in (1, 3):
-        channels, sizes = (
-            (out_shape[0], tuple(out_shape[1:])) if len(out_shape) == 3 else (1, tuple(out_shape))
-        )
-        pool_mults, pool_adds = pooling_ops(sizes, signal.pool)
-        mults += channels * pool_mults
-        adds += channels * pool_adds
-    if len(out_shape) == 2:  # the token mean: (T - 1) d additions and d scalings; backward d scalings
-        mults += 2 * out_shape[1]
-        adds += (out_shape[0] - 1) * out_shape[1]
-    if signal.normalize:
-        mults += d + d + 3 * d
-        adds += (d - 1) + 2 * d
-    multiplies_by_basis = signal.readout != "square"
-    products = 2 * rows * d if signal.classifier is None else 3 * rows * d
-    adds += products
-    mults += products if multiplies_by_basis else 0
-    if signal.modulation is not None:
-        size = signal.modulation.numel()
-        mults += 3 * size
-        adds += 3 * size
-    return mults, adds
-
-
 def count_costs(
     model: str | LocalNet,
     rule: str | Rule,
@@ -253,12 +189,7 @@ def count_costs(
         head.input_grad = input_grads[-1]
     else:
         for block_cost, signal in zip(costs, trainer.signals, strict=True):
-            out_shape = torch.Size(block_cost.output)
-            if isinstance(signal, ProjectionSignal):
-                block_cost.signal_mults, block_cost.signal_adds = projection_signal_ops(signal, out_shape)
-            else:  # feedback projection t @ F
-                size = classes * math.prod(out_shape)
-                block_cost.signal_mults = block_cost.signal_adds = size
+            block_cost.signal_mults, block_cost.signal_adds = signal.ops(torch.Size(block_cost.output))
     costs.append(head)
     return CostReport(
         model if isinstance(model, str) else "custom",

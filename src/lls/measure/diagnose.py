@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..method.signals import ProjectionSignal, latent
+from ..method.basis import BASIS_KINDS, basis
+from ..step.step import Step, bp_loss
 from ..step.trainer import Trainer
 
 
@@ -75,10 +76,10 @@ def _flat_grads(params: list[torch.Tensor], grads) -> torch.Tensor:
     )
 
 
-def bp_gradients(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    """The BP gradient of every block's parameters (one backward pass of the head's loss)."""
+def bp_gradients(trainer: Trainer | Step, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The BP gradient of every block's parameters (one backward pass of BP's loss)."""
     net = trainer.net
-    loss = F.cross_entropy(net(x), y)
+    _, loss = bp_loss(net, x, y)
     params = [list(b.parameters()) for b in net.blocks]
     grads = torch.autograd.grad(loss, [p for group in params for p in group], allow_unused=True)
     out, start = [], 0
@@ -88,7 +89,7 @@ def bp_gradients(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> list[tor
     return out
 
 
-def rule_gradients(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+def rule_gradients(trainer: Trainer | Step, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     """The gradient each block's parameters get from the trainer's rule on this batch (no step)."""
     if trainer.rule.timing == "end-to-end":
         return bp_gradients(trainer, x, y)
@@ -110,8 +111,13 @@ def diagnose(trainer: Trainer, batches, *, sync: bool = True) -> list[BlockDiagn
 
     Works on a copy of the network, so the trainer's weights and BatchNorm statistics are untouched.
     """
-    probe = copy.copy(trainer)
-    probe.net = copy.deepcopy(trainer.net)
+    # synchronisation needs every block's signal to have fixed class patterns (a basis of K rows)
+    patterns = [s.class_patterns() for s in trainer.signals] if sync and trainer.signals else None
+    if patterns is not None and any(p is None for p in patterns):
+        patterns = None
+    probe = Step(
+        copy.deepcopy(trainer.net), trainer.rule, trainer.signals, trainer.optimizers, trainer.low_memory
+    )
     probe.net.train()
     results = [BlockDiagnosis(i) for i in range(len(trainer.net.blocks))]
     sums: list[torch.Tensor | None] = [None] * len(results)
@@ -122,23 +128,18 @@ def diagnose(trainer: Trainer, batches, *, sync: bool = True) -> list[BlockDiagn
         for r, g_rule, g_bp in zip(results, rule, bp, strict=True):
             r.cosines.append(float(F.cosine_similarity(g_rule.double(), g_bp.double(), dim=0)))
             r.norm_ratios.append(float(g_rule.norm() / g_bp.norm().clamp_min(1e-30)))
-        if sync and trainer.signals and isinstance(trainer.signals[0], ProjectionSignal):
+        if patterns is not None:
             with torch.no_grad():
                 onehot = F.one_hot(y, trainer.num_classes).double()
                 counts = onehot.sum(0) if counts is None else counts + onehot.sum(0)
                 *outputs, _ = probe.net.walk(x)
                 for (i, a), signal in zip(outputs, trainer.signals, strict=True):
-                    z = F.normalize(latent(a, signal.pool).double(), dim=1)
+                    z = F.normalize(signal.latent(a).double(), dim=1)
                     per_class = onehot.T @ z  # (K, d) sums of normalised latents
                     sums[i] = per_class if sums[i] is None else sums[i] + per_class
-    if counts is not None:
-        for r, total, signal in zip(results, sums, trainer.signals, strict=True):
-            if signal.classifier is not None:
-                continue  # a learned classifier has no fixed basis to synchronise with
+    if patterns is not None and counts is not None:
+        for r, total, basis in zip(results, sums, patterns, strict=True):
             means = total / counts.clamp_min(1)[:, None]
-            basis = signal.readout_matrix(means)[: trainer.num_classes]
-            if basis.shape[0] != trainer.num_classes:
-                continue  # a reduced basis has fewer rows than classes
             r.sync = F.cosine_similarity(means[:, None, :], basis[None, :, :].double(), dim=2).tolist()
     return results
 
@@ -210,7 +211,6 @@ def plot_basis(num_classes: int, dim: int, kind: str, path: Path, seed: int = 0)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..method.basis import basis
     from .plots import save_figure
 
     b = basis(num_classes, dim, kind, seed, dtype=torch.float64).numpy()
@@ -226,7 +226,7 @@ def plot_basis(num_classes: int, dim: int, kind: str, path: Path, seed: int = 0)
         axes[1].plot(
             range(shown),
             b[k, :shown] + 2.5 * k,
-            drawstyle="steps-mid" if kind == "square" else "default",
+            drawstyle="steps-mid" if BASIS_KINDS.get(kind).signs else "default",
             label=f"row {k}",
         )
     axes[1].set(xlabel=f"t (first {shown} entries)", yticks=[], title="first rows, offset for clarity")

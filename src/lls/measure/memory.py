@@ -8,6 +8,7 @@ blocks to the system).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -17,7 +18,9 @@ from typing import Any
 
 import torch
 
-from ..step.trainer import Trainer, build_trainer
+from ..step.factory import build_trainer
+from ..step.trainer import Trainer
+from ..training.config import DEFAULTS
 
 
 class SavedTensorMeter:
@@ -93,9 +96,9 @@ def measure_memory(
     input_shape,
     classes: int,
     *,
-    batch: int = 128,
+    batch: int = DEFAULTS.batch_size,
     device: str = "cpu",
-    channels_last: bool = True,
+    channels_last: bool = DEFAULTS.channels_last,
     subprocess_peak: bool = True,
     rule_options: dict[str, Any] | None = None,
     memory: str | int | None = None,
@@ -201,8 +204,6 @@ def _read_status(field_name: str) -> int:
 def _peak_in_this_process(
     model, rule, input_shape, classes, batch, channels_last, options, memory=None, model_options=None
 ) -> dict[str, Any]:
-    import gc
-
     trainer = build_trainer(
         model,
         rule,

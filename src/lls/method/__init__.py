@@ -1,1 +1,2 @@
-"""The method: bases, block signals (and their fused fast path), rules, network layouts and models."""
+"""The method: bases, the LLS latent, block signals (and their fused fast path), rules, network layouts
+and models."""

@@ -1,4 +1,4 @@
-"""The paper's models as data (METHOD.md section 2), looked up by name.
+"""The paper's models as data (docs/method.md, "The models"), looked up by name.
 
 Each entry is a list of block specs; ``pool`` is the block's LLS latent pool side p_l from the
 paper, and for a dense block the length the authors' code pools its output to (``pooling_size`` of

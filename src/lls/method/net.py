@@ -18,41 +18,7 @@ from torch import nn
 
 from ..errors import LLSError
 from ..options import check, option
-
-LEAKY_SLOPE = 0.01  # LeakyReLU negative slope of every block (PyTorch's default, the paper's)
-
-
-class _LeakyReLUSavingOutput(torch.autograd.Function):
-    """LeakyReLU whose backward reads the sign of its *output* (equal to the input's for a positive
-    slope), so autograd keeps the output, which the next layer or the learning signal holds anyway,
-    instead of a second full-size tensor: the same gradients for one activation less per block."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, slope: float) -> torch.Tensor:
-        out = torch.nn.functional.leaky_relu(x, slope)
-        ctx.save_for_backward(out)
-        ctx.slope = slope
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (out,) = ctx.saved_tensors
-        return torch.ops.aten.leaky_relu_backward(grad, out, ctx.slope, True), None
-
-
-class LeakyReLU(nn.LeakyReLU):
-    """``nn.LeakyReLU`` with the same values and gradients and less memory held for backward."""
-
-    def __init__(self, negative_slope: float = LEAKY_SLOPE) -> None:
-        if not negative_slope > 0:
-            raise ValueError("the output's sign gives the gradient only for a positive slope")
-        super().__init__(negative_slope)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or not x.requires_grad:
-            return super().forward(x)
-        return _LeakyReLUSavingOutput.apply(x, self.negative_slope)
-
+from .activation import LEAKY_SLOPE, LeakyReLU
 
 ACTIVATIONS = {
     "leaky_relu": lambda: LeakyReLU(LEAKY_SLOPE),
@@ -65,7 +31,7 @@ class LocalNet(nn.Module):
     """Blocks ``b_0..b_{L-1}``, fixed ops ``o_l`` after each block, and a head.
 
     ``forward(x) = head(o_{L-1}(b_{L-1}(... o_0(b_0(x)))))``. ``latent_pool[l]`` says how block l's
-    output becomes its LLS latent (METHOD.md section 3): for a conv output, the side p_l of the
+    output becomes its LLS latent (docs/method.md, "The local loss"): for a conv output, the side p_l of the
     adaptive average pool; for a flat (dense) output, the length it is adaptively average-pooled to
     (the reference code's ``adaptive_avg_pool1d``); ``None`` uses the flattened output as it is.
     """
@@ -246,10 +212,10 @@ GRANULARITIES = ("block", "stage")  # residual networks: a LocalNet block per re
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """How a model is built from its specs where METHOD.md and the authors' code could differ
+    """How a model is built from its specs where the paper's text and the authors' code could differ
     (options of :func:`build` and of ``create_model``, checked here).
 
-    Defaults: the authors' dense latents (what the paper's tables ran, METHOD.md section 3) and the
+    Defaults: the authors' dense latents (what the paper's tables ran, docs/method.md) and the
     standard MobileNetV1 padding (no table of the paper uses MobileNetV1)."""
 
     dense_latent: str = option(

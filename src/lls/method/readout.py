@@ -1,10 +1,12 @@
 """Per-block accuracy: how well each block classifies on its own.
 
-LLS blocks come with a classifier for free: a block's signal scores its latent against the class
-basis, so ``argmax`` of those scores is a prediction ("basis readout"; for local classifiers, their
-learned matrix). Blocks of other rules get a cheap linear probe instead: ridge regression from the
-block's pooled latent (METHOD.md's latent, not normalised) to one-hot labels, solved in closed form
-on a fixed subset of the training set without augmentation ("ridge probe").
+A signal that has a readout of its own says so (``BlockSignal.readout``, its name, and
+``BlockSignal.predict``): LLS blocks come with a classifier for free, since a block's signal scores
+its latent against the class basis and ``argmax`` of those scores is a prediction ("basis"; for
+local classifiers, their learned matrix). Blocks whose signal has none (DFA, DRTP, BP) get a cheap
+linear probe instead: ridge regression from the block's pooled latent (the LLS latent of
+docs/method.md, not normalised) to one-hot labels, solved in closed form on a fixed subset of the
+training set without augmentation ("ridge probe").
 
 Readouts run in evaluation mode without gradients and draw no random numbers, so they never change
 training (tested: weights are identical with readouts on and off).
@@ -17,16 +19,22 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .signals import ProjectionSignal, latent
+from .latent import latent
 
 PROBE_IMAGES = 2048  # training images the ridge probes are fitted on (the first ones, unaugmented)
 RIDGE = 1e-3  # ridge strength, relative to the mean eigenvalue of the latents' Gram matrix
 
 
+RIDGE_PROBE = "ridge probe"
+
+
 def readout_kind(signals: list) -> str:
-    if signals and all(isinstance(s, ProjectionSignal) for s in signals):
-        return "learned classifier" if signals[0].classifier is not None else "basis"
-    return "ridge probe"
+    """How the blocks are read out: the signals' own readout when every one has the same, else
+    ridge probes (for every block: a rule has one readout)."""
+    names = {s.readout for s in signals}
+    if len(names) == 1 and None not in names:
+        return names.pop()
+    return RIDGE_PROBE
 
 
 class RidgeProbe:
@@ -68,7 +76,8 @@ def block_predictions(
     pool,
 ) -> torch.Tensor:
     """Block ``index``'s predicted classes from its output ``a``: its ridge probe when ``probes``
-    are given (by block index), else the rule's own basis or learned classifier."""
+    are given (by block index), else its signal's own readout (which refuses, naming the signal,
+    if it has none)."""
     if probes is not None:
         return probes[index].predict(latent(a, pool))
-    return signals[index].scores(a).argmax(1)
+    return signals[index].predict(a)

@@ -1,4 +1,4 @@
-"""Learning rules: where each block's learning signal comes from (METHOD.md sections 3 and 5).
+"""Learning rules: where each block's learning signal comes from (docs/method.md).
 
 A rule is a small config object in a registry. For every trainable block it makes one
 :class:`BlockSignal`: an ``nn.Module`` that holds the rule's extra parameters and fixed buffers for
@@ -25,7 +25,7 @@ from ..errors import LLSError
 from ..options import check, option, options_of
 from ..registry import Registry
 from .basis import BASIS_KINDS
-from .signals import FEEDBACK_KINDS, BlockSignal, FeedbackSignal, ProjectionSignal, block_seed, latent_dim
+from .signals import FEEDBACK_KINDS, BlockSignal, FeedbackSignal, ProjectionSignal, block_seed
 
 Timing = Literal["block", "head", "end-to-end"]
 
@@ -37,6 +37,7 @@ class Rule:
     """Base of every rule. Fields are the rule's options; defaults are the paper's."""
 
     name: ClassVar[str]
+    label: ClassVar[str]  # the rule's name in tables (the paper's where it has one)
     timing: ClassVar[Timing] = "block"
     activation: ClassVar[str] = "leaky_relu"  # the activation the rule's networks are built with
 
@@ -87,6 +88,8 @@ def register_rule(name: str):
 class BP(Rule):
     """End-to-end back-propagation of the head's cross-entropy."""
 
+    label: ClassVar[str] = "BP"
+
     timing: ClassVar[Timing] = "end-to-end"
 
     def signal(self, index, out_shape, pool, num_classes):
@@ -96,7 +99,9 @@ class BP(Rule):
 @register_rule("lls")
 @dataclass
 class LLS(Rule):
-    """LLS: pooled, L2-normalised activity scored against a fixed periodic/square/random basis."""
+    """LLS: pooled, L2-normalised activity scored against a fixed basis (any kind in basis.py)."""
+
+    label: ClassVar[str] = "LLS"
 
     basis: str = option("square", help="LLS basis", choices=BASIS_KINDS, known="bases")
     temperature: float = option(0.5, help="temperature T of the local loss CE(s / T, y)", positive=True)
@@ -107,10 +112,11 @@ class LLS(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.readout_width is not None and self.basis != "random":
+        if self.readout_width is not None and not BASIS_KINDS.get(self.basis).drawn:
+            drawn = ", ".join(name for name in BASIS_KINDS if BASIS_KINDS.get(name).drawn)
             raise LLSError(
-                f"rule {self.name!r}: readout_width applies to the random basis only, not {self.basis!r}; "
-                "drop it or use basis random"
+                f"rule {self.name!r}: readout_width applies to drawn bases only ({drawn}), not "
+                f"{self.basis!r}; drop it or use one of those"
             )
 
     def rows(self, num_classes: int) -> int:
@@ -119,11 +125,10 @@ class LLS(Rule):
     def signal(self, index, out_shape, pool, num_classes):
         return ProjectionSignal(
             num_classes,
-            latent_dim(out_shape, pool),
+            out_shape,
             pool,
-            readout=self.basis,
+            basis=self.basis,  # the kind says whether the latent is normalised
             temperature=self.temperature,
-            normalize=self.basis != "random",  # the reference code does not normalise for random
             seed=block_seed(self.seed, index),
             modulation=self.modulation,
             rows=self.rows(num_classes),
@@ -136,6 +141,8 @@ class LLS(Rule):
 class LLSM(LLS):
     """LLS-M: scores scaled by a learned K-vector per block."""
 
+    label: ClassVar[str] = "LLS-M"
+
     modulation: ClassVar[str | None] = "vector"
 
 
@@ -143,6 +150,8 @@ class LLSM(LLS):
 @dataclass
 class LLSMxM(LLS):
     """LLS-MxM: scores mixed by a learned matrix per block; ``reduced=R`` uses R basis rows (R x K)."""
+
+    label: ClassVar[str] = "LLS-MxM"
 
     reduced: int | None = option(
         None, help="use R <= K basis rows, mixed by an R x K matrix (fewer parameters)", minimum=1
@@ -164,17 +173,18 @@ class LLSMxM(LLS):
 class LocalClassifier(Rule):
     """Local learned classifiers: like LLS with a trainable K x d matrix and no normalisation."""
 
+    label: ClassVar[str] = "Local classifiers"
+
     temperature: float = option(0.5, help="temperature T of the local loss CE(s / T, y)", positive=True)
     readout_width: int | None = readout_width_option("each classifier is trained")
 
     def signal(self, index, out_shape, pool, num_classes):
         return ProjectionSignal(
             num_classes,
-            latent_dim(out_shape, pool),
+            out_shape,
             pool,
-            readout="learned",
+            basis=None,  # a learned readout, not normalised
             temperature=self.temperature,
-            normalize=False,
             width=self.readout_width,
         )
 
@@ -184,8 +194,10 @@ class LocalClassifier(Rule):
 class DFA(Rule):
     """Direct feedback alignment: the head's error through a fixed random matrix to every block.
 
-    ``feedback``: "uniform" draws the matrices from U[0, 1e-4) as METHOD.md specifies, "centred"
+    ``feedback``: "uniform" draws the matrices from U[0, 1e-4) as the paper specifies, "centred"
     from U[-1e-4, 1e-4)."""
+
+    label: ClassVar[str] = "DFA"
 
     seed: int = seed_option()
     feedback: str = option(
@@ -213,6 +225,8 @@ class DFA(Rule):
 class DRTP(DFA):
     """Direct random target projection: ``onehot(y)`` through a fixed random matrix; Tanh blocks."""
 
+    label: ClassVar[str] = "DRTP"
+
     timing: ClassVar[Timing] = "block"
     activation: ClassVar[str] = "tanh"
     use_error: ClassVar[bool] = False
@@ -220,6 +234,20 @@ class DRTP(DFA):
 
 def list_rules() -> list[str]:
     return RULES.names()
+
+
+def comparison_rules() -> list[tuple[str, dict[str, Any]]]:
+    """Every registered rule with its default options, BP (the rule everything is measured against)
+    first, and LLS once with each basis kind, the default first: the rows of ``lls cost --compare``
+    and of the "compare" preset."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for name in sorted(RULES.names(), key=lambda name: RULES.get(name).timing != "end-to-end"):
+        if name != LLS.name:
+            out.append((name, {}))
+            continue
+        default = LLS().basis
+        out += [(name, {"basis": kind}) for kind in [default, *(k for k in BASIS_KINDS if k != default)]]
+    return out
 
 
 def seeded_options(name: str, options: dict[str, Any], seed: int) -> dict[str, Any]:

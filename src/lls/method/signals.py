@@ -2,17 +2,20 @@
 
 A :class:`BlockSignal` is an ``nn.Module`` holding one block's extra parameters and fixed buffers
 for a rule (rules.py makes them): :class:`ProjectionSignal` for the LLS family and local learned
-classifiers (METHOD.md section 3: pool, normalise, score against a basis or a learned matrix,
-cross-entropy at temperature T), :class:`FeedbackSignal` for DFA and DRTP (section 5: a fixed
-random projection of the output error or the target onto the block's output). The LLS latent
-(:func:`latent`) and its length (:func:`latent_dim`) live here too, for every module that reads a
-block output the way the loss does.
+classifiers (docs/method.md, "The local loss": pool, normalise, score against a basis or a learned
+matrix, cross-entropy at temperature T), :class:`FeedbackSignal` for DFA and DRTP ("The comparison
+rules": a fixed random projection of the output error or the target onto the block's output).
+
+Each signal is the one definition of its rule's loss, and answers for everything else that depends
+on it: its cost (:meth:`BlockSignal.ops`), its per-block readout (:attr:`BlockSignal.readout`,
+:meth:`BlockSignal.predict`), the class patterns diagnostics compare with, and its closed-form fast
+path (:meth:`BlockSignal.fused`, fused.py), which is built from the signal's own pieces.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
@@ -20,7 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LLSError
-from .basis import basis
+from .basis import BASIS_KINDS
+from .basis import basis as basis_values
+from .fused import FusedProjection
+from .latent import LatentPool, latent, latent_dim
 
 NORMALIZE_EPS = 1e-12  # eps of the row-wise L2 normalisation max(||a||, eps)
 MODULATION_INIT_STD = 0.01  # N(0, 0.01^2) init of LLS-M's vector and LLS-MxM's matrix
@@ -29,57 +35,9 @@ FEEDBACK_SCALE = 1e-4  # DFA / DRTP feedback matrices are drawn from U[0, 1e-4) 
 # U[0, s) is the reference code's draw (all entries positive); "centred" draws from U[-s, s), zero
 # mean, so that onehot(y) @ F does not push every unit of a block the same way for every class
 FEEDBACK_KINDS = ("uniform", "centred")
+LEARNED_READOUT = "learned classifier"  # the readout of a local learned classifier
 
-
-def latent(a: torch.Tensor, pool: int | None) -> torch.Tensor:
-    """A block output as the flat latent the LLS-family losses score (METHOD.md section 3, step 2).
-
-    Conv outputs are average-pooled adaptively to ``pool x pool`` (PyTorch's ``adaptive_avg_pool2d``
-    bins) and flattened channel-major, ``d = C * pool^2``. Flat (dense) outputs are average-pooled
-    adaptively to length ``pool`` as the reference code does (``adaptive_avg_pool1d``: 1024 -> 2048
-    repeats every entry, 4096 -> 2048 averages pairs). With ``pool`` None, outputs are flattened as
-    they are. A (N, tokens, dim) output (a transformer block's) is scored by its mean over tokens.
-    """
-    if a.dim() == 3:
-        return a.mean(1)
-    if pool is None:
-        return a.flatten(1)
-    if a.dim() == 2:
-        return a if a.shape[1] == pool else F.adaptive_avg_pool1d(a.unsqueeze(1), pool).squeeze(1)
-    if a.dim() != 4:
-        return a.flatten(1)
-    if not a.is_contiguous(memory_format=torch.channels_last) or a.shape[1] == 1:
-        return F.adaptive_avg_pool2d(a, pool).flatten(1)
-    # Channels-last: adaptive_avg_pool2d's backward (and torch.matmul's, which transposes a
-    # broadcast operand) hands back a channels-first gradient, and every backward kernel of the
-    # block then runs on mismatched strides (measured 5x slower for LeakyReLU's). The same pooling
-    # as two explicit batched matmuls over the (N, H, W, C) view keeps the gradient channels-last.
-    n, c, h, w = a.shape
-    rows, cols = pooling_matrix(h, pool, a.dtype, a.device), pooling_matrix(w, pool, a.dtype, a.device)
-    pooled = torch.bmm(rows.expand(n, pool, h), a.permute(0, 2, 3, 1).reshape(n, h, w * c))
-    pooled = torch.bmm(cols.expand(n * pool, pool, w), pooled.view(n * pool, w, c))
-    return pooled.view(n, pool, pool, c).permute(0, 3, 1, 2).flatten(1)
-
-
-@functools.lru_cache(maxsize=64)
-def pooling_matrix(size: int, pool: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``pool x size`` matrix averaging the adaptive-pooling bins [i*size//pool, ceil((i+1)*size/pool))."""
-    matrix = torch.zeros(pool, size, dtype=torch.float64)
-    for i in range(pool):
-        start, end = (i * size) // pool, -(-(i + 1) * size // pool)
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix.to(device=device, dtype=dtype)
-
-
-def latent_dim(out_shape: torch.Size, pool: int | None) -> int:
-    """``d_l``, the length of :func:`latent` of an output of shape ``out_shape`` (without batch)."""
-    if len(out_shape) == 3 and pool is not None:
-        return out_shape[0] * pool * pool
-    if len(out_shape) == 1 and pool is not None:
-        return pool
-    if len(out_shape) == 2:  # (tokens, dim): the token mean
-        return out_shape[1]
-    return math.prod(out_shape)
+__all__ = ["BlockSignal", "FeedbackSignal", "ProjectionSignal", "block_seed", "latent", "latent_dim"]
 
 
 def block_seed(seed: int, index: int) -> int:
@@ -93,12 +51,16 @@ class BlockSignal(nn.Module):
     ``a`` is the block's output (a graph leaf's descendant: the trainer detaches the block's input),
     ``y`` the integer labels and ``logits`` the head's output, given only to ``timing == "head"``
     rules. Parameters registered here are the rule's extra trainable parameters for this block and
-    are updated by this block's optimizer.
+    are updated by this block's optimizer; fixed tensors are non-persistent buffers (rebuilt from
+    the rule's options, never in a checkpoint).
     """
 
     # How the loss combines the samples of a batch: "mean" (a slice's loss weighs by its share of the
     # batch) or "sum" (slices add up as they are). The low-memory step (lowmem.py) needs to know.
     batch_reduction: ClassVar[Literal["mean", "sum"]] = "mean"
+    # The name of the block's own readout (its per-block accuracy is reported under it); None: the
+    # signal has none, and blocks are read out by ridge probes (readout.py).
+    readout: str | None = None
 
     def forward(self, a: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         return self.latent_loss(self.latent(a), y, logits)
@@ -115,43 +77,75 @@ class BlockSignal(nn.Module):
         """The loss from :meth:`latent`'s output; ``forward`` is ``latent_loss(latent(a), y, logits)``."""
         raise NotImplementedError
 
+    def ops(self, out_shape: torch.Size) -> tuple[int, int]:
+        """(multiplies, additions) per sample that the signal spends to give the block its gradient
+        at the output, forward and backward (``lls cost``'s learning signal)."""
+        raise LLSError(f"{type(self).__name__} does not say what its signal costs; give it an ops() method")
+
+    def predict(self, a: torch.Tensor) -> torch.Tensor:
+        """The classes the block predicts from its output ``a`` with the signal's own readout."""
+        raise LLSError(f"{type(self).__name__} has no readout of its own; read its blocks with ridge probes")
+
+    def class_patterns(self) -> torch.Tensor | None:
+        """The fixed K x d pattern of each class that latents should line up with (``lls diagnose``'s
+        synchronisation), or None where the signal has none (learned or reduced readouts, feedback)."""
+        return None
+
+    def fused(
+        self, out_shape: torch.Size, *, device: torch.device, dtype: torch.dtype
+    ) -> Callable[..., torch.Tensor] | None:
+        """The same loss with a closed-form backward for outputs of ``out_shape`` (the graph engine's
+        fast path, fused.py), or None where the signal has none (the engine runs the signal itself)."""
+        return None
+
 
 class ProjectionSignal(BlockSignal):
-    """LLS and its relatives: scores ``s = z @ B^T`` (optionally modulated), loss ``CE(s / T, y)``.
+    """LLS and its relatives: scores ``s = normalise(z) @ B^T`` (optionally modulated), loss ``CE(s / T, y)``.
 
-    ``readout`` is a basis kind (fixed, regenerated on demand, never stored) or ``"learned"`` for a
-    local learned classifier (a trainable K x d matrix). ``modulation`` is ``None``, ``"vector"``
-    (LLS-M, ``s * m``) or ``"matrix"`` (LLS-MxM, ``s @ M`` with M of shape rows x K).
+    ``basis`` is a basis kind (basis.py; fixed, built once into a non-persistent buffer) or None for
+    a local learned classifier (a trainable K x d matrix, never normalised). ``modulation`` is
+    ``None``, ``"vector"`` (LLS-M, ``s * m``) or ``"matrix"`` (LLS-MxM, ``s @ M`` with M of shape
+    rows x K).
 
     ``width``: the random basis is drawn, and the learned classifier trained, as a K x width
-    matrix average-pooled to K x d each time it is used (the reference code's convention);
-    ``None`` (or ``d``) makes it K x d directly.
+    matrix average-pooled to K x d (the reference code's convention); ``None`` (or ``d``) makes it
+    K x d directly.
+
+    The loss is written in three pieces, :meth:`project` (the N x d work: normalise and score),
+    :meth:`modulate` and :meth:`scores_loss`; the fused form replaces the first with its closed-form
+    backward and calls the other two as they are.
     """
+
+    eps: ClassVar[float] = NORMALIZE_EPS
 
     def __init__(
         self,
         num_classes: int,
-        dim: int,
+        out_shape: torch.Size | tuple[int, ...],
         pool: int | None,
         *,
-        readout: str,
+        basis: str | None,
         temperature: float,
-        normalize: bool,
         seed: int = 0,
         modulation: Literal["vector", "matrix"] | None = None,
         rows: int | None = None,
         width: int | None = None,
     ) -> None:
         super().__init__()
+        self.pooling = LatentPool(out_shape, pool)
+        dim = self.pooling.dim
         self.num_classes, self.dim, self.pool = num_classes, dim, pool
-        self.readout, self.temperature, self.normalize, self.seed = readout, temperature, normalize, seed
+        self.kind = BASIS_KINDS.get(basis) if basis is not None else None
+        self.temperature, self.seed = temperature, seed
+        self.normalize = self.kind.normalized if self.kind is not None else False
+        self.readout = self.kind.readout if self.kind is not None else LEARNED_READOUT
         self.rows = rows or num_classes
         self.width = width if width != dim else None
         if modulation != "matrix" and self.rows != num_classes:
             raise ValueError("a reduced basis (rows != classes) needs a matrix modulation")
         self.classifier = (
             nn.Parameter(CLASSIFIER_INIT_STD * torch.randn(self.rows, width or dim))
-            if readout == "learned"
+            if self.kind is None
             else None
         )
         self.modulation = None
@@ -159,6 +153,10 @@ class ProjectionSignal(BlockSignal):
             self.modulation = nn.Parameter(MODULATION_INIT_STD * torch.randn(num_classes))
         elif modulation == "matrix":
             self.modulation = nn.Parameter(MODULATION_INIT_STD * torch.randn(self.rows, num_classes))
+        fixed = None
+        if self.kind is not None:  # float64 values: a move to the network's dtype casts them once
+            fixed = basis_values(self.rows, dim, self.kind.name, seed, width=self.width, dtype=torch.float64)
+        self.register_buffer("basis", fixed, persistent=False)
 
     def readout_matrix(self, like: torch.Tensor) -> torch.Tensor:
         """The rows x d matrix the latent is scored against, on ``like``'s device and dtype."""
@@ -166,36 +164,72 @@ class ProjectionSignal(BlockSignal):
             if self.width is None:
                 return self.classifier
             return F.adaptive_avg_pool1d(self.classifier, self.dim)  # differentiable: trains all of it
-        return basis(
-            self.rows,
-            self.dim,
-            self.readout,
-            self.seed,
-            width=self.width,
-            device=like.device,
-            dtype=like.dtype,
-        )
+        return self.basis.to(like.device, like.dtype)
 
     def latent(self, a: torch.Tensor) -> torch.Tensor:
-        return latent(a, self.pool)
+        return self.pooling(a)
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """The N x rows scores of latents ``z`` before modulation: ``normalise(z) @ R^T``."""
+        if z.shape[1] != self.dim:
+            raise LLSError(f"block output has latent size {z.shape[1]}, its signal was built for {self.dim}")
+        if self.normalize:
+            z = F.normalize(z, dim=1, eps=self.eps)
+        return z @ self.readout_matrix(z).T
+
+    def modulate(self, s: torch.Tensor) -> torch.Tensor:
+        """LLS-M's ``s * m``, LLS-MxM's ``s @ M``, or ``s`` as it is."""
+        if self.modulation is None:
+            return s
+        return s * self.modulation if self.modulation.dim() == 1 else s @ self.modulation
+
+    def scores_loss(self, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss from :meth:`project`'s scores: ``CE(modulate(s) / T, y)``."""
+        return F.cross_entropy(self.modulate(s) / self.temperature, y)
 
     def scores(self, a: torch.Tensor) -> torch.Tensor:
         return self.latent_scores(self.latent(a))
 
     def latent_scores(self, z: torch.Tensor) -> torch.Tensor:
-        if z.shape[1] != self.dim:
-            raise LLSError(f"block output has latent size {z.shape[1]}, its signal was built for {self.dim}")
-        if self.normalize:
-            z = F.normalize(z, dim=1, eps=NORMALIZE_EPS)
-        s = z @ self.readout_matrix(z).T
-        if self.modulation is not None:
-            s = s * self.modulation if self.modulation.dim() == 1 else s @ self.modulation
-        return s
+        return self.modulate(self.project(z))
 
     def latent_loss(
         self, z: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return F.cross_entropy(self.latent_scores(z) / self.temperature, y)
+        return self.scores_loss(self.project(z), y)
+
+    def predict(self, a: torch.Tensor) -> torch.Tensor:
+        return self.scores(a).argmax(1)
+
+    def class_patterns(self) -> torch.Tensor | None:
+        return self.basis if self.basis is not None and self.rows == self.num_classes else None
+
+    def fused(self, out_shape, *, device, dtype):
+        return FusedProjection(self, out_shape, device=device, dtype=dtype)
+
+    def ops(self, out_shape: torch.Size) -> tuple[int, int]:
+        """Pooling (:meth:`LatentPool.ops`); normalisation: d squares + d-1 additions for the norm, d
+        divisions, backward ``(g - z (z.g)) / |a|``: 3d multiplies and 2d additions; scoring
+        ``z @ B^T`` and its backward ``g @ B``: the basis kind's :meth:`~BasisKind.scoring_ops`
+        (K*d multiply-adds each way; additions only for sign bases). A learned classifier also
+        computes its weight gradient (K*d more multiply-adds); one trained at a width W != d is
+        pooled to K x d once per step, not per sample (K*W / batch, left out), and a random basis
+        drawn at W is pooled once, when the signal is built. Modulation: K (vector) or R*K (matrix)
+        multiply-adds forward, twice that backward. The softmax cross-entropy on K scores (O(K)) is
+        not counted."""
+        d, rows = self.dim, self.rows
+        mults, adds = LatentPool(out_shape, self.pool).ops()
+        if self.normalize:
+            mults += d + d + 3 * d
+            adds += (d - 1) + 2 * d
+        learned = (3 * rows * d, 3 * rows * d)  # scores, their backward and the classifier's gradient
+        scoring = self.kind.scoring_ops(rows, d) if self.kind is not None else learned
+        mults, adds = mults + scoring[0], adds + scoring[1]
+        if self.modulation is not None:
+            size = self.modulation.numel()
+            mults += 3 * size
+            adds += 3 * size
+        return mults, adds
 
 
 class FeedbackSignal(BlockSignal):
@@ -231,3 +265,8 @@ class FeedbackSignal(BlockSignal):
     ) -> torch.Tensor:
         grad = (self.target(y, logits) @ self.feedback).view_as(z)
         return (z * grad).sum()
+
+    def ops(self, out_shape: torch.Size) -> tuple[int, int]:
+        """The projection ``t @ F``: K x (size of the block output) multiply-adds."""
+        size = self.num_classes * math.prod(out_shape)
+        return size, size

@@ -1,6 +1,6 @@
-"""Step engines: how a :class:`~lls.step.trainer.Trainer`'s training step is issued on the device.
+"""Step engines: how a :class:`~lls.step.step.Step` is issued on the device.
 
-- ``eager``: the Trainer's own step, op by op from Python. The reference; on a CPU the only one.
+- ``eager``: the step itself, op by op from Python. The reference; on a CPU the only one.
 - ``graph`` (CUDA only): the whole step (every block's forward, signal, backward and optimizer
   step, and the head's) captured once in a CUDA graph and replayed per batch, so that the host
   issues one launch per step instead of hundreds. The LLS family's signals use their closed-form
@@ -51,16 +51,17 @@ gradient hook. The learning rate and other hyper-parameters are frozen into the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from ..errors import LLSError
-
-if TYPE_CHECKING:
-    from .trainer import StepResult, Trainer
+from ..method.fused import block_losses
+from .optim import CAPTURABLE_OPTIMIZERS
+from .sfadamw import AdamWScheduleFree
+from .step import SERIAL, Step, StepResult
 
 ENGINES = ("eager", "graph", "auto")
 WARMUP_STEPS = 3  # eager steps of a batch shape before it is captured (lazy init, optimizer state)
@@ -87,8 +88,6 @@ def optimizer_engine(name: str, device: torch.device | str, optimizer: str | Cal
     """The engine a trainer runs for ``--engine name`` with ``optimizer`` (a registered name; a
     factory's optimizers are checked once built, :func:`check_capturable`): ``graph`` needs a
     capturable implementation; ``auto`` falls back to ``eager`` where there is none."""
-    from .optim import CAPTURABLE_OPTIMIZERS
-
     resolved = resolve_engine(name, device)
     if resolved == "graph" and isinstance(optimizer, str) and optimizer not in CAPTURABLE_OPTIMIZERS.names():
         if name == "auto":
@@ -104,8 +103,6 @@ def optimizer_engine(name: str, device: torch.device | str, optimizer: str | Cal
 def is_capturable(optimizer: torch.optim.Optimizer) -> bool:
     """Whether an optimizer's step can be captured in a CUDA graph: PyTorch's convention (every
     param group says ``capturable=True``) or lls's schedule-free AdamW (its scalars on the device)."""
-    from .sfadamw import AdamWScheduleFree
-
     if isinstance(optimizer, AdamWScheduleFree):
         return True
     return bool(optimizer.param_groups) and all(g.get("capturable", False) for g in optimizer.param_groups)
@@ -161,30 +158,6 @@ class CudaStreams:
 
     def keep_alive(self, tensor: torch.Tensor, stream: torch.cuda.Stream) -> None:
         tensor.record_stream(stream)
-
-
-class Schedule(Protocol):
-    """Where :meth:`Trainer.local_pass` issues each block's work (see the module docstring)."""
-
-    def issue(self, index: int) -> Any: ...  # context manager around block ``index``'s work
-    def ready(self, index: int, output: torch.Tensor) -> None: ...  # block ``index``'s output exists
-    def join(self) -> None: ...  # before the blocks' results are read on the calling stream
-
-
-class SerialSchedule:
-    """Everything on the calling stream, in program order: the eager step."""
-
-    def issue(self, index: int):
-        return nullcontext()
-
-    def ready(self, index: int, output: torch.Tensor) -> None:
-        pass
-
-    def join(self) -> None:
-        pass
-
-
-SERIAL = SerialSchedule()
 
 
 class StreamSchedule:
@@ -249,7 +222,7 @@ class _Captured:
 
 
 class GraphEngine:
-    """Captures a trainer's whole training step in CUDA graphs and replays them (module docstring).
+    """Captures a whole training step in CUDA graphs and replays them (module docstring).
 
     ``streams``: issue each block on its own stream (local rules with ``timing == "block"``);
     ``fused``: the closed-form LLS-family signal. ``strict``: raise instead of stepping eagerly
@@ -258,7 +231,8 @@ class GraphEngine:
 
     def __init__(
         self,
-        trainer: Trainer,
+        step: Step,
+        input_shape: Sequence[int],
         *,
         warmup: int = WARMUP_STEPS,
         max_graphs: int = MAX_GRAPHS,
@@ -266,23 +240,21 @@ class GraphEngine:
         fused: bool = True,
         strict: bool = True,
     ) -> None:
-        from ..method.fused import block_losses
-
-        param = next(trainer.net.parameters())
+        param = next(step.net.parameters())
         resolve_engine("graph", param.device)
         if warmup < 1:
             raise ValueError("a graph needs at least one eager warm-up step of its shape")
-        self.trainer, self.warmup, self.max_graphs, self.strict = trainer, warmup, max_graphs, strict
+        self.stepper, self.warmup, self.max_graphs, self.strict = step, warmup, max_graphs, strict
         self.device = param.device
         self.backend = CudaStreams(self.device)
         self.stream = torch.cuda.Stream(self.device)  # where eager steps and captures run
-        local = trainer.rule.timing == "block"
-        count = len(trainer.net.blocks) + 1  # one per block and one for the head
+        local = step.rule.timing == "block"
+        count = len(step.net.blocks) + 1  # one per block and one for the head
         self.schedule = StreamSchedule(count, self.backend) if streams and local else None
         self.losses = None
-        if fused and trainer.signals:
-            shapes = trainer.net.block_output_shapes(trainer.input_shape)
-            self.losses = block_losses(trainer.signals, shapes, device=self.device, dtype=param.dtype)
+        if fused and step.signals:
+            shapes = step.net.block_output_shapes(input_shape)
+            self.losses = block_losses(step.signals, shapes, device=self.device, dtype=param.dtype)
         torch.cuda.synchronize(self.device)  # constants made above exist before any stream reads them
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: dict[tuple, int] = {}
@@ -291,11 +263,10 @@ class GraphEngine:
     # --- stepping ------------------------------------------------------------------------------
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        trainer = self.trainer
-        if trainer.sync_gradients is not None:
+        if self.stepper.sync_gradients is not None:
             if self.strict:
                 raise LLSError("engine 'graph' does not run with data parallelism yet; use --engine eager")
-            return trainer.eager_step(x, y)
+            return self.stepper.eager(x, y)
         key = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype)
         captured = self.graphs.get(key)
         if captured is not None:
@@ -315,13 +286,7 @@ class GraphEngine:
     # --- internals -----------------------------------------------------------------------------
 
     def _body(self, x: torch.Tensor, y: torch.Tensor, schedule) -> StepResult:
-        from .trainer import StepResult
-
-        trainer = self.trainer
-        if trainer.rule.timing == "end-to-end":
-            return trainer.end_to_end_step(x, y)
-        done = trainer.local_pass(x, y, trainer.update, signals=self.losses, schedule=schedule)
-        return StepResult(done.output, done.loss, done.block_losses)
+        return self.stepper.eager(x, y, signals=self.losses, schedule=schedule)
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor, *, first: bool) -> StepResult:
         """One step issued op by op through the engine's own code (its streams, its signal)."""
@@ -355,8 +320,6 @@ class GraphEngine:
         return captured
 
     def _replay(self, captured: _Captured, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        from .trainer import StepResult
-
         captured.x.copy_(x)
         captured.y.copy_(y)
         captured.graph.replay()

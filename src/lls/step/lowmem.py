@@ -24,7 +24,7 @@ its slices (``h`` is the block's input, kept whole; nothing of the block's own a
    small: the gradient of the signal's latent (C p^2 numbers per sample for LLS), the gradients of
    the signal's own parameters, and the last BatchNorm's backward sums (below). DFA's signal needs
    the head's logits: its blocks run this pass without gradients, and again after the head.
-3. backward, inside ``loss.backward()`` (so ``Trainer.update``, the gradient sync of data
+3. backward, inside ``loss.backward()`` (so ``Step.update``, the gradient sync of data
    parallelism and the diagnostics see an ordinary scalar loss): BatchNorm's input gradient needs
    the batch sums of dL/dy and dL/dy * x_hat, so one pass per remaining BatchNorm, last to first,
    gathers them; a last pass back-propagates every slice to the block's weights, each BatchNorm
@@ -49,23 +49,18 @@ two terms over the blocks).
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
-from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..errors import LLSError
-from ..method.signals import BlockSignal
+from ..method.signals import BlockSignal, latent_dim
+from .sliced import SlicedBlock
 
 GRADIENTS_IN_FLIGHT = 2  # full-size gradients alive at once in a block's backward, beyond what it saves
 PARAMETER_COPIES = 2  # a block's gradient and the optimizer step's temporaries, in parameter sizes
@@ -169,9 +164,9 @@ def profile(net: nn.Module, input_shape: Sequence[int]) -> list[BlockProfile]:
         layers[index].append(size(out))
 
     def record_latent(index: int, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        pool = net.latent_pool[index]
-        pooled = out.dim() == 4 and pool is not None and out.shape[1] * pool * pool < out[0].numel()
-        latents[index] = out.shape[1] * pool * pool * out.element_size() if pooled else 0
+        d = latent_dim(out.shape[1:], net.latent_pool[index])  # the latent the signal pools, when smaller
+        pooled = out.dim() == 4 and d < out[0].numel()
+        latents[index] = d * out.element_size() if pooled else 0
 
     hooks = [net.head.register_forward_pre_hook(partial(record_input, len(net.blocks)))]
     for i, block in enumerate(net.blocks):
@@ -262,392 +257,14 @@ class LowMemory:
 
         return slice_block
 
-
-# --- BatchNorm with the whole batch's statistics -----------------------------------------------------
-
-
-class _StatisticsTaken(Exception):
-    """Ends a statistics pass at the BatchNorm whose statistics it gathers."""
-
-
-def _dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]  # every dimension but the channel's
-
-
-def _channel_shape(x: torch.Tensor) -> tuple[int, ...]:
-    return (1, -1) + (1,) * (x.dim() - 2)
-
-
-class _Norm:
-    """One BatchNorm layer of a sliced block: the whole batch's statistics and backward sums."""
-
-    def __init__(self, module: _BatchNorm) -> None:
-        self.module = module
-        self.count = 0  # elements per channel seen so far
-        self.mean: torch.Tensor | None = None  # float64 running merge of the slices
-        self.m2: torch.Tensor | None = None  # float64 sum of squared deviations from the mean
-        self.batch_mean: torch.Tensor | None = None  # the batch's statistics, in the input's dtype
-        self.batch_var: torch.Tensor | None = None  # (biased, the one that normalises)
-        self.invstd: torch.Tensor | None = None
-        self.sum_dy: torch.Tensor | None = None  # float64 backward sums over the batch
-        self.sum_dy_xhat: torch.Tensor | None = None
-        self.mean_dy: torch.Tensor | None = None  # the batch means of dL/dy and dL/dy * x_hat, once known
-        self.mean_dy_xhat: torch.Tensor | None = None
-
-    def add_statistics(self, x: torch.Tensor) -> None:
-        """Merge one slice into the batch's mean and variance (Chan et al.'s pairwise update)."""
-        n = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x.detach(), dim=_dims(x), correction=0)
-        mean, m2 = mean.double(), var.double() * n
-        if self.count == 0:
-            self.mean, self.m2 = mean, m2
-        else:
-            total = self.count + n
-            delta = mean - self.mean
-            self.mean = self.mean + delta * (n / total)
-            self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
-        self.count += n
-        self.dtype = x.dtype
-
-    def finish_statistics(self) -> None:
-        """The batch's statistics, and the running statistics updated once, as nn.BatchNorm would."""
-        m = self.module
-        if m.training and self.count < 2:
-            raise ValueError(f"Expected more than 1 value per channel when training, got {self.count}")
-        self.batch_mean = self.mean.to(self.dtype)
-        self.batch_var = (self.m2 / self.count).to(self.dtype)
-        self.invstd = torch.rsqrt(self.m2 / self.count + m.eps).to(self.dtype)
-        if not (m.training and m.track_running_stats):
-            return
-        factor = 0.0 if m.momentum is None else m.momentum
-        if m.num_batches_tracked is not None:
-            m.num_batches_tracked.add_(1)
-            factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
-        with torch.no_grad():
-            m.running_mean.mul_(1 - factor).add_(self.mean.to(m.running_mean.dtype), alpha=factor)
-            unbiased = (self.m2 / (self.count - 1)).to(m.running_var.dtype)
-            m.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
-
-    def xhat(self, x: torch.Tensor) -> torch.Tensor:
-        shape = _channel_shape(x)
-        return (x - self.batch_mean.view(shape)).mul_(self.invstd.view(shape))
-
-    def slice_sums(
-        self, x: torch.Tensor, dy: torch.Tensor, *, xhat: bool = True, dy_sum: bool = True, fused=None
-    ):
-        """One slice's per-channel sums of dL/dy * x_hat and of dL/dy: the weight and bias gradients
-        of an eval-mode BatchNorm with the batch's statistics. ``fused`` (the default on the CPU):
-        one pass of PyTorch's kernel, no slice-sized temporary; CUDA's kernel insists on tensors the
-        CPU's lets be, so there the sums are taken directly, at the price of one temporary."""
-        if not (x.device.type == "cpu" if fused is None else fused):
-            dims = _dims(x)
-            sum_dy = dy.sum(dims) if dy_sum else None
-            return ((dy * self.xhat(x)).sum(dims) if xhat else None), sum_dy
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy,
-            x,
-            None,
-            self.batch_mean,
-            self.batch_var,
-            None,
-            None,
-            False,
-            self.module.eps,
-            [False, xhat, dy_sum],
-        )
-        return sum_dy_xhat, sum_dy
-
-    def add_sums(self, x: torch.Tensor, dy: torch.Tensor) -> None:
-        """Add one slice's sums of dL/dy and dL/dy * x_hat (``dy``: the gradient at this layer's output)."""
-        sum_dy_xhat, sum_dy = (s.double() for s in self.slice_sums(x.detach(), dy))
-        if self.sum_dy is None:
-            self.sum_dy, self.sum_dy_xhat = sum_dy, sum_dy_xhat
-        else:
-            self.sum_dy += sum_dy
-            self.sum_dy_xhat += sum_dy_xhat
-
-    def finish_sums(self) -> None:
-        self.mean_dy = (self.sum_dy / self.count).to(self.dtype)
-        self.mean_dy_xhat = (self.sum_dy_xhat / self.count).to(self.dtype)
-
-
-class _Normalize(torch.autograd.Function):
-    """BatchNorm of one slice with the whole batch's statistics; its backward with the batch's sums."""
-
     @staticmethod
-    def forward(ctx, x, weight, bias, norm: _Norm):
-        shape = _channel_shape(x)
-        scale = norm.invstd if weight is None else norm.invstd * weight
-        shift = -norm.batch_mean * scale
-        if bias is not None:
-            shift = shift + bias
-        ctx.save_for_backward(x, weight)
-        ctx.norm = norm
-        return torch.addcmul(shift.view(shape), x, scale.view(shape))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        norm, shape = ctx.norm, _channel_shape(x)
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weight, grad_bias = norm.slice_sums(
-                x, dy, xhat=ctx.needs_input_grad[1], dy_sum=ctx.needs_input_grad[2]
-            )
-        if ctx.needs_input_grad[0]:
-            if norm.mean_dy is None:
-                raise RuntimeError("a sliced BatchNorm's input gradient was asked for before its batch sums")
-            scale = norm.invstd if weight is None else norm.invstd * weight
-            # (gamma / sigma) * (dy - mean(dy) - x_hat * mean(dy * x_hat)), the means over the batch,
-            # computed in place in the one temporary x_hat
-            grad_x = norm.xhat(x).mul_(-norm.mean_dy_xhat.view(shape)).add_(dy).sub_(norm.mean_dy.view(shape))
-            grad_x.mul_(scale.view(shape))
-        return grad_x, grad_weight, grad_bias, None
-
-
-def _uses_batch_statistics(m: _BatchNorm) -> bool:
-    return m.training or m.running_mean is None
-
-
-class _Norms:
-    """The BatchNorm layers of one block, swapped for :class:`_Normalize` while a slice runs."""
-
-    def __init__(self, block: nn.Module) -> None:
-        for m in block.modules():
-            if isinstance(m, nn.SyncBatchNorm) or (isinstance(m, _InstanceNorm) and m.track_running_stats):
-                raise LLSError(
-                    f"the low-memory step cannot slice a block with {type(m).__name__}; "
-                    "use plain BatchNorm or train without low memory"
-                )
-        self.norms = [
-            _Norm(m) for m in block.modules() if isinstance(m, _BatchNorm) and _uses_batch_statistics(m)
-        ]
-        self.order: list[_Norm] = []  # call order, from the first slice that ran them all
-        # whose input and output gradient edge a slice keeps: a layer, "last", or none. The edge, not
-        # the output: autograd.grad can stop there without the output tensor kept alive.
-        self.keep: _Norm | str | None = None
-        self.kept: tuple[_Norm, torch.Tensor, GradientEdge] | None = None
-
-    def pending(self) -> list[_Norm]:
-        return [n for n in self.norms if n.invstd is None]
-
-    @contextmanager
-    def intercept(self, keep: _Norm | str | None = None) -> Iterator[None]:
-        """Within: the block's BatchNorm layers normalise with the batch's statistics, and the
-        statistics of the first layer still without them are gathered (ending the slice's run)."""
-        self.keep, self.kept, calls = keep, None, []
-        for norm in self.norms:
-            norm.module.forward = partial(self._forward, norm, calls)
-        try:
-            yield
-        finally:
-            for norm in self.norms:
-                del norm.module.forward
-            if len(calls) == len(self.norms):
-                self.order = calls
-
-    def _forward(self, norm: _Norm, calls: list[_Norm], x: torch.Tensor) -> torch.Tensor:
-        if norm.invstd is None:
-            norm.add_statistics(x)
-            raise _StatisticsTaken
-        calls.append(norm)
-        y = _Normalize.apply(x, norm.module.weight, norm.module.bias, norm)
-        if self.keep == "last" or self.keep is norm:
-            self.kept = (norm, x, get_gradient_edge(y))
-        return y
-
-
-# --- one block's sliced step -------------------------------------------------------------------------
-
-
-def _balanced(batch: int, samples: int) -> list[tuple[int, int]]:
-    """``ceil(batch / samples)`` slices whose sizes differ by at most one."""
-    count = math.ceil(batch / samples)
-    edges = [batch * i // count for i in range(count + 1)]
-    return list(itertools.pairwise(edges))
-
-
-def _empty_like_rows(part: torch.Tensor, rows: int) -> torch.Tensor:
-    """An uninitialised tensor of ``rows`` samples laid out like ``part``."""
-    layout = torch.contiguous_format
-    if part.dim() == 4 and not part.is_contiguous() and part.is_contiguous(memory_format=torch.channels_last):
-        layout = torch.channels_last
-    return torch.empty((rows, *part.shape[1:]), dtype=part.dtype, device=part.device, memory_format=layout)
-
-
-class SlicedBlock:
-    """Block step on a batch ``h``, run ``samples`` at a time (the passes of the module docstring).
-
-    Made by the walk in place of the block's output: the walk takes the next block's input from
-    :meth:`next_input`, the trainer the block's loss from :meth:`loss`, whose backward does the rest.
-    """
-
-    def __init__(self, block: nn.Module, between: nn.Module, h: torch.Tensor, samples: int) -> None:
-        self.block, self.between, self.h = block, between, h.detach()
-        self.bounds = _balanced(len(h), samples)
-        self.norms = _Norms(block)
-        self._next: torch.Tensor | None = None
-        self._ran_output = False
-        self.signal: BlockSignal | None = None
-        self._gather_statistics()
-
-    def _gather_statistics(self) -> None:
-        while pending := self.norms.pending():
-            with torch.no_grad():
-                for start, stop in self.bounds:
-                    with self.norms.intercept():
-                        try:
-                            self.block(self.h[start:stop])
-                        except _StatisticsTaken:
-                            continue
-                    # a whole slice ran without reaching them: those layers take no part in the block
-                    self.norms.norms = [n for n in self.norms.norms if n not in pending]
-                    break
-            for norm in pending:
-                if norm.count:
-                    norm.finish_statistics()
-
-    def next_input(self) -> torch.Tensor:
-        """The next block's input, the block's output after its fixed ops, for the whole batch."""
-        if not self._ran_output:
-            with torch.no_grad():
-                self._output_pass(None)
-        out, self._next = self._next, None
-        return out
-
-    def loss(self, signal: BlockSignal, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """The block's local loss on the whole batch; its backward computes the block's gradients."""
-        if self.signal is not None:
-            raise RuntimeError("a sliced block gives one loss per step")
-        self.signal, self.y, self.logits = signal, y, logits
-        self.signal_params = [p for p in signal.parameters() if p.requires_grad]
-        self.block_params = [p for p in self.block.parameters() if p.requires_grad]
-        with torch.enable_grad():
-            value = self._output_pass(signal)
-        return _SlicedLoss.apply(self, value, *self.block_params, *self.signal_params)
-
-    # -- the passes --
-
-    def _slice_loss(self, a: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent, loss) of one slice, the loss weighted by the slice's share of a mean."""
-        signal = self.signal
-        z = signal.latent(a)
-        logits = None if self.logits is None else self.logits[start:stop]
-        y = self.y[start:stop]
-        loss = signal(a, y, logits) if z is a else signal.latent_loss(z, y, logits)
-        if signal.batch_reduction == "mean":
-            loss = loss * ((stop - start) / len(self.h))
-        return z, loss
-
-    def _output_pass(self, signal: BlockSignal | None) -> torch.Tensor | None:
-        """Every slice forward with the batch statistics: the next block's input (the first time)
-        and, given the signal, the loss, the latent's and the signal's gradients and the last
-        BatchNorm's sums."""
-        produce, self._ran_output = not self._ran_output, True
-        total = torch.zeros((), dtype=torch.float64, device=self.h.device)
-        self.keep_latent, self.latent_grad, self.signal_grads = False, None, None
-        last = None  # the last BatchNorm, whose sums this pass gathers
-        for start, stop in self.bounds:  # one slice at a time: nothing of a slice outlives its turn
-            loss, last = self._output_slice(start, stop, produce, signal)
-            if loss is not None:
-                total += loss
-        if signal is None:
-            return None
-        if last is not None:
-            last.finish_sums()
-        return total.to(self.h.dtype)
-
-    def _output_slice(
-        self, start: int, stop: int, produce: bool, signal: BlockSignal | None
-    ) -> tuple[torch.Tensor | None, _Norm | None]:
-        with self.norms.intercept(keep="last" if signal is not None else None):
-            a = self.block(self.h[start:stop])
-        if produce:
-            part = self.between(a.detach())
-            if self._next is None:
-                self._next = _empty_like_rows(part, len(self.h))
-            self._next[start:stop] = part
-            del part
-        if signal is None:
-            return None, None
-        z, loss = self._slice_loss(a, start, stop)
-        self.keep_latent = z is not a and z.numel() < a.numel()
-        del a  # autograd holds what it needs of the slice's output
-        kept, self.norms.kept = self.norms.kept, None
-        targets = ([kept[2]] if kept is not None else []) + ([z] if self.keep_latent else [])
-        if targets or self.signal_params:
-            grads = torch.autograd.grad(loss, targets + self.signal_params, allow_unused=True)
-            if self.keep_latent:
-                g = grads[len(targets) - 1]
-                if self.latent_grad is None:
-                    self.latent_grad = g.new_empty((len(self.h), *g.shape[1:]))
-                self.latent_grad[start:stop] = g
-            self.signal_grads = _accumulate(self.signal_grads, grads[len(targets) :])
-            if kept is not None:
-                kept[0].add_sums(kept[1], grads[0])
-        return loss.detach().double(), None if kept is None else kept[0]
-
-    def _from_output(
-        self, a: torch.Tensor, start: int, stop: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Where a slice's backward starts: the latent with its kept gradient, or the recomputed loss."""
-        if self.keep_latent:
-            return self.signal.latent(a), self.latent_grad[start:stop]
-        return self._slice_loss(a, start, stop)[1], None
-
-    def backward(self) -> list[torch.Tensor | None]:
-        """The gradients of the block's and the signal's parameters (the loss's backward)."""
-        with torch.enable_grad():
-            for norm in reversed(self.norms.order):  # the sums still missing, last layer first
-                if norm.mean_dy is not None:
-                    continue
-                for start, stop in self.bounds:
-                    with self.norms.intercept(keep=norm):
-                        out, grad = self._from_output(self.block(self.h[start:stop]), start, stop)
-                    (_, x, edge), self.norms.kept = self.norms.kept, None
-                    (dy,) = torch.autograd.grad(out, edge, grad)
-                    del out
-                    norm.add_sums(x, dy)
-                norm.finish_sums()
-            self.block_grads = None
-            for start, stop in self.bounds:
-                with self.norms.intercept():
-                    out, grad = self._from_output(self.block(self.h[start:stop]), start, stop)
-                    grads = torch.autograd.grad(out, self.block_params, grad, allow_unused=True)
-                self.block_grads = _accumulate(self.block_grads, grads)
-        grads = [*(self.block_grads or [None] * len(self.block_params)), *(self.signal_grads or [])]
-        if not self.signal_grads:
-            grads += [None] * len(self.signal_params)
-        self.h = self.latent_grad = self.block_grads = self.signal_grads = None  # the step is done
-        return grads
-
-
-def _accumulate(
-    total: list[torch.Tensor | None] | None, grads: Sequence[torch.Tensor | None]
-) -> list[torch.Tensor | None]:
-    """``total`` (``None`` before the first slice) plus one slice's gradients, in place."""
-    if total is None:
-        return [None if g is None else g.clone() for g in grads]
-    for i, g in enumerate(grads):
-        if g is not None:
-            total[i] = g.clone() if total[i] is None else total[i].add_(g)
-    return total
-
-
-class _SlicedLoss(torch.autograd.Function):
-    """A sliced block's loss as a scalar whose backward is the block's sliced backward pass."""
-
-    @staticmethod
-    def forward(ctx, step: SlicedBlock, value: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.step = step
-        return value.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        step, ctx.step = ctx.step, None
-        if step is None:
-            raise RuntimeError("a sliced block's loss can be back-propagated once")
-        grads = step.backward()
-        return (None, None, *(None if g is None else g.mul_(grad) for g in grads))
+    def block_loss(
+        signal: BlockSignal,
+        a: torch.Tensor | SlicedBlock,
+        y: torch.Tensor,
+        logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A block's loss from its output ``a``, or from its sliced step's (the signal sliced)."""
+        if isinstance(a, SlicedBlock):
+            return a.loss(signal, y, logits)
+        return signal(a, y, logits)

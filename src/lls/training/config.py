@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from ..data import DATASETS
 from ..errors import LLSError
 from ..method.models import MODELS, model_options
 from ..method.net import ModelOptions
-from ..method.rules import RULES, create_rule, rule_options, seeded_options
+from ..method.rules import RULES, Rule, create_rule, rule_options, seeded_options
 from ..options import check, check_values, flag, option, options_of
 from ..step.engine import ENGINES
-from ..step.lowmem import memory_plan
+from ..step.lowmem import MemorySpec, memory_plan
 from ..step.optim import OPTIMIZERS
 from ..step.schedules import SCHEDULES
 
@@ -99,14 +101,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self)
         rule = create_rule(self.rule, **self.rule_options)  # the rule checks its own options
-        model_options(self.model_options)  # and the model its own
-        if self.memory is not None:
-            memory_plan(self.memory)
-            if rule.timing == "end-to-end":
-                raise LLSError(
-                    f"--memory slices one block's step at a time and {self.rule} back-propagates "
-                    "through every block at once; drop --memory or pick a local rule"
-                )
+        # Resolved: every option with the value the run uses, so that config.json records it and a
+        # run re-read later keeps it whatever today's defaults are.
+        self.rule_options = dataclasses.asdict(rule)
+        self.model_options = model_options(self.model_options)  # checked, defaults filled in
+        check_memory(self.memory, rule)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,6 +163,41 @@ class TrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in given.items() if k in RESUMABLE})
 
 
+def default(name: str) -> Any:
+    """The default of the run option ``name``: the one place each default is declared (the API's
+    ``Trainer``, ``build_trainer`` and ``Loaders`` take theirs from here)."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def check_memory(memory: MemorySpec, rule: Rule) -> None:
+    """Refuses a memory setting that does not parse, or one given to an end-to-end rule."""
+    if memory is None:
+        return
+    memory_plan(memory)
+    if rule.timing == "end-to-end":
+        raise LLSError(
+            f"--memory slices one block's step at a time and {rule.name} back-propagates "
+            "through every block at once; drop --memory or pick a local rule"
+        )
+
+
+def check_step(
+    rule: Rule, *, optimizer: str | Callable, lr: Any, weight_decay: float, engine: str, memory: MemorySpec
+) -> None:
+    """The checks ``lls train`` runs on the step's options, for every other path to a trainer: one
+    line naming the option (as its flag) and the fix."""
+    values = {"weight_decay": weight_decay, "engine": engine}
+    if isinstance(lr, (int, float)):  # a list or a function of the block index: block_lrs checks it
+        values["lr"] = lr
+    if isinstance(optimizer, str):  # a factory is the caller's own
+        values["optimizer"] = optimizer
+    check_values(TrainConfig, values, name=flag)
+    check_memory(memory, rule)
+
+
+# The defaults as attributes (``DEFAULTS.lr``), for signatures outside the configuration.
+DEFAULTS = SimpleNamespace(**{f.name: default(f.name) for f in dataclasses.fields(TrainConfig)})
 CONFIG_OPTIONS = [f for f in options_of(TrainConfig) if f.metadata["cli"]]
 RESUMABLE = {f.name for f in options_of(TrainConfig) if f.metadata["resumable"]}
 DISTINGUISHING = [f.name for f in options_of(TrainConfig) if f.metadata["distinguishing"]]

@@ -24,7 +24,9 @@ from ..data import BatchLoader, Dataset, FileSplit, make_loader
 from ..data.batches import as_batches
 from ..errors import LLSError
 from ..method.readout import PROBE_IMAGES
+from ..step.step import StepResult
 from ..step.trainer import Evaluation, Trainer
+from .config import DEFAULTS
 
 REFRESH_BATCHES = 50  # BatchNorm refresh before each evaluation (the paper's procedure)
 EVAL_BATCH_SIZE = 250  # results do not depend on it in eval mode; larger is slower on CPU
@@ -137,15 +139,16 @@ class Loaders:
     def for_dataset(
         cls,
         data: Dataset,
-        batch_size: int,
+        batch_size: int = DEFAULTS.batch_size,
         *,
-        seed: int = 0,
+        seed: int = DEFAULTS.seed,
         device: torch.device | str = "cpu",
-        limit: int | None = None,
-        channels_last: bool = False,
+        limit: int | None = DEFAULTS.limit,
+        channels_last: bool = DEFAULTS.channels_last,
         draws: str = "host",
     ) -> Loaders:
-        """``draws``: where the training loader shuffles and augments (``make_loader``)."""
+        """The loaders ``lls train`` makes (its defaults); ``draws``: where the training loader
+        shuffles and augments (``make_loader``)."""
         layout = torch.channels_last if channels_last else torch.contiguous_format
         common = {"mean": data.mean, "std": data.std, "device": device, "memory_format": layout}
         train = data.train.head(limit)
@@ -204,18 +207,29 @@ def train_epoch(
     desc: str = "",
     resume: EpochProgress | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    step_fn: Callable[[torch.Tensor, torch.Tensor], StepResult] | None = None,
+    blocks: range | None = None,
 ) -> EpochProgress:
     """One pass over the training data, from ``resume``'s step if given.
 
     Checks every few steps that all losses are finite and whether ``should_stop()``; if so it
-    raises :class:`Interrupted` with the sums so far, at a step boundary.
+    raises :class:`Interrupted` with the sums so far, at a step boundary. A pipeline stage passes
+    its own ``batches`` (what the stage before sent), ``step_fn`` (its blocks' step: a result
+    without logits and head loss unless the stage ends with the head) and its ``blocks``.
     """
     state = resume or EpochProgress(epoch)
     steps, device = len(loader), loader.device
     loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float64)
     correct = torch.tensor(state.correct, device=device, dtype=torch.int64)
     block_sum = torch.tensor(state.block_sums, device=device, dtype=torch.float64)
-    watch = LossWatch(loss_names(trainer, range(len(trainer.net.blocks))), epoch, state.step + 1)
+    blocks = range(len(trainer.net.blocks)) if blocks is None else blocks
+    names = loss_names(trainer, blocks)
+    if blocks.stop != len(trainer.net.blocks):  # a pipeline stage without the head
+        names = names[:-1]
+    watch = LossWatch(names, epoch, state.step + 1)
+    step_fn = step_fn or trainer.train_step
+    batches = loader.epoch(epoch, start=state.step) if batches is None else batches
     bar = tqdm(
         total=steps, initial=state.step, desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True
     )
@@ -227,16 +241,19 @@ def train_epoch(
 
     step = state.step
     try:
-        for step, (x, y) in enumerate(loader.epoch(epoch, start=state.step), start=state.step + 1):
-            result = trainer.train_step(x, y)
+        for step, (x, y) in enumerate(batches, start=state.step + 1):
+            result = step_fn(x, y)
             n = len(y)
             if block_sum.numel() != result.block_losses.numel():
                 block_sum = torch.zeros(result.block_losses.numel(), device=device, dtype=torch.float64)
-            loss_sum += result.loss.double() * n
             block_sum += result.block_losses.double() * n
-            correct += (result.logits.argmax(1) == y).sum()
             state.seen += n
-            watch.add(torch.cat([result.block_losses.float(), result.loss.float().view(1)]))
+            if result.loss is None:  # a pipeline stage before the head
+                watch.add(result.block_losses.float())
+            else:
+                loss_sum += result.loss.double() * n
+                correct += (result.logits.argmax(1) == y).sum()
+                watch.add(torch.cat([result.block_losses.float(), result.loss.float().view(1)]))
             stop = should_stop()
             if step % CHECK_EVERY == 0 or step == steps or stop:
                 watch.check()

@@ -2,7 +2,7 @@
 
 The blocks are split into stages, one per rank; stage s receives (activations, labels) of a batch
 from stage s-1, trains its blocks with the trainer's own block-local step
-(:meth:`~lls.step.trainer.Trainer.local_pass` over its range) and sends its output on without waiting
+(:meth:`~lls.step.step.Step.local_pass` over its range) and sends its output on without waiting
 (``isend``), so up to PIPELINE_DEPTH batches are in flight and all stages work at once. Nothing ever
 travels backwards. Each stage sees the batches in order and updates after each, so block l+1 learns
 from exactly the activations block l produced for that batch: the same algorithm as one process
@@ -24,9 +24,11 @@ import torch
 import torch.distributed as dist
 
 from ..errors import LLSError
+from ..measure.cost import count_costs
+from ..step.step import StepResult
 from ..step.trainer import Trainer
 from .distributed import STRATEGIES, Distributed
-from .fit import EpochProgress, Loaders, LossWatch, evaluate, loss_names
+from .fit import EpochProgress, Loaders, evaluate, train_epoch
 
 PIPELINE_DEPTH = 2  # batches a stage may have sent that its successor has not yet received
 
@@ -101,8 +103,6 @@ class Pipeline(Distributed):
         if self.stages_text:
             self.layout = parse_stages(self.stages_text, count)
         else:
-            from ..measure.cost import count_costs
-
             # on a copy, and with the random state put back: counting runs the blocks in training
             # mode (which moves BatchNorm statistics) and builds signals (which may draw weights)
             with torch.random.fork_rng(devices=[]):
@@ -170,34 +170,37 @@ class Pipeline(Distributed):
                 "this checkpoint is mid-epoch; finish that epoch without --parallel pipeline first"
             )
         self.busy = self.waiting = 0.0
-        names = loss_names(trainer, self.blocks)
-        watch = LossWatch(names if self.last else names[:-1], epoch, 1)
-        sums = {"loss": 0.0, "correct": 0, "seen": 0, "steps": 0}
-        sums["blocks"] = torch.zeros(len(self.blocks), dtype=torch.float64)
         start = time.perf_counter()
-        for step, (x, y) in enumerate(self.batches(loaders, epoch), start=1):
+
+        def stage_step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
             began = time.perf_counter()
             trainer.batch_size_in_step = len(y)
             done = trainer.local_pass(x, y, trainer.update, self.blocks)
-            n = len(y)
-            sums["blocks"] += done.block_losses.double().cpu() * n
-            sums["seen"] += n
-            sums["steps"] = step
-            if self.last:
-                sums["loss"] += float(done.loss) * n
-                sums["correct"] += int((done.output.argmax(1) == y).sum())
-                watch.add(torch.cat([done.block_losses, done.loss.view(1)]))
-            else:
-                watch.add(done.block_losses)
-            if step % 10 == 0:
-                watch.check()
             self.busy += time.perf_counter() - began
             if not self.last:
                 self.send(done.output, y)
-        watch.check()
+                return StepResult(done.output, None, done.block_losses)
+            return StepResult(done.output, done.loss, done.block_losses)
+
+        mine = train_epoch(
+            trainer,
+            loaders.train,
+            epoch,
+            progress=False,
+            batches=self.batches(loaders, epoch),
+            step_fn=stage_step,
+            blocks=self.blocks,
+        )
         if not self.last:
             self.send(None, None)
         seconds = time.perf_counter() - start
+        sums = {
+            "loss": mine.loss_sum,
+            "correct": mine.correct,
+            "seen": mine.seen,
+            "steps": mine.step,
+            "blocks": torch.tensor(mine.block_sums, dtype=torch.float64),
+        }
         part = (self.blocks, sums, seconds, self.busy / max(self.busy + self.waiting, 1e-9))
         parts: list[Any] = [None] * self.ctx.world
         dist.all_gather_object(parts, part)

@@ -1,9 +1,9 @@
-"""The paper's experiments (METHOD.md section 7) as named presets, and a same-budget comparison.
+"""The paper's experiments (docs/method.md, "Presets") as named presets, and a same-budget comparison.
 
 Settings follow the authors' published run script: batch 128, schedule-free AdamW, lr 5e-3,
 temperature 0.5, 100 epochs (300 for VGG8 on CIFAR, Imagenette, TinyImageNet and VWW), SmallConv
 with the "basic" CIFAR / Imagenette augmentation and VGG8 with the "aug" one. Where the authors'
-code fixes a detail METHOD.md leaves open, the presets follow the code: VGG8's random bases and
+code fixes a detail the paper leaves open, the presets follow the code: VGG8's random bases and
 local classifiers are K x 2048 matrices pooled to each block's d_l (``readout_width``), and dense
 latents are pooled to the authors' lengths (the models' default, ``ModelOptions.dense_latent``).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LLSError
-from ..method.rules import REFERENCE_READOUT_WIDTH, seeded_options
+from ..method.rules import LLS, REFERENCE_READOUT_WIDTH, RULES, comparison_rules, seeded_options
 from .config import TrainConfig
 
 TABLES = ("table1", "table2", "table3", "compare")
@@ -107,20 +107,11 @@ def _presets() -> list[Preset]:
             rows.append(("lls-mxm", "LLS-MxM (R=100)", {"basis": "square", "reduced": 100}))
         for rule, label, options in rows:
             out.append(Preset("table3", dataset, "vgg8", rule, label, 300, augment, options))
-    # Same budget for every rule (not a table of the paper): SmallConv on MNIST and Fashion-MNIST
+    # Same budget for every rule and every basis kind (not a table of the paper): SmallConv on MNIST
+    # and Fashion-MNIST, rows from the registries
     for dataset in ("mnist", "fashion-mnist"):
-        rows = [
-            ("bp", "BP", {}),
-            ("lls", "LLS (square)", {"basis": "square"}),
-            ("lls", "LLS (periodic)", {"basis": "periodic"}),
-            ("lls", "LLS (random)", {"basis": "random"}),
-            ("lls-m", "LLS-M", {"basis": "square"}),
-            ("lls-mxm", "LLS-MxM", {"basis": "square"}),
-            ("local-classifier", "Local classifiers", {}),
-            ("dfa", "DFA", {}),
-            ("drtp", "DRTP", {}),
-        ]
-        for rule, label, options in rows:
+        for rule, options in comparison_rules():
+            label = RULES.get(rule).label + (f" ({options['basis']})" if rule == LLS.name else "")
             out.append(Preset("compare", dataset, "smallconv", rule, label, 100, None, options))
     return out
 

@@ -22,7 +22,8 @@ import torch
 
 from ..data import Dataset, load_dataset
 from ..errors import LLSError
-from ..step.trainer import Trainer, build_trainer
+from ..step.factory import build_trainer
+from ..step.trainer import Trainer
 from . import pipeline  # noqa: F401 (registers --parallel pipeline)
 from .config import TrainConfig
 from .distributed import STRATEGIES

@@ -29,6 +29,7 @@ import torch
 
 from .. import __version__
 from ..errors import LLSError
+from ..measure.plots import plot_curves
 from .config import TrainConfig
 from .files import Lock, atomic_write, describe_os_error, remove_stale_temp_files
 from .fit import EpochProgress, EpochRecord, History
@@ -155,8 +156,6 @@ class RunDir:
         atomic_write(self.metrics_csv, out.getvalue().encode())
         if not plot:
             return
-        from ..measure.plots import plot_curves
-
         plot_curves(records, self.curves, title)
 
     def read_metrics(self) -> list[dict[str, Any]]:

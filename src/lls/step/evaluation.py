@@ -1,0 +1,99 @@
+"""The paper's evaluation procedure: schedule-free optimizers switch to their averaged weights,
+BatchNorm statistics are refreshed on training batches, then the network runs in eval mode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LLSError
+from ..method.net import LocalNet
+from ..method.readout import block_predictions, fit_probes, readout_kind
+from ..method.signals import BlockSignal
+from .optim import is_schedule_free
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Evaluation:
+    loss: float  # mean cross-entropy of the head
+    accuracy: float  # 0..1
+    block_accuracy: list[float]  # each block's own accuracy (empty unless asked for)
+    readout: str | None = None  # how blocks were read out: "basis", "learned classifier", "ridge probe"
+
+
+def train_mode(net: LocalNet, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Schedule-free optimizers on their training weights, the network in train mode."""
+    for optimizer in optimizers:
+        if is_schedule_free(optimizer):
+            optimizer.train()
+    net.train()
+
+
+@contextmanager
+def evaluation(
+    net: LocalNet, optimizers: Sequence[torch.optim.Optimizer], refresh: Iterable[Batch] = ()
+) -> Iterator[LocalNet]:
+    """The paper's evaluation procedure, undone on exit.
+
+    Switch schedule-free optimizers to their averaged weights, refresh BatchNorm statistics by
+    forwarding the ``refresh`` batches in train mode without gradients, then put the network in
+    eval mode. Yields the network, ready for inference.
+    """
+    for optimizer in optimizers:
+        if is_schedule_free(optimizer):
+            optimizer.eval()
+    try:
+        net.train()
+        with torch.no_grad():
+            for x, _ in refresh:
+                net(x)
+        net.eval()
+        yield net
+    finally:
+        train_mode(net, optimizers)
+
+
+@torch.no_grad()
+def evaluate(
+    net: LocalNet,
+    optimizers: Sequence[torch.optim.Optimizer],
+    signals: Sequence[BlockSignal],
+    num_classes: int,
+    batches: Iterable[Batch],
+    refresh: Iterable[Batch] = (),
+    *,
+    blocks: bool = False,
+    probe_batches: Iterable[Batch] = (),
+) -> Evaluation:
+    """Loss and accuracy of the evaluation-mode network on ``batches`` (the paper's procedure).
+
+    With ``blocks``, also each block's own accuracy (see ``readout.py``): the rule's basis or
+    learned classifier where it has one, else ridge probes fitted on ``probe_batches``.
+    """
+    total_loss = torch.zeros((), dtype=torch.float64)
+    correct, count = 0, 0
+    kind = readout_kind(signals) if blocks else None
+    block_correct = [0] * len(net.blocks)
+    with evaluation(net, optimizers, refresh):
+        probes = fit_probes(net, probe_batches, num_classes) if kind == "ridge probe" else None
+        for x, y in batches:
+            if kind is None:
+                logits = net(x)
+            else:
+                *outputs, (_, logits) = net.walk(x)
+                for i, a in outputs:
+                    predicted = block_predictions(signals, probes, i, a, net.latent_pool[i])
+                    block_correct[i] += int((predicted == y).sum())
+            total_loss += F.cross_entropy(logits, y, reduction="sum").double().cpu()
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(y)
+    if count == 0:
+        raise LLSError("evaluation got no batches")
+    block_accuracy = [c / count for c in block_correct] if kind is not None else []
+    return Evaluation(float(total_loss) / count, correct / count, block_accuracy, kind)
