@@ -8,6 +8,7 @@ an iterable the epoch interface of lls' own loaders, so ``fit`` trains on it as 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -106,3 +107,23 @@ def as_batches(source: object, input_shape: Sequence[int], num_classes: int, lik
     if hasattr(source, "epoch"):
         return source
     return IterableBatches(source, input_shape, num_classes, like, **options)
+
+
+def checked_loaders(cls: type, trainer, loaders: object, test: Iterable | None, *, min_batch: int):
+    """``loaders`` (a ``cls``, ``fit``'s Loaders) or training batches with ``test`` batches, every
+    source that is not one of lls' loaders read through :class:`IterableBatches` for ``trainer``."""
+    if not isinstance(loaders, cls):
+        if test is None:
+            raise LLSError("fit got training batches without test batches: pass test=... as well")
+        loaders = cls(train=loaders, test=test)
+    like, shape, classes = next(trainer.net.parameters()), trainer.input_shape, trainer.num_classes
+
+    def read(source, **options):
+        return None if source is None else as_batches(source, shape, classes, like, **options)
+
+    return dataclasses.replace(
+        loaders,
+        train=read(loaders.train, min_batch=min_batch),
+        test=read(loaders.test),
+        probe=read(loaders.probe),
+    )

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import BatchLoader, Dataset, FileSplit, make_loader
-from ..data.batches import as_batches
+from ..data.batches import checked_loaders
 from ..errors import LLSError
 from ..method.readout import PROBE_IMAGES
 from ..step.step import StepResult
@@ -116,24 +116,11 @@ class History:
 
 @dataclass
 class Loaders:
-    """Training and test batches: lls' own loaders, or any re-iterable of ``(x, y)`` batches (a
-    ``torch.utils.data.DataLoader``), checked and moved to the trainer's device by :meth:`adapt`."""
+    """lls' own loaders, or any re-iterable of ``(x, y)`` batches (a DataLoader): see ``data/batches.py``."""
 
     train: BatchLoader | Iterable
     test: BatchLoader | Iterable
     probe: BatchLoader | Iterable | None = None  # unaugmented training images for the ridge probes
-
-    @classmethod
-    def adapt(cls, trainer: Trainer, loaders: Loaders | Iterable, test: Iterable | None = None) -> Loaders:
-        """``loaders``, or training batches with ``test`` batches, as loaders ``fit`` can run."""
-        if not isinstance(loaders, Loaders):
-            if test is None:
-                raise LLSError("fit got training batches without test batches: pass test=... as well")
-            loaders = cls(train=loaders, test=test)
-        like, shape, k = next(trainer.net.parameters()), trainer.input_shape, trainer.num_classes
-        train = as_batches(loaders.train, shape, k, like, min_batch=BATCHNORM_MIN_BATCH)
-        probe = None if loaders.probe is None else as_batches(loaders.probe, shape, k, like)
-        return cls(train, as_batches(loaders.test, shape, k, like), probe)
 
     @classmethod
     def for_dataset(
@@ -367,7 +354,7 @@ def fit(
     """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after
     each epoch with the paper's procedure; ``strategy`` says how (default: in this process).
     ``loaders``: :class:`Loaders`, or any re-iterable of training batches with ``test`` batches."""
-    loaders = Loaders.adapt(trainer, loaders, test)
+    loaders = checked_loaders(Loaders, trainer, loaders, test, min_batch=BATCHNORM_MIN_BATCH)
     strategy = strategy or Strategy()
     history = history or History()
     should_stop = strategy.agree(should_stop)
