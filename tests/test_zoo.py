@@ -158,3 +158,14 @@ def test_vit_block_multiply_adds_by_hand():
     expected = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * 2 * d
     assert report.blocks[1].forward == expected
     assert report.blocks[0].forward == expected + t * 16 * d  # the patch embedding joins block 0
+
+
+def test_compare_says_more_when_a_signal_costs_more_than_bps():
+    """A pre-norm ViT: BP's input gradients at block borders are nearly free, LLS's signal is not."""
+    from lls.measure.cost import compare_text
+
+    def totals(mults):
+        return {"totals": {"step_macs": 10, "signal_mults": mults, "signal_adds": 1, "extra_params": 0}}
+
+    text = compare_text({"bp": totals(640), "lls": totals(2690), "dfa": totals(64)}, "vit", 128)
+    assert "4.2x more" in text and " 10x fewer" in text and " 0x fewer" not in text

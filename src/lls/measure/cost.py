@@ -242,7 +242,8 @@ def compare_text(results: dict[str, dict[str, Any]], where: str, batch: int) -> 
         if spec == "bp":
             fewer = "-"
         elif bp is not None and t["signal_mults"]:
-            fewer = f"{bp['totals']['signal_mults'] / t['signal_mults']:.0f}x fewer"
+            times = bp["totals"]["signal_mults"] / t["signal_mults"]
+            fewer = f"{times:.0f}x fewer" if times >= 1 else f"{1 / times:.1f}x more"  # a ViT's can be more
         step_ratio = t["step_macs"] / bp["totals"]["step_macs"] if bp else None
         memory = []
         for key in ("activation_peak_bytes", "step_peak_bytes"):
