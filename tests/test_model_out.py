@@ -38,6 +38,10 @@ NEEDS_ONNX = pytest.mark.skipif(
 )
 EXPORT_TOLERANCE = 1e-5
 ZOO_WIDTH = 16  # channels / units of every block of the zoo's models in the export tests: tiny and fast
+ZOO_DEPTH = 2  # residual / encoder blocks per stage at most, ditto
+# the paper's models are torch.nn layers only; the zoo's residual and transformer blocks are lls's own
+# modules (their ONNX and TorchScript exports need no lls)
+OWN_MODULES = "lls.method.zoo"
 
 
 def readme_blocks() -> tuple[list[str], str]:
@@ -144,6 +148,14 @@ def tiny_zoo_model(name: str, seed: int = 0) -> lls.LocalNet:
             spec = dataclasses.replace(spec, channels=ZOO_WIDTH)
         elif isinstance(spec, Dense):
             spec = dataclasses.replace(spec, width=ZOO_WIDTH, pool=spec.pool and ZOO_WIDTH)
+        elif hasattr(spec, "stages"):  # a ResNet: every stage kept, at most ZOO_DEPTH blocks deep
+            stages = tuple(
+                dataclasses.replace(st, channels=ZOO_WIDTH, depth=min(st.depth, ZOO_DEPTH))
+                for st in spec.stages
+            )
+            spec = dataclasses.replace(spec, stem=ZOO_WIDTH, stages=stages)
+        elif hasattr(spec, "heads"):  # a ViT
+            spec = dataclasses.replace(spec, dim=ZOO_WIDTH, depth=min(spec.depth, ZOO_DEPTH), heads=2)
         specs.append(spec)
     torch.manual_seed(seed)
     net = create_model(specs, in_channels=3, input_size=32, num_classes=7)
@@ -158,7 +170,9 @@ def tiny_zoo_model(name: str, seed: int = 0) -> lls.LocalNet:
 def test_plain_model_computes_what_the_localnet_computes(name):
     net = tiny_zoo_model(name)
     model = plain_model(net)
-    assert all(type(m).__module__.startswith("torch.nn.") for m in model.modules())
+    assert all(type(m).__module__.startswith(("torch.nn.", OWN_MODULES)) for m in model.modules())
+    if not any(hasattr(spec, "stages") or hasattr(spec, "heads") for spec in model_specs(name)):
+        assert all(type(m).__module__.startswith("torch.nn.") for m in model.modules())
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), net(x))

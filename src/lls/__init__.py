@@ -35,6 +35,8 @@ _API = {  # name -> module, imported on first use
     "list_datasets": ".data",
     "list_models": ".method.models",
     "list_rules": ".method.rules",
+    "localize": ".method.localize",
+    "lr_schedule": ".step.schedules",
     "LLSError": ".errors",
     "load_dataset": ".data",
     "load_run": ".training.trained",

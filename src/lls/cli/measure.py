@@ -62,6 +62,11 @@ def add(commands) -> None:
         help=f"comma-separated rules ({RULE_SPEC}; an entry may name its own engine after @, "
         "e.g. lls@graph,bp@eager; default lls,bp)",
     )
+    add_arguments(
+        bench.add_argument_group("the model's options (as on lls train)"),
+        options_of(ModelOptions),
+        lambda field: ModelOptions,
+    )
     bench.add_argument(
         "--steps", type=counted("--steps"), default=20, help="timed steps per rule (default 20)"
     )
@@ -193,6 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         measure_peak=not args.no_memory,
         engine=config_value(args, "engine"),
         memory=[None, *args.memory],
+        model_options=model_options(given(args, options_of(ModelOptions))),
         precision=precision,
     )
     summary = summarize(results)

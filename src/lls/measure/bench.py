@@ -104,6 +104,7 @@ def run_bench(
     engine: str = DEFAULTS.engine,
     optimizer: str | OptimizerFactory = DEFAULTS.optimizer,
     memory: Sequence[str | int | None] = (None,),
+    model_options: dict[str, Any] | None = None,
     precision: str = DEFAULTS.precision,
 ) -> list[BenchResult]:
     """Time ``rules`` (``name[:key=value,...][@engine]``) interleaved, each under every ``memory``
@@ -116,7 +117,8 @@ def run_bench(
     for spec in rules:
         rule_spec, asked = split_engine(spec)
         name, options = parse_rule_spec(rule_spec)
-        cost = count_costs(model, create_rule(name, **options), input_shape, classes).step_macs
+        rule = create_rule(name, **options)
+        cost = count_costs(model, rule, input_shape, classes, model_options=model_options).step_macs
         for setting in memory:
             if setting is not None and RULES.get(name).timing == "end-to-end":
                 continue
@@ -127,6 +129,7 @@ def run_bench(
                 input_shape,
                 classes,
                 rule_options=options,
+                model_options=model_options,
                 device=dev,
                 channels_last=channels_last,
                 optimizer=optimizer,
@@ -167,6 +170,7 @@ def run_bench(
                 channels_last=channels_last,
                 rule_options=options,
                 memory=setting,
+                model_options=model_options,
             )
             peak = measured.get("step_peak_bytes")
         results.append(

@@ -26,6 +26,7 @@ from ..step.engine import ENGINES
 from ..step.lowmem import MemorySpec, memory_plan
 from ..step.optim import OPTIMIZERS
 from ..step.precision import PRECISIONS, is_mixed
+from ..step.schedules import SCHEDULES
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 # Upper bounds far above any real run, so that a mistyped number is refused, not run for ever
@@ -62,6 +63,9 @@ class TrainConfig:
     lr: float = option(5e-3, help="learning rate of every block's optimizer", positive=True, maximum=1e3)
     weight_decay: float = option(0.0, help="weight decay of every optimizer", minimum=0.0, maximum=1e3)
     optimizer: str = option("adamw-sf", help="optimizer of every block and of the head", choices=OPTIMIZERS)
+    lr_schedule: str = option(
+        "none", help="learning-rate schedule of every optimizer over the epochs", choices=SCHEDULES
+    )
     seed: int = option(
         0,
         help="seed of the initial weights, shuffling, augmentation and the rule's random tensors",
@@ -202,7 +206,7 @@ def check_step(
     rule: Rule,
     *,
     optimizer: str | Callable,
-    lr: float,
+    lr: Any,
     weight_decay: float,
     engine: str,
     memory: MemorySpec,
@@ -210,7 +214,9 @@ def check_step(
 ) -> None:
     """The checks ``lls train`` runs on the step's options, for every other path to a trainer: one
     line naming the option (as its flag) and the fix."""
-    values = {"lr": lr, "weight_decay": weight_decay, "engine": engine, "precision": precision}
+    values = {"weight_decay": weight_decay, "engine": engine, "precision": precision}
+    if isinstance(lr, (int, float)):  # a list or a function of the block index: block_lrs checks it
+        values["lr"] = lr
     if isinstance(optimizer, str):  # a factory is the caller's own
         values["optimizer"] = optimizer
     check_values(TrainConfig, values, name=flag)

@@ -80,6 +80,8 @@ def build_session(
         weight_decay=config.weight_decay,
         engine=config.engine,
         memory=config.memory,
+        lr_schedule=config.lr_schedule,
+        epochs=config.epochs,
         precision=config.precision,
     )
     loaders = Loaders.for_dataset(

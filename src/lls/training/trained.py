@@ -5,8 +5,10 @@ at one point and evaluates at an average of its iterates (the weights live in th
 state), and each evaluation first refreshes BatchNorm's statistics. :func:`evaluated_model` makes
 that model once: the averaged weights, the statistics of the run's last evaluation (saved with an
 epoch's checkpoint; refreshed again, as training would, from a checkpoint taken mid-epoch), eval
-mode. :func:`plain_model` turns it into an ``nn.Sequential`` of ``torch.nn`` modules only, so that
-it pickles, scripts, traces and exports without ``lls`` installed.
+mode. :func:`plain_model` turns it into an ``nn.Sequential``; for the paper's models (convolution,
+dense and depthwise-separable blocks) it holds ``torch.nn`` modules only, so that it pickles,
+scripts, traces and exports without ``lls`` installed. The zoo's residual and transformer blocks are
+``lls`` modules: their exported files (``export.py``) are what runs without ``lls``.
 """
 
 from __future__ import annotations
@@ -81,10 +83,11 @@ def load_run(
 ) -> nn.Sequential:
     """The model a run evaluated, as a plain ``torch.nn`` module on ``device`` in eval mode.
 
-    It gives the run's test accuracy (``lls eval``'s figure) on the run's test batches, and needs
-    nothing from ``lls`` to run, pickle, script or export. Inputs are normalised images of the
-    run's dataset, shape (N, C, H, W); outputs are logits (N, K). The run's data is read (the
-    BatchNorm refresh of a run stopped mid-epoch needs its training batches)::
+    It gives the run's test accuracy (``lls eval``'s figure) on the run's test batches; for the
+    paper's models it needs nothing from ``lls`` to run, pickle, script or export. Inputs are
+    normalised images of the run's dataset, shape (N, C, H, W); outputs are logits (N, K). The
+    run's data is read (the BatchNorm refresh of a run stopped mid-epoch needs its training
+    batches)::
 
         model = lls.load_run("runs/my-run")
         predicted = model(x).argmax(1)
