@@ -9,6 +9,7 @@ The public API::
     history = lls.fit(trainer, lls.Loaders.for_dataset(data, batch_size=128), epochs=1)
 
 or, from names: ``trainer = lls.build_trainer("smallconv", "lls", data, rule_options={"basis": "square"})``.
+A run directory's trained model, as a plain ``torch.nn`` module: ``model = lls.load_run("runs/my-run")``.
 """
 
 __version__ = "0.1.0"  # the one definition (pyproject.toml reads it)
@@ -38,6 +39,7 @@ _API = {  # name -> module, imported on first use
     "lr_schedule": ".step.schedules",
     "LLSError": ".errors",
     "load_dataset": ".data",
+    "load_run": ".training.trained",
     "Loaders": ".training.fit",
     "LocalNet": ".method.net",
     "register_basis": ".method.basis",

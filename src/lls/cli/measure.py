@@ -75,7 +75,7 @@ def add(commands) -> None:
     )
     bench.add_argument("--threads", type=threads, help="torch threads (default: all cores)")
     bench.add_argument("--compile", action="store_true", help="torch.compile every block first")
-    add_config_options(bench, "channels_last", "engine")  # an entry's own @engine goes first
+    add_config_options(bench, "channels_last", "engine", "precision")  # an entry's own @engine first
     bench.add_argument(
         "--memory",
         type=memory_settings,
@@ -183,6 +183,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             needed += estimated_bytes(trainer, args.batch)
     what = f"benchmarking {', '.join(specs)} on {args.model} with {classes} classes at batch {args.batch}"
     check_fits(needed, device, what, FIX + " or time fewer rules")
+    precision = config_value(args, "precision")
     results = run_bench(
         args.model,
         shape,
@@ -198,6 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         engine=config_value(args, "engine"),
         memory=[None, *args.memory],
         model_options=model_options(given(args, options_of(ModelOptions))),
+        precision=precision,
     )
     summary = summarize(results)
     name = (
@@ -207,11 +209,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     heading = (
         f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes, batch {args.batch}, "
-        f"{args.steps} interleaved steps per rule after {args.warmup} warm-up, {name}, "
+        f"{args.steps} interleaved steps per rule after {args.warmup} warm-up, {precision}, {name}, "
         f"torch {torch.__version__}"
     )
     print(bench_text(summary, heading))
     if args.json:
         device_record = {"device": str(device), "device_name": name, "torch_version": torch.__version__}
+        device_record["precision"] = precision
         print(json.dumps({**problem_record(args, shape, classes), **device_record, "rules": summary}))
     return 0

@@ -105,10 +105,12 @@ def run_bench(
     optimizer: str | OptimizerFactory = DEFAULTS.optimizer,
     memory: Sequence[str | int | None] = (None,),
     model_options: dict[str, Any] | None = None,
+    precision: str = DEFAULTS.precision,
 ) -> list[BenchResult]:
     """Time ``rules`` (``name[:key=value,...][@engine]``) interleaved, each under every ``memory``
     setting (``None``: the ordinary step; ``"low"`` or a budget in bytes: the low-memory step, for
-    local rules only), with ``optimizer`` for every trainer (a capturable one for the graph engine).
+    local rules only), with ``optimizer`` for every trainer (a capturable one for the graph engine),
+    training in ``precision`` (precision.py).
     Peak memory is measured for eager entries only (a captured graph keeps its own memory pool)."""
     dev = torch.device(device)
     trainers, costs, runs = {}, {}, {}
@@ -133,6 +135,7 @@ def run_bench(
                 optimizer=optimizer,
                 engine=asked or engine,
                 memory=setting,
+                precision=precision,
             )
             if compile_blocks:
                 for block in trainer.net.blocks:

@@ -40,6 +40,7 @@ def build_trainer(
     memory: MemorySpec = DEFAULTS.memory,
     lr_schedule: str | ScheduleFactory | None = DEFAULTS.lr_schedule,
     epochs: int = DEFAULTS.epochs,
+    precision: str = DEFAULTS.precision,
 ) -> Trainer:
     """A trainer for a model (a registered name, or a list of block specs) and a rule: the one way
     every command builds one. The defaults are ``lls train``'s (:class:`~lls.training.config.TrainConfig`).
@@ -51,7 +52,8 @@ def build_trainer(
     e.g. ``{"dense_latent": "output"}``), on ``device``, in channels-last layout unless told not
     to, and steps with ``engine`` ("eager", "graph" or "auto"; see engine.py). ``memory``: the
     low-memory step, see :class:`~lls.step.trainer.Trainer`. ``lr_schedule``: a schedule's name
-    (over ``epochs`` epochs) or a factory ``optimizer -> LRScheduler``.
+    (over ``epochs`` epochs) or a factory ``optimizer -> LRScheduler``. ``precision``: "fp32",
+    "bf16" or "fp16" (precision.py).
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
@@ -86,4 +88,5 @@ def build_trainer(
         engine=engine,
         memory=memory,
         lr_schedule=SCHEDULES.get(lr_schedule)(epochs) if isinstance(lr_schedule, str) else lr_schedule,
+        precision=precision,
     )

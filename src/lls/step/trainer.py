@@ -26,6 +26,7 @@ from .engine import GraphEngine, check_capturable, is_capturable, optimizer_engi
 from .evaluation import Batch, Evaluation
 from .lowmem import LowMemory, MemorySpec, memory_plan
 from .optim import LearningRate, OptimizerSpec, block_lrs, is_schedule_free, make_optimizer
+from .precision import Precision
 from .schedules import ScheduleFactory
 from .step import SERIAL, LocalPass, Schedule, Step, StepResult
 
@@ -45,6 +46,8 @@ class Trainer:
     ``memory`` (local rules only): ``None`` for the ordinary step; ``"low"``, or a budget in bytes
     (an int, or a string such as ``"256MiB"``), runs each block's step in slices of the batch with
     the same gradients, holding one slice's activations at a time (``lowmem.py``).
+
+    ``precision``: "fp32", or "bf16" / "fp16" mixed precision (``precision.py``).
     """
 
     def __init__(
@@ -59,12 +62,19 @@ class Trainer:
         engine: str = DEFAULTS.engine,
         memory: MemorySpec = DEFAULTS.memory,
         lr_schedule: ScheduleFactory | None = None,
+        precision: str = DEFAULTS.precision,
     ) -> None:
         net, input_shape = as_local_net(net, input_shape)
         self.net = net
         self.rule = create_rule(rule) if isinstance(rule, str) else rule
         check_step(
-            self.rule, optimizer=optimizer, lr=lr, weight_decay=weight_decay, engine=engine, memory=memory
+            self.rule,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            engine=engine,
+            memory=memory,
+            precision=precision,
         )
         self.num_classes = _num_classes(net.head)
         for i, op in enumerate(net.between):
@@ -86,7 +96,12 @@ class Trainer:
         for i, group in enumerate(groups):
             if not group:
                 raise LLSError(f"block {i} has no trainable parameters; merge it into a neighbour")
+        self.precision = Precision(precision, param.device, len(groups))
         mode = optimizer_engine(engine, param.device, optimizer)  # "eager" or "graph"
+        if mode == "graph" and self.precision.scalers:  # a scaler reads its overflow flag on the host
+            if engine != "auto":
+                raise LLSError("fp16's gradient scaling cannot be captured: use --engine eager, or bf16")
+            mode = "eager"
         if mode == "graph" and memory is not None:  # a captured step holds the whole batch's tensors
             if engine != "auto":
                 raise LLSError(
@@ -121,7 +136,7 @@ class Trainer:
         self.low_memory = (
             None if plan is None else LowMemory(plan, net, self.input_shape, recompute_all=recompute_all)
         )
-        self.step = Step(net, self.rule, self.signals, self.optimizers, self.low_memory)
+        self.step = Step(net, self.rule, self.signals, self.optimizers, self.low_memory, self.precision)
         evaluation_.train_mode(net, self.optimizers)
         # None: the eager step. "auto" steps eagerly where a step cannot be captured.
         self.engine = (
@@ -218,6 +233,7 @@ class Trainer:
             "signals": [s.state_dict() for s in self.signals],
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
+            **({"scalers": self.precision.state_dict()} if self.precision.scalers else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -228,6 +244,7 @@ class Trainer:
             signal.load_state_dict(signal_state)
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
+        self.precision.load_state_dict(state.get("scalers"))
         for scheduler, scheduler_state in zip(self.schedulers, state.get("schedulers", []), strict=True):
             scheduler.load_state_dict(scheduler_state)
 

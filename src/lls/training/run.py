@@ -82,6 +82,7 @@ def build_session(
         memory=config.memory,
         lr_schedule=config.lr_schedule,
         epochs=config.epochs,
+        precision=config.precision,
     )
     loaders = Loaders.for_dataset(
         data,
