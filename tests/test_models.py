@@ -7,6 +7,8 @@ import lls
 from lls.method.models import model_specs
 from lls.method.net import Conv, Dense, DWSeparable
 
+from .test_zoo import ZOO_LAYOUTS
+
 # (input shape, classes) small enough to build every model quickly
 SMALL_INPUT = {"mobilenetv1": (3, 32, 32), "vgg11": (3, 32, 32)}
 
@@ -17,6 +19,8 @@ def test_every_model_builds_and_runs(name, in_channels, classes):
     size = SMALL_INPUT.get(name, (in_channels, 28, 28))[1]
     net = lls.create_model(name, in_channels=in_channels, input_size=size, num_classes=classes)
     trainable = [s for s in model_specs(name) if isinstance(s, (Conv, DWSeparable, Dense))]
+    if name in ZOO_LAYOUTS:  # residual nets and the ViT: several blocks per spec
+        trainable = ZOO_LAYOUTS[name][1]
     assert len(net.blocks) == len(trainable) == len(net.latent_pool)
     net.eval()
     with torch.no_grad():
@@ -116,7 +120,7 @@ def uninitialised(name: str, **kwargs) -> lls.LocalNet:
 
 
 def test_every_model_has_a_layout_written_out():
-    assert sorted(LAYOUTS) == sorted(lls.list_models())
+    assert sorted([*LAYOUTS, *ZOO_LAYOUTS]) == sorted(lls.list_models())
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
@@ -224,7 +228,7 @@ def test_too_small_input_is_a_clear_error():
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(lls.LLSError, match="known models: mobilenetv1, smallconv"):
+    with pytest.raises(lls.LLSError, match="known models: mobilenetv1, resnet110, resnet18"):
         lls.create_model("resnet50")
 
 

@@ -9,50 +9,61 @@ The public API::
     history = lls.fit(trainer, lls.Loaders.for_dataset(data, batch_size=128), epochs=1)
 
 or, from names: ``trainer = lls.build_trainer("smallconv", "lls", data, rule_options={"basis": "square"})``.
+A run directory's trained model, as a plain ``torch.nn`` module: ``model = lls.load_run("runs/my-run")``.
 """
 
 __version__ = "0.1.0"  # the one definition (pyproject.toml reads it)
 
-from .data import Dataset, Split, TensorLoader, list_datasets, load_dataset
-from .errors import LLSError
-from .malloc import tune_malloc
-from .method.basis import BASIS_KINDS, basis, register_basis
-from .method.models import create_model, list_models
-from .method.net import LocalNet
-from .method.rules import Rule, create_rule, list_rules, register_rule
-from .method.signals import BlockSignal
-from .step.factory import build_trainer
-from .step.trainer import Evaluation, StepResult, Trainer
-from .training.fit import EpochRecord, History, Loaders, evaluate, fit, train_epoch
+# The API is imported on first use (PEP 562): importing torch takes seconds, and the `lls` command
+# (lls.__main__) must be able to answer a Ctrl-C pressed in those seconds.
+import importlib
+from typing import Any
 
-__all__ = [
-    "BASIS_KINDS",
-    "BlockSignal",
-    "Dataset",
-    "EpochRecord",
-    "Evaluation",
-    "History",
-    "LLSError",
-    "Loaders",
-    "LocalNet",
-    "Rule",
-    "Split",
-    "StepResult",
-    "TensorLoader",
-    "Trainer",
-    "__version__",
-    "basis",
-    "build_trainer",
-    "create_model",
-    "create_rule",
-    "evaluate",
-    "fit",
-    "list_datasets",
-    "list_models",
-    "list_rules",
-    "load_dataset",
-    "register_basis",
-    "register_rule",
-    "train_epoch",
-    "tune_malloc",
-]
+_API = {  # name -> module, imported on first use
+    "basis": ".method.basis",
+    "BASIS_KINDS": ".method.basis",
+    "BlockSignal": ".method.signals",
+    "build_trainer": ".step.factory",
+    "create_model": ".method.models",
+    "create_rule": ".method.rules",
+    "Dataset": ".data",
+    "EpochRecord": ".training.fit",
+    "evaluate": ".training.fit",
+    "Evaluation": ".step.trainer",
+    "fit": ".training.fit",
+    "History": ".training.fit",
+    "list_datasets": ".data",
+    "list_models": ".method.models",
+    "list_rules": ".method.rules",
+    "localize": ".method.localize",
+    "lr_schedule": ".step.schedules",
+    "LLSError": ".errors",
+    "load_dataset": ".data",
+    "load_run": ".training.trained",
+    "Loaders": ".training.fit",
+    "LocalNet": ".method.net",
+    "register_basis": ".method.basis",
+    "register_rule": ".method.rules",
+    "Rule": ".method.rules",
+    "Split": ".data",
+    "StepResult": ".step.trainer",
+    "TensorLoader": ".data",
+    "train_epoch": ".training.fit",
+    "Trainer": ".step.trainer",
+    "tune_malloc": ".malloc",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'lls' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = ["__version__", *sorted(_API)]

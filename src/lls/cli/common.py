@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 import torch
@@ -14,7 +15,12 @@ from ..training.config import DEFAULTS, TrainConfig
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # lls.__main__ says it too, without importing this module
+# Bounds of the whole-number options typed on the command line: far above any real use, low enough
+# that no value allocates or loops beyond what a machine holds before it is checked.
+MAX_COUNT = 10**9
+MAX_CLASSES = 10**7  # a class count's upper bound; whether the step fits is checked against memory
+MIN_TRAINING_BATCH = 2  # BatchNorm's batch statistics need two images in training mode
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,8 +45,8 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def counted(what: str, minimum: int = 1) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``minimum``."""
+def counted(what: str, minimum: int = 1, maximum: int = MAX_COUNT, why: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number from ``minimum`` to ``maximum``; ``why`` explains the minimum."""
 
     def parse(text: str) -> int:
         try:
@@ -48,10 +54,30 @@ def counted(what: str, minimum: int = 1) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"{what} must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"{what} must be at least {minimum}{why}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{what} must be at most {maximum}, got {value}")
         return value
 
     return parse
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or taskset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads(text: str) -> int:
+    """``--threads``: at most the usable cores (more only oversubscribes; far more crashes OpenMP)."""
+    value, cores = counted("--threads")(text), usable_cores()
+    if value > cores:
+        raise argparse.ArgumentTypeError(
+            f"{value} is more than the {cores} cores this process may use; give {cores} or fewer"
+        )
+    return value
 
 
 def number_list(text: str) -> list[int]:
@@ -93,11 +119,12 @@ def add_problem(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smallconv", help="model to measure (default smallconv)")
     parser.add_argument("--dataset", help="take the input shape and class count from this dataset")
     parser.add_argument("--input", type=input_shape, help="input shape C,H,W (with --classes), e.g. 3,32,32")
-    parser.add_argument("--classes", type=counted("--classes", 2), help="number of classes (with --input)")
-    batch = DEFAULTS.batch_size
     parser.add_argument(
-        "--batch", type=counted("--batch"), default=batch, help=f"batch size (default {batch})"
+        "--classes", type=counted("--classes", 2, MAX_CLASSES), help="number of classes (with --input)"
     )
+    batch = counted("--batch", MIN_TRAINING_BATCH, why=" (BatchNorm needs 2 images per batch in training)")
+    default = DEFAULTS.batch_size
+    parser.add_argument("--batch", type=batch, default=default, help=f"batch size (default {default})")
 
 
 def problem_shape(args: argparse.Namespace) -> tuple[tuple[int, int, int], int]:

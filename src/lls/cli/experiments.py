@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import LLSError
 from ..measure.report import write_report
+from ..training.files import check_folder
 from ..training.presets import PRESETS, TABLES, select, with_epochs
 from ..training.reproduce import plan, sweep
 from ..training.run import RunOptions
@@ -78,7 +79,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    paths = [Path(p) for p in args.runs]
+    paths = [check_folder(p, "run folder") for p in args.runs]  # "" is not "."
     return print_report(paths, Path(args.out) if args.out else Path("report"), not args.no_costs)
 
 

@@ -7,8 +7,12 @@ import json
 from itertools import islice
 from pathlib import Path
 
+import torch
+
 from ..errors import LLSError
-from ..measure.diagnose import diagnose, diagnosis_text, plot_basis, plot_diagnosis
+from ..measure.diagnose import diagnose, diagnosis_text, plot_basis, plot_basis_bytes, plot_diagnosis
+from ..measure.fits import check_fits
+from ..measure.plots import FIGURE_FORMATS, figure_format
 from ..method.basis import BASIS_KINDS
 from ..method.rules import LLS
 from ..training.run import describe_rule, open_trained
@@ -41,7 +45,7 @@ def add(commands) -> None:
     basis.add_argument("--dim", type=counted("--dim"), default=512, help="length d of each row (default 512)")
     default = LLS().basis
     basis.add_argument("--kind", choices=BASIS_KINDS, default=default, help=f"the basis (default {default})")
-    basis.add_argument("--out", help="PNG path (default basis-KIND-KxD.png)")
+    basis.add_argument("--out", help=f"picture ({', '.join(FIGURE_FORMATS)}; default basis-KIND-KxD.png)")
     basis.set_defaults(func=cmd_plot)
 
 
@@ -74,6 +78,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     path = Path(args.out or f"basis-{args.kind}-{args.classes}x{args.dim}.png")
+    figure_format(path)  # an unknown suffix is refused before anything is computed
+    what = f"a picture of a {args.classes} x {args.dim} basis"
+    check_fits(
+        plot_basis_bytes(args.classes, args.dim), torch.device("cpu"), what, "lower --dim or --classes"
+    )
     plot_basis(args.classes, args.dim, args.kind, path)
     print(f"wrote {path}")
     return 0

@@ -8,8 +8,9 @@ import json
 import torch
 
 from ..errors import LLSError
-from ..measure.bench import bench_text, run_bench, split_engine, summarize
+from ..measure.bench import bench_text, run_bench, split_engine, split_rules, summarize
 from ..measure.cost import compare_text, cost_text, count_costs
+from ..measure.fits import check_fits, estimated_bytes, meta_trainer
 from ..measure.memory import measure_memory
 from ..method.models import model_options
 from ..method.net import ModelOptions
@@ -25,6 +26,7 @@ from .common import (
     counted,
     problem_shape,
     resolve_device,
+    threads,
 )
 
 RULE_SPEC = "name, optionally with options: lls:basis=periodic,temperature=0.25"
@@ -60,15 +62,20 @@ def add(commands) -> None:
         help=f"comma-separated rules ({RULE_SPEC}; an entry may name its own engine after @, "
         "e.g. lls@graph,bp@eager; default lls,bp)",
     )
+    add_arguments(
+        bench.add_argument_group("the model's options (as on lls train)"),
+        options_of(ModelOptions),
+        lambda field: ModelOptions,
+    )
     bench.add_argument(
         "--steps", type=counted("--steps"), default=20, help="timed steps per rule (default 20)"
     )
     bench.add_argument(
         "--warmup", type=counted("--warmup", 0), default=3, help="untimed steps first (default 3)"
     )
-    bench.add_argument("--threads", type=counted("--threads"), help="torch threads (default: all cores)")
+    bench.add_argument("--threads", type=threads, help="torch threads (default: all cores)")
     bench.add_argument("--compile", action="store_true", help="torch.compile every block first")
-    add_config_options(bench, "channels_last", "engine")  # an entry's own @engine goes first
+    add_config_options(bench, "channels_last", "engine", "precision")  # an entry's own @engine first
     bench.add_argument(
         "--memory",
         type=memory_settings,
@@ -113,24 +120,32 @@ def problem_record(args: argparse.Namespace, shape, classes: int) -> dict:
     return {"model": args.model, "input": list(shape), "classes": classes, "batch": args.batch}
 
 
+FIX = "lower --batch (or --classes, or the input size)"
+
+
 def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
     name, options = parse_rule_spec(spec)
     built = model_options(given(args, options_of(ModelOptions)))  # checked, defaults filled in
     rule = create_rule(name, **options)
+    memory = args.memory
+    if args.compare and rule.timing == "end-to-end":
+        memory = None  # --compare shows BP's ordinary step beside the others' low-memory ones
+    check_memory(memory, rule)
+    device = resolve_device(args.device)
+    trainer = meta_trainer(
+        args.model, name, shape, classes, rule_options=options, model_options=built, memory=memory
+    )
+    what = f"{spec} on {args.model} with {classes} classes at batch {args.batch}"
+    check_fits(estimated_bytes(trainer, args.batch), device, what, FIX)
     result = count_costs(args.model, rule, shape, classes, model_options=built).as_dict()
     if not args.no_memory:
-        device = str(resolve_device(args.device))
-        memory = args.memory
-        if args.compare and rule.timing == "end-to-end":
-            memory = None  # --compare shows BP's ordinary step beside the others' low-memory ones
-        check_memory(memory, rule)
         result["memory"] = measure_memory(
             args.model,
             name,
             shape,
             classes,
             batch=args.batch,
-            device=device,
+            device=str(device),
             rule_options=options,
             memory=memory,
             model_options=built,
@@ -142,7 +157,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     shape, classes = problem_shape(args)
     where = f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes"
     if args.compare:
-        specs = args.rules.split(",") if args.rules else compare_rules()
+        specs = split_rules(args.rules) if args.rules else compare_rules()
         results = {spec: cost_of(args, spec, shape, classes) for spec in specs}
         print(compare_text(results, where, args.batch))
         output = {**problem_record(args, shape, classes), "rules": results}
@@ -159,9 +174,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = args.rules.split(",")
+    specs = split_rules(args.rules)
+    needed = 0  # every entry's trainer is alive at once
     for spec in specs:
-        parse_rule_spec(split_engine(spec)[0])  # every entry checked before anything is timed
+        name, options = parse_rule_spec(split_engine(spec)[0])  # checked before anything is timed
+        for memory in [None, *args.memory] if RULES.get(name).timing != "end-to-end" else [None]:
+            trainer = meta_trainer(args.model, name, shape, classes, rule_options=options, memory=memory)
+            needed += estimated_bytes(trainer, args.batch)
+    what = f"benchmarking {', '.join(specs)} on {args.model} with {classes} classes at batch {args.batch}"
+    check_fits(needed, device, what, FIX + " or time fewer rules")
+    precision = config_value(args, "precision")
     results = run_bench(
         args.model,
         shape,
@@ -176,6 +198,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         measure_peak=not args.no_memory,
         engine=config_value(args, "engine"),
         memory=[None, *args.memory],
+        model_options=model_options(given(args, options_of(ModelOptions))),
+        precision=precision,
     )
     summary = summarize(results)
     name = (
@@ -185,11 +209,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     heading = (
         f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes, batch {args.batch}, "
-        f"{args.steps} interleaved steps per rule after {args.warmup} warm-up, {name}, "
+        f"{args.steps} interleaved steps per rule after {args.warmup} warm-up, {precision}, {name}, "
         f"torch {torch.__version__}"
     )
     print(bench_text(summary, heading))
     if args.json:
         device_record = {"device": str(device), "device_name": name, "torch_version": torch.__version__}
+        device_record["precision"] = precision
         print(json.dumps({**problem_record(args, shape, classes), **device_record, "rules": summary}))
     return 0

@@ -14,16 +14,15 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data import load_dataset, make_loader
 from ..errors import LLSError
 from ..method.net import ModelOptions
 from ..method.rules import rule_options
 from ..options import add_arguments, given, options_of
 from ..training.config import CONFIG_OPTIONS, TrainConfig, config_from_options
 from ..training.distributed import STRATEGIES
-from ..training.fit import EVAL_BATCH_SIZE, Loaders, evaluate
 from ..training.run import RunOptions, create_strategy, open_trained, tensorboard_writer, train_run
 from ..training.rundir import RunDir
+from ..training.trained import batches, dataset_inputs, evaluation_refresh
 from .common import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
@@ -112,7 +111,7 @@ def run_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     with the changes a resume allows."""
     options, rule = given(args, CONFIG_OPTIONS), given(args, rule_fields())
     model = given(args, options_of(ModelOptions))
-    if not args.resume:
+    if args.resume is None:
         config = config_from_options(options, rule, model)
         return config, Path(args.out) if args.out else RUNS_ROOT / config.default_name()
     if args.out:
@@ -142,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         block_accuracy=args.block_accuracy,
         quiet_data=args.json,
     )
-    outcome = train_run(config, out, options, resume=bool(args.resume), strategy=strategy)
+    outcome = train_run(config, out, options, resume=args.resume is not None, strategy=strategy)
     if outcome.run is None:  # a rank other than 0 of a parallel run: rank 0 reports
         return {"finished": 0, "interrupted": EXIT_INTERRUPTED}.get(outcome.status, EXIT_DIVERGED)
     if outcome.status == "interrupted":
@@ -193,31 +192,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run, state, session = open_trained(
         args.run, device=device, data_dir=args.data_dir, download=not args.no_download
     )
-    config, name = session.config, session.config.dataset
-    layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    data = session.data
-    if args.dataset and args.dataset != config.dataset:
-        data = load_dataset(
-            args.dataset, args.data_dir, download=not args.no_download, quiet=True, augment="none"
-        )
-        if (data.input_shape, data.num_classes) != (session.data.input_shape, session.data.num_classes):
-            raise LLSError(
-                f"the model takes {session.data.input_shape} images and {session.data.num_classes} classes; "
-                f"{args.dataset} has {data.input_shape} and {data.num_classes}"
-            )
-        name = args.dataset
-    split = (data.train if args.split == "train" else data.test).head(config.limit)
-    batches = make_loader(
-        split, EVAL_BATCH_SIZE, mean=data.mean, std=data.std, device=device, memory_format=layout
+    inputs = dataset_inputs(
+        session, args.dataset, args.split, data_dir=args.data_dir, download=not args.no_download
     )
-    if state["progress"] is None:
-        # at an epoch boundary the saved BatchNorm statistics are the ones refreshed for that
-        # epoch's evaluation: evaluate with them, as the run did
-        result = session.trainer.evaluate(batches.epoch())
-    else:  # mid-epoch (an interrupted run): refreshed again, as training would
-        loaders = Loaders(session.loaders.train, batches)
-        result, _ = evaluate(session.trainer, loaders, state["progress"]["epoch"], blocks=False)
-    epoch = state["epoch"]
+    # the run's last evaluation: its BatchNorm statistics, or the same refresh mid-epoch
+    refresh = evaluation_refresh(session, state)
+    result = session.trainer.evaluate(batches(session, inputs, device), refresh=refresh)
+    epoch, name = state["epoch"], args.dataset or session.config.dataset
     print(
         f"{run.path} (epoch {epoch}) on {name} {args.split}: accuracy {100 * result.accuracy:.2f}%, "
         f"loss {result.loss:.4f}"

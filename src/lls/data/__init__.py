@@ -86,6 +86,12 @@ def make_loader(split: Split | FileSplit, batch_size: int, *, draws: str = "host
     return TensorLoader(split, batch_size, **options)
 
 
+def drawn_on(loader: BatchLoader) -> str:
+    """Where a loader draws its batches: ``host`` (one stream on every device), or ``device:cpu``
+    / ``device:cuda`` (that device's generator, another stream)."""
+    return f"device:{loader.device.type}" if isinstance(loader, DeviceLoader) else "host"
+
+
 __all__ = [
     "DATASETS",
     "Augment",

@@ -15,6 +15,7 @@ from ..errors import LLSError
 
 # third byte of the magic number -> big-endian element type
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+MAX_DIMS = 16  # images have 3, labels 1; numpy itself stops at 64
 
 
 def read_idx_bytes(path: Path) -> bytes:
@@ -33,6 +34,11 @@ def parse_idx(data: bytes, path: Path) -> torch.Tensor:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
         raise LLSError(f"{path} is not an IDX file (bad magic number); delete it and fetch it again")
     ndim = data[3]
+    if ndim > MAX_DIMS:
+        raise LLSError(
+            f"{path} declares {ndim} dimensions (an IDX file of images or labels has at most {MAX_DIMS}); "
+            "delete it and fetch it again"
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
         raise LLSError(f"{path} is truncated inside its header; delete it and fetch it again")

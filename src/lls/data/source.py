@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import LLSError
+from ..training.files import check_folder
 from .base import Augment, Dataset, FileSplit, Split, default_data_root
 
 
@@ -29,12 +30,10 @@ class Source:
         """The folder holding this dataset: ``--data-dir`` or ``$LLS_DATA_DIR/<name>``."""
         if data_dir is None:
             return default_data_root() / self.name
-        if not data_dir.is_dir():
-            raise LLSError(
-                f"--data-dir {data_dir} does not exist; create it or point it at the folder holding "
-                f"{self.name} (see `lls data fetch {self.name} --data-dir DIR`)"
-            )
-        return data_dir
+        fix = f"; create it or point it at the folder holding {self.name} "
+        return check_folder(
+            data_dir, "--data-dir", fix + f"(see `lls data fetch {self.name} --data-dir DIR`)"
+        )
 
     def augment(self, name: str | None) -> Augment:
         name = name or self.default_augment

@@ -33,6 +33,19 @@ from .memory import example_batch, measure_memory
 from .report_format import mib, ratio, table
 
 
+def split_rules(text: str) -> list[str]:
+    """``lls:basis=periodic,temperature=0.25,bp@eager`` -> ["lls:basis=periodic,temperature=0.25",
+    "bp@eager"]: a comma separates entries and also a rule's options, so a ``key=value`` item
+    without a colon of its own continues the entry before it."""
+    entries: list[str] = []
+    for item in text.split(","):
+        if entries and ":" in entries[-1] and "=" in item and ":" not in item:
+            entries[-1] += "," + item
+        else:
+            entries.append(item)
+    return entries
+
+
 def split_engine(spec: str) -> tuple[str, str | None]:
     """``lls:basis=periodic@graph`` -> ("lls:basis=periodic", "graph"); no ``@``: (spec, None)."""
     rule, at, engine = spec.partition("@")
@@ -91,17 +104,21 @@ def run_bench(
     engine: str = DEFAULTS.engine,
     optimizer: str | OptimizerFactory = DEFAULTS.optimizer,
     memory: Sequence[str | int | None] = (None,),
+    model_options: dict[str, Any] | None = None,
+    precision: str = DEFAULTS.precision,
 ) -> list[BenchResult]:
     """Time ``rules`` (``name[:key=value,...][@engine]``) interleaved, each under every ``memory``
     setting (``None``: the ordinary step; ``"low"`` or a budget in bytes: the low-memory step, for
-    local rules only), with ``optimizer`` for every trainer (a capturable one for the graph engine).
+    local rules only), with ``optimizer`` for every trainer (a capturable one for the graph engine),
+    training in ``precision`` (precision.py).
     Peak memory is measured for eager entries only (a captured graph keeps its own memory pool)."""
     dev = torch.device(device)
     trainers, costs, runs = {}, {}, {}
     for spec in rules:
         rule_spec, asked = split_engine(spec)
         name, options = parse_rule_spec(rule_spec)
-        cost = count_costs(model, create_rule(name, **options), input_shape, classes).step_macs
+        rule = create_rule(name, **options)
+        cost = count_costs(model, rule, input_shape, classes, model_options=model_options).step_macs
         for setting in memory:
             if setting is not None and RULES.get(name).timing == "end-to-end":
                 continue
@@ -112,11 +129,13 @@ def run_bench(
                 input_shape,
                 classes,
                 rule_options=options,
+                model_options=model_options,
                 device=dev,
                 channels_last=channels_last,
                 optimizer=optimizer,
                 engine=asked or engine,
                 memory=setting,
+                precision=precision,
             )
             if compile_blocks:
                 for block in trainer.net.blocks:
@@ -151,6 +170,7 @@ def run_bench(
                 channels_last=channels_last,
                 rule_options=options,
                 memory=setting,
+                model_options=model_options,
             )
             peak = measured.get("step_peak_bytes")
         results.append(

@@ -25,6 +25,8 @@ from ..method.basis import BASIS_KINDS, basis
 from ..step.step import Step, bp_loss
 from ..step.trainer import Trainer
 
+BASIS_PLOT_COPIES = 6  # float64 K x d arrays alive at once while a basis is computed and drawn
+
 
 @dataclass
 class BlockDiagnosis:
@@ -202,6 +204,12 @@ def plot_diagnosis(results: list[BlockDiagnosis], folder: Path, title: str) -> l
         plt.close(figure)
         written.append(path)
     return written
+
+
+def plot_basis_bytes(num_classes: int, dim: int) -> int:
+    """Estimated peak bytes of :func:`plot_basis`: float64 copies of the K x d basis (its formula's
+    terms, then matplotlib's normalised and RGBA images of it)."""
+    return BASIS_PLOT_COPIES * num_classes * dim * 8
 
 
 def plot_basis(num_classes: int, dim: int, kind: str, path: Path, seed: int = 0) -> Path:

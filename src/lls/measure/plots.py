@@ -9,19 +9,29 @@ from pathlib import Path
 from ..errors import LLSError
 from ..training.files import atomic_write, describe_os_error
 
+FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}  # a figure's file suffix -> format
+
+
+def figure_format(path: Path) -> str:
+    """The format a figure at ``path`` is written in, from its suffix; other suffixes are refused."""
+    kind = FIGURE_FORMATS.get(path.suffix.lower())
+    if kind is None or path.is_dir():
+        what = "is a folder" if path.is_dir() else "has another suffix"
+        raise LLSError(f"{path} {what}: give a file name ending in {', '.join(FIGURE_FORMATS)}")
+    return kind
+
 
 def save_figure(figure, path: Path, *, tight: bool = True) -> None:
-    """Write a matplotlib figure as a PNG, atomically, so a reader never sees half a picture.
-    ``tight`` crops to the drawn area (one more layout pass; figures laid out by matplotlib's
-    constrained layout need none)."""
+    """Write a matplotlib figure, atomically, so a reader never sees half a picture; the format
+    follows the suffix (PNG, PDF or SVG). ``tight`` crops to the drawn area (one more layout pass;
+    figures laid out by matplotlib's constrained layout need none)."""
+    kind = figure_format(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise LLSError(describe_os_error(error, path.parent)) from None
-    if path.is_dir():
-        raise LLSError(f"{path} is a folder; give a file name ending in .png")
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight" if tight else None)
+    figure.savefig(buffer, format=kind, dpi=110, bbox_inches="tight" if tight else None)
     atomic_write(path, buffer.getvalue())
 
 

@@ -15,7 +15,7 @@ from ..errors import LLSError
 from ..method.models import model_options
 from ..method.rules import RULES
 from ..training.config import DISTINGUISHING, TrainConfig
-from ..training.files import atomic_write
+from ..training.files import atomic_write, check_folder
 from ..training.rundir import RunDir
 
 
@@ -66,16 +66,18 @@ class RunResult:
 
 def collect(paths: list[Path]) -> list[RunResult]:
     """Every run directory under ``paths`` (a run directory itself, or a folder of them)."""
-    found = []
+    found, seen = [], set()
     for root in paths:
-        if not root.exists():
-            raise LLSError(f"{root} does not exist")
+        check_folder(root, "run folder")
         candidates = (
             [root]
             if (root / "config.json").is_file()
             else sorted(p.parent for p in root.rglob("config.json"))
         )
         for path in candidates:
+            if path.resolve() in seen:  # named twice (`lls report R R`, or R and its parent): one run
+                continue
+            seen.add(path.resolve())
             run = RunDir.open(path)
             found.append(RunResult(path, run.read_config(), run.read_metrics(), run.read_record()))
     if not found:

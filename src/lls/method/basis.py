@@ -159,5 +159,7 @@ def basis(
         raise LLSError(f"a basis needs num_classes, dim and width >= 1, got {num_classes} x {dim} ({width})")
     if not entry.drawn:
         seed, width = 0, None
+    if torch.get_default_device().type == "meta":  # a model built for its sizes only (lls.measure.fits)
+        return torch.empty(num_classes, dim, device="meta", dtype=dtype)
     values = entry.values(num_classes, dim, seed, width)
     return values.to(device=device or "cpu", dtype=dtype)

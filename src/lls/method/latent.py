@@ -4,7 +4,7 @@ Conv outputs are average-pooled adaptively to ``pool x pool`` (PyTorch's ``adapt
 bins) and flattened channel-major, ``d = C * pool^2``. Flat (dense) outputs are average-pooled
 adaptively to length ``pool`` as the reference code does (``adaptive_avg_pool1d``: 1024 -> 2048
 repeats every entry, 4096 -> 2048 averages pairs). With ``pool`` None, outputs are flattened as
-they are.
+they are. A (tokens, dim) output (a transformer block's) is scored by its mean over tokens.
 
 :class:`LatentPool` is the one definition: its ``forward`` is the reference (the eager step's, with
 autograd), and :meth:`LatentPool.flat` / :meth:`LatentPool.spread` are the same pooling written
@@ -45,6 +45,8 @@ def latent_dim(out_shape: torch.Size | tuple[int, ...], pool: int | None) -> int
         return out_shape[0] * pool * pool
     if len(out_shape) == 1 and pool is not None:
         return pool
+    if len(out_shape) == 2:  # (tokens, dim): the token mean
+        return out_shape[1]
     return math.prod(out_shape)
 
 
@@ -83,8 +85,10 @@ class LatentPool(nn.Module):
         self.dim = latent_dim(self.out_shape, pool)
         self.conv = len(self.out_shape) == 3
         # "map": a conv output's (C, H, W) is the latent as it is; "pooled": pooled to p x p;
-        # "dense": a flat output pooled to length p; "flat": flattened as it is
-        if self.conv:
+        # "dense": a flat output pooled to length p; "tokens": the mean over tokens; "flat": as it is
+        if len(self.out_shape) == 2:
+            self.mode = "tokens"
+        elif self.conv:
             self.mode = "map" if pool is None else "pooled"
         elif len(self.out_shape) == 1 and pool is not None and pool != self.out_shape[0]:
             self.mode = "dense"
@@ -118,12 +122,17 @@ class LatentPool(nn.Module):
             return self.out_shape[0] * mults, self.out_shape[0] * adds
         if self.mode == "dense":
             return pooling_ops(self.out_shape, self.pool)
+        if self.mode == "tokens":  # (T - 1) d additions and d scalings forward; d scalings backward
+            tokens, dim = self.out_shape
+            return 2 * dim, (tokens - 1) * dim
         return 0, 0
 
     # --- the definition ----------------------------------------------------------------------------
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         pool = self.pool
+        if self.mode == "tokens":
+            return a.mean(1)
         if self.mode in ("map", "flat") or a.dim() not in (2, 4):
             return a.flatten(1)
         if a.dim() == 2:
@@ -154,6 +163,8 @@ class LatentPool(nn.Module):
         ``a``'s memory holds it, so that no layout copy is made either way."""
         if self.mode == "dense":
             return F.adaptive_avg_pool1d(a.unsqueeze(1), self.pool).squeeze(1), CHANNEL_MAJOR
+        if self.mode == "tokens":
+            return a.mean(1), CHANNEL_MAJOR
         if not self.conv:
             return a.flatten(1), CHANNEL_MAJOR
         pooled = a if self.mode == "map" else F.adaptive_avg_pool2d(a, self.pool)
@@ -168,6 +179,8 @@ class LatentPool(nn.Module):
         if self.mode == "dense":  # each entry gathers the shares of the bins that hold it
             shares = g.index_select(1, self.dense_bins) * self.dense_weights
             return g.new_zeros(len(g), *self.out_shape).index_add_(1, self.dense_entries, shares)
+        if self.mode == "tokens":  # every token gets 1 / T of the mean's gradient
+            return (g / self.out_shape[0]).unsqueeze(1).expand(len(g), *self.out_shape)
         if not self.conv:
             return g.view(len(g), *self.out_shape)
         n, (c, h, w) = g.shape[0], self.out_shape

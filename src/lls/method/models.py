@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from ..errors import LLSError
 from ..registry import Registry
 from .net import AvgPool, Conv, Dense, DWSeparable, LocalNet, MaxPool, ModelOptions, Spec, build
+from .zoo import ResNet, Stage, ViT
 
 MODELS: Registry[tuple[Spec, ...]] = Registry("model")
 
@@ -89,6 +90,23 @@ MODELS.register("mobilenetv1")(
         AvgPool(1),
     )
 )
+
+
+# Residual networks (He et al. 2016): the CIFAR family, 6n + 2 layers in three stages of 16, 32 and
+# 64 channels, and ResNet-18/34's four stages of 64..512 channels with the CIFAR-style stem (a
+# stride-1 3x3 convolution, no max-pool) for 28-64 px inputs. Global average pool, then the head.
+CIFAR_RESNET_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}  # n per stage
+for _name, _n in CIFAR_RESNET_DEPTHS.items():
+    MODELS.register(_name)((ResNet(16, (Stage(16, _n), Stage(32, _n, 2), Stage(64, _n, 2))), AvgPool(1)))
+RESNET_DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}  # basic blocks per stage
+for _name, _depths in RESNET_DEPTHS.items():
+    _stages = tuple(
+        Stage(c, d, 1 if c == 64 else 2) for c, d in zip((64, 128, 256, 512), _depths, strict=True)
+    )
+    MODELS.register(_name)((ResNet(64, _stages), AvgPool(1)))
+# A small vision transformer for 28-32 px inputs: 4 x 4 patches (49 or 64 tokens) of dimension 64,
+# six pre-norm blocks of 4 heads; its LLS latents are token means of 64 entries.
+MODELS.register("vit")((ViT(dim=64, depth=6, heads=4, patch=4),))
 
 
 def list_models() -> list[str]:

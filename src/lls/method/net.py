@@ -57,6 +57,7 @@ class LocalNet(nn.Module):
         self.between = nn.ModuleList(op if op is not None else nn.Identity() for op in between)
         self.head = head
         self.latent_pool: list[int | None] = latent_pool
+        self.input_shape: tuple[int, ...] | None = None  # one sample's, where the builder knows it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
@@ -206,6 +207,7 @@ def _dense_block(din: int, spec: Dense, act: str) -> nn.Module:
 
 DENSE_LATENTS = ("pooled", "output")
 DEPTHWISE_PADDINGS = ("1", "stride")
+GRANULARITIES = ("block", "stage")  # residual networks: a LocalNet block per residual block, or per stage
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,12 @@ class ModelOptions:
         choices=DEPTHWISE_PADDINGS,
         known="paddings",
     )
+    block_granularity: str = option(
+        "block",
+        help="residual networks: one LLS block per residual 'block', or per 'stage' of them",
+        choices=GRANULARITIES,
+        known="granularities",
+    )
 
     def __post_init__(self) -> None:
         check(self)
@@ -247,6 +255,7 @@ def build(
     *,
     dense_latent: str = "pooled",
     depthwise_padding: str = "1",
+    block_granularity: str = "block",
 ) -> LocalNet:
     """Turn block specs into a :class:`LocalNet` for inputs of ``input_shape`` (C, H, W).
 
@@ -254,7 +263,7 @@ def build(
     "output" scores dense outputs as they are. ``depthwise_padding``: "1", or "stride" to pad each
     depthwise convolution by its stride (see :class:`DWSeparable`).
     """
-    ModelOptions(dense_latent, depthwise_padding)  # checks them
+    ModelOptions(dense_latent, depthwise_padding, block_granularity)  # checks them
     if activation not in ACTIVATIONS:
         raise LLSError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
     if num_classes < 2:
@@ -305,6 +314,13 @@ def build(
             shape = (shape[0] * spec.size * spec.size,)
         elif isinstance(spec, Dropout):
             _after(between, spec).append(nn.Dropout(spec.p))
+        elif hasattr(spec, "expand"):  # several blocks at once (zoo.py: residual nets, transformers)
+            plans = list(spec.expand(shape, ACTIVATIONS[activation], block_granularity))
+            for block, ops, pool, _ in plans:
+                blocks.append(block)
+                between.append(list(ops))
+                pools.append(pool)
+            shape = plans[-1][3]
         else:
             raise TypeError(f"{name}: unknown block spec {spec!r}")
     if len(shape) != 1:
@@ -312,7 +328,9 @@ def build(
         shape = (math.prod(shape),)
     head = nn.Linear(shape[0], num_classes)
     ops = [nn.Sequential(*ops) if len(ops) > 1 else (ops[0] if ops else None) for ops in between]
-    return LocalNet(blocks, head, ops, pools)
+    net = LocalNet(blocks, head, ops, pools)
+    net.input_shape = tuple(input_shape)  # what a Trainer takes when it is given no input shape
+    return net
 
 
 def _after(between: list[list[nn.Module]], spec: Spec) -> list[nn.Module]:

@@ -45,7 +45,10 @@ so it drops the graphs (``reset``); they are captured again.
 
 Requirements for ``graph``: a CUDA device; optimizers whose step keeps every per-step scalar on
 the device (the trainer asks the registry for capturable implementations); no data-parallel
-gradient hook. The learning rate and other hyper-parameters are frozen into the graph at capture time.
+gradient hook. A graph holds the hyper-parameters (learning rate, weight decay, betas) it was
+captured with; when an optimizer's are changed (a schedule, a hand-set learning rate), the engine
+drops its graphs and captures them again with the new values, so a change takes effect at the next
+step as on the eager engine.
 """
 
 from __future__ import annotations
@@ -98,6 +101,16 @@ def optimizer_engine(name: str, device: torch.device | str, optimizer: str | Cal
             f"capturable: {known}; or use --engine eager"
         )
     return resolved
+
+
+def hyperparameters(optimizers: Sequence[torch.optim.Optimizer]) -> list[dict[str, Any]]:
+    """Every optimizer's hyper-parameters as the host holds them (the numbers a graph bakes in);
+    the per-step values an optimizer keeps as tensors on the device are left out."""
+    return [
+        {k: v for k, v in group.items() if k != "params" and not isinstance(v, torch.Tensor)}
+        for optimizer in optimizers
+        for group in optimizer.param_groups
+    ]
 
 
 def is_capturable(optimizer: torch.optim.Optimizer) -> bool:
@@ -259,6 +272,7 @@ class GraphEngine:
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: dict[tuple, int] = {}
         self.replays = 0
+        self.captured_with: list[dict[str, Any]] = []  # the hyper-parameters of the graphs held
 
     # --- stepping ------------------------------------------------------------------------------
 
@@ -267,6 +281,8 @@ class GraphEngine:
             if self.strict:
                 raise LLSError("engine 'graph' does not run with data parallelism yet; use --engine eager")
             return self.stepper.eager(x, y)
+        if self.graphs and hyperparameters(self.stepper.optimizers) != self.captured_with:
+            self.reset()  # a graph replays the values it was captured with: capture anew
         key = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype)
         captured = self.graphs.get(key)
         if captured is not None:
@@ -317,6 +333,7 @@ class GraphEngine:
             result = self._body(static_x, static_y, self.schedule or SERIAL)
         captured = _Captured(graph, static_x, static_y, result)
         self.graphs[key] = captured
+        self.captured_with = hyperparameters(self.stepper.optimizers)
         return captured
 
     def _replay(self, captured: _Captured, x: torch.Tensor, y: torch.Tensor) -> StepResult:

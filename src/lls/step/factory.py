@@ -12,7 +12,8 @@ from ..method.net import Spec
 from ..method.rules import Rule, create_rule, seeded_options
 from ..training.config import DEFAULTS
 from .lowmem import MemorySpec
-from .optim import OptimizerFactory
+from .optim import LearningRate, OptimizerSpec
+from .schedules import SCHEDULES, ScheduleFactory
 from .trainer import Trainer
 
 
@@ -32,11 +33,14 @@ def build_trainer(
     seed: int = DEFAULTS.seed,
     device: torch.device | str = "cpu",
     channels_last: bool = DEFAULTS.channels_last,
-    optimizer: str | OptimizerFactory = DEFAULTS.optimizer,
-    lr: float = DEFAULTS.lr,
+    optimizer: OptimizerSpec = DEFAULTS.optimizer,
+    lr: LearningRate = DEFAULTS.lr,
     weight_decay: float = DEFAULTS.weight_decay,
     engine: str = DEFAULTS.engine,
     memory: MemorySpec = DEFAULTS.memory,
+    lr_schedule: str | ScheduleFactory | None = DEFAULTS.lr_schedule,
+    epochs: int = DEFAULTS.epochs,
+    precision: str = DEFAULTS.precision,
 ) -> Trainer:
     """A trainer for a model (a registered name, or a list of block specs) and a rule: the one way
     every command builds one. The defaults are ``lls train``'s (:class:`~lls.training.config.TrainConfig`).
@@ -47,7 +51,9 @@ def build_trainer(
     rule's activation (Tanh for DRTP) and ``model_options`` (:class:`~lls.method.net.ModelOptions`,
     e.g. ``{"dense_latent": "output"}``), on ``device``, in channels-last layout unless told not
     to, and steps with ``engine`` ("eager", "graph" or "auto"; see engine.py). ``memory``: the
-    low-memory step, see :class:`~lls.step.trainer.Trainer`.
+    low-memory step, see :class:`~lls.step.trainer.Trainer`. ``lr_schedule``: a schedule's name
+    (over ``epochs`` epochs) or a factory ``optimizer -> LRScheduler``. ``precision``: "fp32",
+    "bf16" or "fp16" (precision.py).
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
@@ -81,4 +87,6 @@ def build_trainer(
         weight_decay=weight_decay,
         engine=engine,
         memory=memory,
+        lr_schedule=SCHEDULES.get(lr_schedule)(epochs) if isinstance(lr_schedule, str) else lr_schedule,
+        precision=precision,
     )

@@ -118,6 +118,14 @@ def parse_memory(text: str) -> str | int:
     return size
 
 
+def size_text(size: float) -> str:
+    """Bytes as a person reads them (1.5 GiB, 300 MiB, 12 KiB); :func:`parse_memory` reads it back."""
+    for unit, factor in (("GiB", UNITS["gib"]), ("MiB", UNITS["mib"]), ("KiB", UNITS["kib"])):
+        if size >= factor:
+            return f"{size / factor:.3g} {unit}"
+    return f"{size:.0f} B"
+
+
 def memory_plan(memory: MemorySpec) -> MemoryPlan | None:
     """The plan for a ``memory`` setting: ``None`` (ordinary step), ``"low"``, a budget in bytes (an
     int or a string such as ``"256MiB"``), or a plan object."""
@@ -225,17 +233,17 @@ class LowMemory:
             return [min(batch, self.plan.samples)] * len(self.profiles)
         kept = self.kept(batch)
         limit = self.plan.limit(max(kept))
-        samples = []
-        for index, (held, p) in enumerate(zip(kept, self.profiles, strict=True)):
-            fits = (limit - held) // max(p.work, 1)
-            if fits < 1:
-                raise LLSError(
-                    f"a memory budget of {limit / MIB:.0f} MiB is below what block {index} needs even one "
-                    f"sample at a time at batch {batch} (about {(held + p.work) / MIB:.0f} MiB: the inputs "
-                    "it keeps whole); give a larger budget or a smaller batch"
-                )
-            samples.append(min(batch, fits))
-        return samples
+        least = [held + p.work for held, p in zip(kept, self.profiles, strict=True)]  # one sample a slice
+        if limit < max(least):
+            index = least.index(max(least))
+            raise LLSError(
+                f"a memory budget of {size_text(limit)} is below the smallest step at batch {batch}: "
+                f"block {index} one sample at a time needs about {size_text(least[index])} (the inputs "
+                f"it keeps whole); give --memory {math.ceil(max(least) / MIB)}MiB or more, or a smaller batch"
+            )
+        return [
+            min(batch, (limit - held) // max(p.work, 1)) for held, p in zip(kept, self.profiles, strict=True)
+        ]
 
     def estimated_peak(self, batch: int) -> int:
         """The estimated step peak (bytes) with the slices chosen for ``batch``."""

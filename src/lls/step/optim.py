@@ -7,11 +7,13 @@ the ``schedulefree`` package for "adamw-sf", so CPU runs stay bit-for-bit what t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 
 import schedulefree
 import torch
 
+from ..errors import LLSError
 from ..registry import Registry
 from .sfadamw import AdamWScheduleFree
 
@@ -71,3 +73,56 @@ def create_optimizer(
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
     """Schedule-free optimizers keep two weight sequences and must be told train / eval."""
     return hasattr(optimizer, "eval") and hasattr(optimizer, "train") and "train_mode" in optimizer.defaults
+
+
+OptimizerSpec = str | type[torch.optim.Optimizer] | OptimizerFactory
+LearningRate = float | Sequence[float] | Callable[[int], float]
+
+
+def make_optimizer(
+    spec: OptimizerSpec,
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float = 0.0,
+    *,
+    capturable: bool = False,
+) -> torch.optim.Optimizer:
+    """An optimizer from a registered name, a ``torch.optim.Optimizer`` class (given ``lr`` and
+    ``weight_decay`` by keyword: positionally Adam's third argument is ``betas``) or a factory
+    ``(params, lr, weight_decay) -> Optimizer``."""
+    if isinstance(spec, str):
+        return create_optimizer(spec, params, lr, weight_decay, capturable=capturable)
+    if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
+        return spec(list(params), lr=lr, weight_decay=weight_decay)
+    if callable(spec):
+        return spec(list(params), lr, weight_decay)
+    raise LLSError(
+        f"optimizer must be a name ({', '.join(OPTIMIZERS.names())}), a torch.optim class or a "
+        f"factory (params, lr, weight_decay) -> Optimizer; got {type(spec).__name__}"
+    )
+
+
+def block_lrs(lr: LearningRate, blocks: int) -> list[float]:
+    """The learning rate of each block's optimizer, then the head's: ``lr`` is one number for all,
+    a list of ``blocks + 1`` numbers, or a function of the index (``blocks`` for the head)."""
+    if callable(lr):
+        lrs = [lr(i) for i in range(blocks + 1)]
+        where = "the lr function's value"
+    elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        lrs, where = [lr] * (blocks + 1), "lr"
+    elif isinstance(lr, Sequence) and not isinstance(lr, str):
+        if len(lr) != blocks + 1:
+            raise LLSError(
+                f"lr has {len(lr)} values for {blocks} blocks and the head; give {blocks + 1} "
+                "(one per block, the last for the head), one number, or a function of the block index"
+            )
+        lrs, where = list(lr), "lr"
+    else:
+        raise LLSError(
+            f"lr must be a number, a list or a function of the block index; got {type(lr).__name__}"
+        )
+    for i, value in enumerate(lrs):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            who = "the head" if i == blocks else f"block {i}"
+            raise LLSError(f"{where} for {who} is {value!r}; a learning rate is a positive finite number")
+    return [float(v) for v in lrs]

@@ -24,6 +24,7 @@ from ..method.net import LocalNet
 from ..method.rules import Rule
 from ..method.signals import BlockSignal
 from .lowmem import LowMemory
+from .precision import FP32, Precision
 
 
 @dataclass
@@ -79,9 +80,11 @@ class Step:
         signals: Sequence[BlockSignal],
         optimizers: Sequence[torch.optim.Optimizer],
         low_memory: LowMemory | None = None,
+        precision: Precision = FP32,
     ) -> None:
         self.net, self.rule, self.signals, self.optimizers = net, rule, signals, optimizers
         self.low_memory = low_memory
+        self.precision = precision  # where autocast runs, and fp16's gradient scalers (precision.py)
         # Called with an optimizer between its gradients and its step; data parallelism averages the
         # gradients across processes here, so every block still steps on its own signal alone.
         self.sync_gradients: Callable[[torch.optim.Optimizer], None] | None = None
@@ -130,17 +133,21 @@ class Step:
             raise ValueError(f"rule {self.rule.name} waits for the head: its blocks cannot overlap")
         low = self.low_memory
         slicer = low.slicer(net, len(y)) if low is not None else None
-        block_loss = low.block_loss if low is not None else _block_loss
+        block_loss = low.block_loss if low is not None else self.precision.signal_loss
         block_losses, held = [], []  # held: block outputs waiting for the head's output (DFA)
         loss = None
         walk = net.walk(h, blocks, detach=True, slicer=slicer)
+        autocast = self.precision.autocast
         for index in range(blocks.start, blocks.stop + 1):
             with schedule.issue(index):
-                _, a = next(walk)  # the fixed op after the previous block, then this block
+                with autocast():
+                    _, a = next(walk)  # the fixed op after the previous block, then this block
                 if index == blocks.stop:  # the head's logits, or the next stage's input
-                    output = a
+                    output = self.precision.restore(a)  # float32, whatever autocast computed in
                     if blocks.stop == len(net.blocks):
-                        loss = consume(index, F.cross_entropy(output, y))
+                        with autocast():  # (autocast's cross-entropy is float32)
+                            head_loss = F.cross_entropy(output, y)
+                        loss = consume(index, head_loss)
                         output = output.detach()
                     continue
                 schedule.ready(index, a)
@@ -159,32 +166,20 @@ class Step:
         """Backward of block ``index``'s loss (L: the head's) and a step of that block's optimizer."""
         optimizer = self.optimizers[index]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.sync_gradients is not None:
-            self.sync_gradients(optimizer)
-        optimizer.step()
+        self.precision.update([optimizer], loss, self.sync_gradients, scaler=index)
         return loss.detach()
 
     def end_to_end(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """BP's step: one loss at the head, one backward pass through everything."""
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        logits, loss = bp_loss(self.net, x, y)
-        loss.backward()
-        for optimizer in self.optimizers:
-            if self.sync_gradients is not None:
-                self.sync_gradients(optimizer)
-            optimizer.step()
-        return StepResult(logits.detach(), loss.detach(), loss.new_zeros(0))
+        with self.precision.autocast():
+            logits, loss = bp_loss(self.net, x, y)
+        self.precision.update(self.optimizers, loss, self.sync_gradients)
+        return StepResult(self.precision.restore(logits.detach()), loss.detach(), loss.new_zeros(0))
 
 
 def bp_loss(net: LocalNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BP's loss: the head's cross-entropy, with the graph through every block (logits, loss)."""
     logits = net(x)
     return logits, F.cross_entropy(logits, y)
-
-
-def _block_loss(
-    signal: Callable[..., torch.Tensor], a: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None
-) -> torch.Tensor:
-    return signal(a, y, logits)

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.batches import check_batch
 from ..errors import LLSError
+from ..method.localize import as_local_net
 from ..method.net import LocalNet
 from ..method.rules import Rule, create_rule
 from ..method.signals import BlockSignal
@@ -23,7 +25,9 @@ from . import evaluation as evaluation_
 from .engine import GraphEngine, check_capturable, is_capturable, optimizer_engine
 from .evaluation import Batch, Evaluation
 from .lowmem import LowMemory, MemorySpec, memory_plan
-from .optim import OptimizerFactory, create_optimizer
+from .optim import LearningRate, OptimizerSpec, block_lrs, is_schedule_free, make_optimizer
+from .precision import Precision
+from .schedules import ScheduleFactory
 from .step import SERIAL, LocalPass, Schedule, Step, StepResult
 
 __all__ = ["Batch", "Evaluation", "LocalPass", "StepResult", "Trainer"]
@@ -42,6 +46,8 @@ class Trainer:
     ``memory`` (local rules only): ``None`` for the ordinary step; ``"low"``, or a budget in bytes
     (an int, or a string such as ``"256MiB"``), runs each block's step in slices of the batch with
     the same gradients, holding one slice's activations at a time (``lowmem.py``).
+
+    ``precision``: "fp32", or "bf16" / "fp16" mixed precision (``precision.py``).
     """
 
     def __init__(
@@ -49,17 +55,26 @@ class Trainer:
         net: LocalNet,
         rule: Rule | str = DEFAULTS.rule,
         *,
-        input_shape: Sequence[int],
-        optimizer: str | OptimizerFactory = DEFAULTS.optimizer,
-        lr: float = DEFAULTS.lr,
+        input_shape: Sequence[int] | None = None,
+        optimizer: OptimizerSpec = DEFAULTS.optimizer,
+        lr: LearningRate = DEFAULTS.lr,
         weight_decay: float = DEFAULTS.weight_decay,
         engine: str = DEFAULTS.engine,
         memory: MemorySpec = DEFAULTS.memory,
+        lr_schedule: ScheduleFactory | None = None,
+        precision: str = DEFAULTS.precision,
     ) -> None:
+        net, input_shape = as_local_net(net, input_shape)
         self.net = net
         self.rule = create_rule(rule) if isinstance(rule, str) else rule
         check_step(
-            self.rule, optimizer=optimizer, lr=lr, weight_decay=weight_decay, engine=engine, memory=memory
+            self.rule,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            engine=engine,
+            memory=memory,
+            precision=precision,
         )
         self.num_classes = _num_classes(net.head)
         for i, op in enumerate(net.between):
@@ -81,7 +96,12 @@ class Trainer:
         for i, group in enumerate(groups):
             if not group:
                 raise LLSError(f"block {i} has no trainable parameters; merge it into a neighbour")
+        self.precision = Precision(precision, param.device, len(groups))
         mode = optimizer_engine(engine, param.device, optimizer)  # "eager" or "graph"
+        if mode == "graph" and self.precision.scalers:  # a scaler reads its overflow flag on the host
+            if engine != "auto":
+                raise LLSError("fp16's gradient scaling cannot be captured: use --engine eager, or bf16")
+            mode = "eager"
         if mode == "graph" and memory is not None:  # a captured step holds the whole batch's tensors
             if engine != "auto":
                 raise LLSError(
@@ -89,19 +109,24 @@ class Trainer:
                     "use --engine eager with --memory"
                 )
             mode = "eager"
-        if isinstance(optimizer, str):  # the graph engine gets implementations it can capture
-            capturable = mode == "graph"
-            self.optimizers = [
-                create_optimizer(optimizer, group, lr, weight_decay, capturable=capturable)
-                for group in groups
-            ]
-        else:
-            self.optimizers = [optimizer(group, lr, weight_decay) for group in groups]
-            if mode == "graph" and not all(is_capturable(o) for o in self.optimizers):
-                if engine == "auto":
-                    mode = "eager"
-                else:
-                    check_capturable(self.optimizers)
+        lrs = block_lrs(lr, len(net.blocks))
+        if lr_schedule is not None and mode == "graph":  # a captured step replays the lr it saw
+            if engine != "auto":
+                raise LLSError(
+                    "the graph engine replays captured steps: use --engine eager with an lr schedule"
+                )
+            mode = "eager"
+        capturable = mode == "graph"  # the graph engine gets implementations it can capture
+        self.optimizers = [
+            make_optimizer(optimizer, group, rate, weight_decay, capturable=capturable)
+            for group, rate in zip(groups, lrs, strict=True)
+        ]
+        if mode == "graph" and not all(is_capturable(o) for o in self.optimizers):
+            if engine == "auto":
+                mode = "eager"
+            else:
+                check_capturable(self.optimizers)
+        self.schedulers = [lr_schedule(o) for o in self.optimizers] if lr_schedule is not None else []
         self.lr = lr
         self.input_shape = tuple(input_shape)
         self.batch_size_in_step = 0
@@ -111,7 +136,7 @@ class Trainer:
         self.low_memory = (
             None if plan is None else LowMemory(plan, net, self.input_shape, recompute_all=recompute_all)
         )
-        self.step = Step(net, self.rule, self.signals, self.optimizers, self.low_memory)
+        self.step = Step(net, self.rule, self.signals, self.optimizers, self.low_memory, self.precision)
         evaluation_.train_mode(net, self.optimizers)
         # None: the eager step. "auto" steps eagerly where a step cannot be captured.
         self.engine = (
@@ -131,7 +156,16 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One minibatch: every block updated from its own signal, the head from cross-entropy."""
+        x, y = check_batch((x, y), self.input_shape, self.num_classes, next(self.net.parameters()))
         self.batch_size_in_step = len(y)  # read by data parallelism to weight this process's gradients
+        # Checked here, on the host, for every engine: a replayed graph runs no optimizer's own check
+        if not self.net.training or any(
+            is_schedule_free(o) and not o.param_groups[0]["train_mode"] for o in self.optimizers
+        ):
+            raise LLSError(
+                "a training step inside evaluation() (the network in eval mode, schedule-free optimizers "
+                "on their averaged weights); step after the evaluation has ended"
+            )
         if self.engine is not None:
             return self.engine.step(x, y)
         return self.step.eager(x, y)
@@ -157,7 +191,7 @@ class Trainer:
 
     def evaluation(self, refresh: Iterable[Batch] = ()) -> AbstractContextManager[LocalNet]:
         """The paper's evaluation procedure (evaluation.py), undone on exit; yields the network."""
-        return evaluation_.evaluation(self.net, self.optimizers, refresh)
+        return evaluation_.evaluation(self.net, self.optimizers, self.checked(refresh))
 
     def evaluate(
         self,
@@ -174,11 +208,16 @@ class Trainer:
             self.optimizers,
             self.signals,
             self.num_classes,
-            batches,
-            refresh,
+            self.checked(batches),
+            self.checked(refresh),
             blocks=blocks,
             probe_batches=probe_batches,
         )
+
+    def checked(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+        """``batches`` checked and moved to the network's device (:func:`~lls.data.batches.check_batch`)."""
+        like = next(self.net.parameters())
+        return (check_batch(b, self.input_shape, self.num_classes, like) for b in batches)
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -193,6 +232,8 @@ class Trainer:
             "net": self.net.state_dict(),
             "signals": [s.state_dict() for s in self.signals],
             "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            **({"scalers": self.precision.state_dict()} if self.precision.scalers else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -203,6 +244,14 @@ class Trainer:
             signal.load_state_dict(signal_state)
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
+        self.precision.load_state_dict(state.get("scalers"))
+        for scheduler, scheduler_state in zip(self.schedulers, state.get("schedulers", []), strict=True):
+            scheduler.load_state_dict(scheduler_state)
+
+    def end_epoch(self) -> None:
+        """Step every learning-rate schedule (once per epoch)."""
+        for scheduler in self.schedulers:
+            scheduler.step()
 
 
 def _num_classes(head: nn.Module) -> int:

@@ -25,8 +25,15 @@ from ..options import check, check_values, flag, option, options_of
 from ..step.engine import ENGINES
 from ..step.lowmem import MemorySpec, memory_plan
 from ..step.optim import OPTIMIZERS
+from ..step.precision import PRECISIONS, is_mixed
+from ..step.schedules import SCHEDULES
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+# Upper bounds far above any real run, so that a mistyped number is refused, not run for ever
+MAX_EPOCHS = 100_000
+MAX_BATCH = 2**24
+MAX_IMAGES = 2**40  # --limit / --holdout: above any dataset, so "all of them" stays expressible
+MAX_IMAGE_SIZE = 2**14
 
 
 @dataclass
@@ -48,13 +55,17 @@ class TrainConfig:
         1,
         help="epochs to train (a resumed run may be given more)",
         minimum=1,
+        maximum=MAX_EPOCHS,
         resumable=True,
         distinguishing=False,  # a report shows the budget in a column of its own
     )
-    batch_size: int = option(128, help="minibatch size", minimum=1)
+    batch_size: int = option(128, help="minibatch size", minimum=1, maximum=MAX_BATCH)
     lr: float = option(5e-3, help="learning rate of every block's optimizer", positive=True, maximum=1e3)
     weight_decay: float = option(0.0, help="weight decay of every optimizer", minimum=0.0, maximum=1e3)
     optimizer: str = option("adamw-sf", help="optimizer of every block and of the head", choices=OPTIMIZERS)
+    lr_schedule: str = option(
+        "none", help="learning-rate schedule of every optimizer over the epochs", choices=SCHEDULES
+    )
     seed: int = option(
         0,
         help="seed of the initial weights, shuffling, augmentation and the rule's random tensors",
@@ -62,18 +73,21 @@ class TrainConfig:
         maximum=MAX_SEED,
         distinguishing=False,
     )
-    limit: int | None = option(None, help="use only the first N training and test images", minimum=1)
+    limit: int | None = option(
+        None, help="use only the first N training and test images", minimum=1, maximum=MAX_IMAGES
+    )
     augment: str | None = option(
         None, help="augmentation preset of the dataset (e.g. cifar10: basic, aug, none)"
     )
     image_size: int | None = option(
-        None, help="imagefolder: side of the square crops (default 64)", minimum=1
+        None, help="imagefolder: side of the square crops (default 64)", minimum=1, maximum=MAX_IMAGE_SIZE
     )
     channels_last: bool = option(True, help="channels-last memory layout (faster convolutions on CPU)")
     holdout: int | None = option(
         None,
         help="hold out N training images and evaluate on them instead of the test set (for tuning)",
         minimum=1,
+        maximum=MAX_IMAGES,
         distinguishing=False,
     )
 
@@ -93,6 +107,13 @@ class TrainConfig:
         resumable=True,
         distinguishing=False,
     )
+    precision: str = option(
+        "fp32",
+        help="what the forward pass computes in: fp32, or bf16 / fp16 mixed precision (autocast; "
+        "weights, updates, the basis and the losses stay float32; fp16 scales each block's loss)",
+        choices=tuple(PRECISIONS),
+        known="precisions",
+    )
 
     def __post_init__(self) -> None:
         check(self)
@@ -101,7 +122,7 @@ class TrainConfig:
         # run re-read later keeps it whatever today's defaults are.
         self.rule_options = dataclasses.asdict(rule)
         self.model_options = model_options(self.model_options)  # checked, defaults filled in
-        check_memory(self.memory, rule)
+        check_memory(self.memory, rule, self.precision)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,11 +187,14 @@ def default(name: str) -> Any:
     return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
-def check_memory(memory: MemorySpec, rule: Rule) -> None:
-    """Refuses a memory setting that does not parse, or one given to an end-to-end rule."""
+def check_memory(memory: MemorySpec, rule: Rule, precision: str = "fp32") -> None:
+    """Refuses a memory setting that does not parse, or one given to an end-to-end rule or with a
+    mixed precision (the sliced step recomputes in float32)."""
     if memory is None:
         return
     memory_plan(memory)
+    if is_mixed(precision):
+        raise LLSError(f"--memory runs in float32: drop --memory or --precision {precision}")
     if rule.timing == "end-to-end":
         raise LLSError(
             f"--memory slices one block's step at a time and {rule.name} back-propagates "
@@ -179,15 +203,24 @@ def check_memory(memory: MemorySpec, rule: Rule) -> None:
 
 
 def check_step(
-    rule: Rule, *, optimizer: str | Callable, lr: float, weight_decay: float, engine: str, memory: MemorySpec
+    rule: Rule,
+    *,
+    optimizer: str | Callable,
+    lr: Any,
+    weight_decay: float,
+    engine: str,
+    memory: MemorySpec,
+    precision: str = "fp32",
 ) -> None:
     """The checks ``lls train`` runs on the step's options, for every other path to a trainer: one
     line naming the option (as its flag) and the fix."""
-    values = {"lr": lr, "weight_decay": weight_decay, "engine": engine}
+    values = {"weight_decay": weight_decay, "engine": engine, "precision": precision}
+    if isinstance(lr, (int, float)):  # a list or a function of the block index: block_lrs checks it
+        values["lr"] = lr
     if isinstance(optimizer, str):  # a factory is the caller's own
         values["optimizer"] = optimizer
     check_values(TrainConfig, values, name=flag)
-    check_memory(memory, rule)
+    check_memory(memory, rule, precision)
 
 
 # The defaults as attributes (``DEFAULTS.lr``), for signatures outside the configuration.

@@ -30,8 +30,47 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
+NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, btrfs, tmpfs)
+
+
+def name_too_long(path: Path | str) -> str | None:
+    """What is wrong with ``path`` when one of its names is longer than a filesystem allows."""
+    for name in Path(path).parts:
+        if len(os.fsencode(name)) > NAME_MAX:
+            shown = name if len(name) <= 40 else f"{name[:20]}...{name[-12:]}"
+            return (
+                f"the name {shown!r} in {what_path(path)} is too long ({len(os.fsencode(name))} bytes; "
+                f"a name may have at most {NAME_MAX}); choose a shorter one"
+            )
+    return None
+
+
+def what_path(path: Path | str) -> str:
+    """``path`` shortened for a message when it is very long."""
+    text = str(path)
+    return text if len(text) <= 120 else f"{text[:60]}...{text[-40:]}"
+
+
+def check_folder(path: Path | str, what: str, missing: str = "") -> Path:
+    """``path`` if it is an existing folder; otherwise an error naming why: a name too long, a file
+    where a folder is expected, or nothing there (``missing`` adds what to do)."""
+    if not str(path).strip():  # Path("") would be ".", the current folder
+        raise LLSError(f"{what} is an empty path; name a folder")
+    path = Path(path)
+    problem = name_too_long(path)
+    if problem is not None:
+        raise LLSError(f"{what}: {problem}")
+    if path.exists() and not path.is_dir():
+        raise LLSError(f"{what} {path} is a file, not a folder")
+    if not path.is_dir():
+        raise LLSError(f"{what} {path} does not exist{missing}")
+    return path
+
+
 def describe_os_error(error: OSError, path: Path | str) -> str:
     """One line for a filesystem failure: what happened to which path, and what to do."""
+    if error.errno == errno.ENAMETOOLONG:
+        return name_too_long(path) or f"a name in {what_path(path)} is too long; choose a shorter one"
     reason = error.strerror or str(error)
     if error.errno == errno.ENOSPC:
         fix = "free disk space and resume the run"

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import BatchLoader, Dataset, FileSplit, make_loader
+from ..data.batches import checked_loaders
 from ..errors import LLSError
 from ..method.readout import PROBE_IMAGES
 from ..step.step import StepResult
@@ -115,9 +116,11 @@ class History:
 
 @dataclass
 class Loaders:
-    train: BatchLoader
-    test: BatchLoader
-    probe: BatchLoader | None = None  # unaugmented training images for the per-block ridge probes
+    """lls' own loaders, or any re-iterable of ``(x, y)`` batches (a DataLoader): see ``data/batches.py``."""
+
+    train: BatchLoader | Iterable
+    test: BatchLoader | Iterable
+    probe: BatchLoader | Iterable | None = None  # unaugmented training images for the ridge probes
 
     @classmethod
     def for_dataset(
@@ -335,9 +338,10 @@ class Strategy:
 
 def fit(
     trainer: Trainer,
-    loaders: Loaders,
+    loaders: Loaders | Iterable,
     epochs: int,
     *,
+    test: Iterable | None = None,
     strategy: Strategy | None = None,
     start_epoch: int = 0,
     history: History | None = None,
@@ -348,7 +352,9 @@ def fit(
     block_accuracy: bool = True,
 ) -> History:
     """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after
-    each epoch with the paper's procedure; ``strategy`` says how (default: in this process)."""
+    each epoch with the paper's procedure; ``strategy`` says how (default: in this process).
+    ``loaders``: :class:`Loaders`, or any re-iterable of training batches with ``test`` batches."""
+    loaders = checked_loaders(Loaders, trainer, loaders, test, min_batch=BATCHNORM_MIN_BATCH)
     strategy = strategy or Strategy()
     history = history or History()
     should_stop = strategy.agree(should_stop)
@@ -369,6 +375,8 @@ def fit(
             raise TrainingDiverged(
                 f"evaluation after epoch {epoch + 1} gave a test loss of {result.loss}; lower --lr"
             )
+        lr = trainer.optimizers[0].param_groups[0]["lr"]  # this epoch's (block 0's, where lrs differ)
+        trainer.end_epoch()  # before on_epoch checkpoints the trainer: a resume starts the next epoch
         record = EpochRecord(
             epoch=epoch + 1,
             train_loss=done.loss_sum / done.seen,
@@ -378,7 +386,7 @@ def fit(
             test_accuracy=result.accuracy,
             train_seconds=done.seconds,
             eval_seconds=eval_seconds,
-            lr=trainer.lr,
+            lr=lr,
             block_accuracy=result.block_accuracy,
             readout=result.readout,
             stage_busy=done.stage_busy,

@@ -20,15 +20,16 @@ from typing import Any
 
 import torch
 
-from ..data import Dataset, load_dataset
+from ..data import Dataset, drawn_on, load_dataset
 from ..errors import LLSError
+from ..measure.fits import check_training_fits
 from ..step.factory import build_trainer
 from ..step.trainer import Trainer
 from . import pipeline  # noqa: F401 (registers --parallel pipeline)
 from .config import TrainConfig
 from .distributed import STRATEGIES
 from .fit import EpochProgress, EpochRecord, History, Interrupted, Loaders, Strategy, TrainingDiverged, fit
-from .rundir import RunDir, checkpoint_state, environment, read_state, set_rng_state
+from .rundir import RunDir, check_progress, checkpoint_state, environment, read_state, set_rng_state
 
 # curves.png takes 1-2 s to draw (matplotlib's layout), more than a GPU epoch: after the first epoch
 # of a session it is redrawn at most this often, and always after the last epoch or a stop.
@@ -52,7 +53,9 @@ def build_session(
     data_dir: str | None = None,
     download: bool = True,
     quiet: bool = False,
+    draws: str | None = None,
 ) -> Session:
+    """``draws``: the training loader's (``host``, ``device``; None: as the engine suits, below)."""
     data = load_dataset(
         config.dataset,
         data_dir,
@@ -77,6 +80,9 @@ def build_session(
         weight_decay=config.weight_decay,
         engine=config.engine,
         memory=config.memory,
+        lr_schedule=config.lr_schedule,
+        epochs=config.epochs,
+        precision=config.precision,
     )
     loaders = Loaders.for_dataset(
         data,
@@ -87,9 +93,21 @@ def build_session(
         channels_last=config.channels_last,
         # A replayed graph step outruns host-side augmentation: the graph engine draws on the
         # device (another stream of numbers than the eager engine's, which stays bit-for-bit).
-        draws="auto" if trainer.engine is not None else "host",
+        draws=draws or ("auto" if trainer.engine is not None else "host"),
     )
     return Session(config, data, trainer, loaders)
+
+
+def resumed_draws(progress: dict[str, Any] | None, device: torch.device, where: Path) -> str | None:
+    """The draws an epoch in progress came from (``drawn_on``), so that its rest is the same
+    permutation whatever engine resumes it; None: no epoch in progress, or no record of them."""
+    recorded = (progress or {}).get("draws")
+    if recorded in (None, "host", f"device:{device.type}"):
+        return recorded and recorded.split(":")[0]
+    raise LLSError(
+        f"{where}: the epoch in progress drew its batches with {recorded!r} (its progress field "
+        f"'draws') and this run is on {device.type}; resume it on that device"
+    )
 
 
 def load_trainer_state(trainer: Trainer, state: dict[str, Any], where: Path) -> None:
@@ -109,6 +127,8 @@ def open_trained(path: str | Path, *, device: torch.device, data_dir: str | None
         raise LLSError(f"{run.path} has no checkpoint yet; train at least one epoch first")
     read_state(state, config, run.checkpoint_path)
     session = build_session(config, device=device, data_dir=data_dir, download=download, quiet=True)
+    if state["progress"] is not None:
+        check_progress(state["progress"], state["epoch"], len(session.loaders.train), run.checkpoint_path)
     load_trainer_state(session.trainer, state, run.checkpoint_path)
     return run, state, session
 
@@ -172,19 +192,28 @@ def train_run(
 def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, held) -> RunOutcome:
     main = strategy.main
     log = options.log if main else (lambda *a, **k: None)
+    run, state, draws = None, None, None
+    device = strategy.place(options.device)
+    if resume:  # the run's lock and its checkpoint's record checked before any data is loaded
+        run, state = open_run(config, out, True, None, strategy, {})
+        held.extend([run] if run is not None else [])
+        if state is not None:
+            read_state(state, config, out / "checkpoint.pt")
+            draws = resumed_draws(state["progress"], device, out / "checkpoint.pt")
     session = build_session(
         config,
-        device=strategy.place(options.device),
+        device=device,
         data_dir=options.data_dir,
         download=options.download,
         quiet=options.quiet_data or not main,
+        draws=draws,
     )
     strategy.setup(session.trainer, session.loaders)
-    session.loaders.train.batches()  # refuses batches too small for BatchNorm on each process
-    # everything that can be refused has been checked: now the run directory
-    run, state = open_run(config, out, resume, session, strategy, {"data_dir": options.data_dir})
-    if run is not None:
-        held.append(run)
+    # refuses batches too small for BatchNorm on each process, and steps too big for the memory
+    check_training_fits(session.trainer, max(map(len, session.loaders.train.batches()), default=0))
+    if not resume:  # everything that can be refused has been checked: now the run directory
+        run, state = open_run(config, out, False, session, strategy, {"data_dir": options.data_dir})
+        held.extend([run] if run is not None else [])
     history, start_epoch, progress = History(), 0, None
     if state is not None:
         history, start_epoch, progress = restore(session, state, strategy, out / "checkpoint.pt")
@@ -239,7 +268,7 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
     except Interrupted as stop:
         replot()
         if stop.progress is not None:
-            record = strategy.progress_record(stop.progress)
+            record = {**strategy.progress_record(stop.progress), "draws": drawn_on(session.loaders.train)}
             if main:
                 trainer_state = session.trainer.state_dict()
                 run.save_checkpoint(
@@ -277,6 +306,8 @@ def open_run(config: TrainConfig, out: Path, resume: bool, session: Session, str
 def restore(session: Session, state: dict[str, Any], strategy: Strategy, where: Path):
     """Load a checkpoint into a freshly built session; returns (history, epoch, progress)."""
     history, epoch, record = read_state(state, session.config, where)
+    if record is not None:
+        check_progress(record, epoch, len(session.loaders.train), where)
     if session.config.epochs < epoch:
         raise LLSError(
             f"{where.parent} has trained {epoch} epochs already; resume with --epochs {epoch} or more"

@@ -15,6 +15,7 @@ SHA-256 of their payload, checked on load.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -30,8 +31,9 @@ import torch
 from .. import __version__
 from ..errors import LLSError
 from ..measure.plots import plot_curves
-from .config import TrainConfig
-from .files import Lock, atomic_write, describe_os_error, remove_stale_temp_files
+from ..options import flag
+from .config import RESUMABLE, TrainConfig
+from .files import Lock, atomic_write, check_folder, describe_os_error, name_too_long, remove_stale_temp_files
 from .fit import EpochProgress, EpochRecord, History
 
 CHECKPOINT_FORMAT = "lls-checkpoint"
@@ -52,6 +54,9 @@ class RunDir:
     def create(cls, path: str | Path, config: TrainConfig, extra: dict[str, Any]) -> RunDir:
         """A new run directory holding ``config.json``, locked by this process."""
         run = cls(path)
+        problem = name_too_long(run.path)
+        if problem is not None:
+            raise LLSError(f"--out: {problem}")
         if run.path.exists() and not run.path.is_dir():
             raise LLSError(f"--out {run.path} is a file, not a folder; choose another --out")
         if run.config_path.exists() or run.checkpoint_path.exists():
@@ -70,9 +75,7 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
-        run = cls(path)
-        if not run.path.is_dir():
-            raise LLSError(f"run directory {run.path} does not exist")
+        run = cls(check_folder(path, "run directory"))
         if not run.config_path.is_file():
             raise LLSError(f"{run.path} is not an lls run directory (no config.json)")
         return run
@@ -106,8 +109,9 @@ class RunDir:
         record = self.read_record()
         if record["config"] == config.as_dict():
             return
-        change = {"epochs": [record["config"].get("epochs"), config.epochs]}
-        record["config"] = config.as_dict()
+        new = config.as_dict()
+        change = {k: [record["config"].get(k), v] for k, v in new.items() if record["config"].get(k) != v}
+        record["config"] = new
         keep = ("commit", "lls_version", "torch_version", "command", "created")
         now = environment()
         record.setdefault("resumed", []).append({**change, **{k: now[k] for k in keep}})
@@ -159,20 +163,61 @@ class RunDir:
         plot_curves(records, self.curves, title)
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's rows, each checked to be an epoch's record (the file is for people and
+        tools; the checkpoint is the source of truth, and a resume rewrites the file from it)."""
         if not self.metrics_jsonl.is_file():
             return []
+        fix = "resume the run (`lls train --resume`) to rewrite it from the checkpoint"
+        try:
+            text = self.metrics_jsonl.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise LLSError(f"{self.metrics_jsonl} is not text (byte {error.start}); {fix}") from None
+        except OSError as error:
+            raise LLSError(describe_os_error(error, self.metrics_jsonl)) from None
         rows = []
-        for number, line in enumerate(self.metrics_jsonl.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
-                raise LLSError(
-                    f"{self.metrics_jsonl} line {number} is not JSON; resume the run "
-                    "(`lls train --resume`) to rewrite it from the checkpoint"
-                ) from None
+                raise LLSError(f"{self.metrics_jsonl} line {number} is not JSON; {fix}") from None
+            problem = record_problem(row)
+            if problem is not None:
+                raise LLSError(f"{self.metrics_jsonl} line {number} {problem}; {fix}")
+            rows.append(row)
         return rows
+
+
+def record_problem(row: Any) -> str | None:
+    """Why ``row`` is not an epoch's record (:class:`EpochRecord` as a dict), or None."""
+    if not isinstance(row, dict):
+        return f"is {type(row).__name__}, not an epoch's record"
+    fields = {f.name: f for f in dataclasses.fields(EpochRecord)}
+    missing = [name for name, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING]
+    missing = sorted(set(missing) - set(row))
+    if missing:
+        return f"lacks the fields {missing}"
+    unknown = sorted(set(row) - set(fields))
+    if unknown:
+        return f"has unknown fields {unknown}"
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for name, value in row.items():
+        kind = fields[name].type
+        if name == "epoch":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif kind == "float":
+            ok = number(value)
+        elif kind.startswith("list"):
+            ok = isinstance(value, list) and all(number(v) for v in value)
+        else:  # the readout's name
+            ok = value is None or isinstance(value, str)
+        if not ok:
+            return f"has {name} = {value!r}"
+    return None
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
@@ -240,8 +285,17 @@ def read_state(state: dict[str, Any], config: TrainConfig, where: Path) -> tuple
         if key not in state:
             raise bad(key, "is missing")
     saved = TrainConfig.from_dict(state["config"], where=f"{where} field 'config': ")
-    if saved.as_dict() | {"epochs": 0} != config.as_dict() | {"epochs": 0}:
-        raise LLSError(f"{where} was written by a run with another configuration; it cannot be resumed here")
+    old, new = saved.as_dict(), config.as_dict()
+    conflicts = [
+        f"{flag(k)} {new[k]!r} (the checkpoint has {old[k]!r})"
+        for k in new
+        if k not in RESUMABLE and old[k] != new[k]
+    ]
+    if conflicts:
+        raise LLSError(
+            f"{where} was written by a run with another configuration: {'; '.join(conflicts)}; "
+            "restore the run's config.json, or start a new run with --out"
+        )
     epoch, history = state["epoch"], state["history"]
     if not isinstance(epoch, int) or epoch < 0:
         raise bad("epoch", f"is {epoch!r}, not a number of epochs")
@@ -255,15 +309,41 @@ def read_state(state: dict[str, Any], config: TrainConfig, where: Path) -> tuple
     if progress is not None and not isinstance(progress, dict):
         raise bad("progress", f"is {type(progress).__name__}, not a record of an epoch in progress")
     if progress is not None:
-        try:
-            EpochProgress.from_dict(progress)
-        except (TypeError, ValueError) as error:
-            raise bad("progress", f"is not a record of an epoch in progress ({error})") from None
+        check_progress(progress, epoch, None, where)
     if not isinstance(state["rng"], dict) or not isinstance(state["rng"].get("torch"), torch.Tensor):
         raise bad("rng", "holds no random-number-generator state")
     if not isinstance(state["trainer"], dict):
         raise bad("trainer", "holds no trainer state")
     return History(records), epoch, progress
+
+
+PROGRESS_REQUIRED = {"epoch", "step", "loss_sum", "correct", "seen", "seconds"}
+PROGRESS_EXTRA = {"ranks", "draws"}  # a data-parallel run's per-process sums; the loader's data path
+
+
+def check_progress(progress: dict[str, Any], epoch: int, steps: int | None, where: Path) -> None:
+    """Refuse a progress record that cannot be the epoch in progress of a checkpoint after ``epoch``
+    completed epochs, of ``steps`` steps (None: not known yet), naming the field."""
+
+    def bad(why: str) -> LLSError:
+        return LLSError(f"{where} field 'progress' {why}; the checkpoint is damaged: resume from a copy")
+
+    unknown = sorted(set(progress) - {f.name for f in dataclasses.fields(EpochProgress)} - PROGRESS_EXTRA)
+    if unknown:
+        raise bad(f"has unknown fields {unknown}")
+    missing = sorted(PROGRESS_REQUIRED - set(progress))
+    if missing:
+        raise bad(f"lacks the fields {missing}")
+    try:
+        record = EpochProgress.from_dict(progress)
+    except (TypeError, ValueError) as error:
+        raise bad(f"is not a record of an epoch in progress ({error})") from None
+    if record.epoch != epoch:
+        raise bad(f"is of epoch {record.epoch + 1}, not of epoch {epoch + 1} that follows the saved ones")
+    if record.seen < record.step or record.correct > record.seen:
+        raise bad(f"counts {record.seen} images ({record.correct} correct) in {record.step} steps")
+    if steps is not None and record.step >= steps:
+        raise bad(f"says step {record.step} of an epoch of {steps} steps")
 
 
 def rng_state() -> dict[str, Any]:

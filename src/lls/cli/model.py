@@ -1,0 +1,109 @@
+"""``lls predict`` and ``lls export``: the trained model out of a run (see ``training/trained.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+import torch
+
+from ..data.inputs import read_images
+from ..errors import LLSError
+from ..training.export import FORMATS, check_format, export_model
+from ..training.run import open_trained
+from ..training.trained import Inputs, batches, dataset_inputs, evaluated_model
+from .common import add_data_options, add_device, resolve_device
+
+PROBABILITY_DIGITS = 6  # significant digits of the probabilities in CSV
+
+
+def add(commands) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="classify images with a run's trained model",
+        description="Classify image files (any size: resized and cropped as the run's dataset) or a "
+        "split of a dataset with the model a run evaluated; one row per image: its class and the "
+        "probability of every class.",
+    )
+    predict.add_argument("run", help="run directory")
+    predict.add_argument("files", nargs="*", metavar="FILE", help="image files to classify")
+    predict.add_argument("--dataset", help="classify a split of this dataset instead of files")
+    predict.add_argument("--split", choices=("test", "train"), default="test", help="with --dataset (test)")
+    predict.add_argument("--json", action="store_true", help="one JSON object instead of CSV")
+    add_device(predict)
+    add_data_options(predict)
+    predict.set_defaults(func=cmd_predict)
+
+    export = commands.add_parser(
+        "export",
+        help="write a run's trained model as ONNX or TorchScript",
+        description="Write the model a run evaluated to a file: ONNX (input 'input' with a dynamic "
+        "batch dimension, output 'logits'; needs pip install 'lls[export]') or TorchScript (traced).",
+    )
+    export.add_argument("run", help="run directory")
+    export.add_argument("--format", required=True, choices=FORMATS.names(), help="file format")
+    export.add_argument("--out", required=True, help="file to write")
+    add_data_options(export)
+    export.set_defaults(func=cmd_export)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if bool(args.files) == bool(args.dataset):
+        raise LLSError("give image files or --dataset (one of the two)")
+    device = resolve_device(args.device)
+    download = not args.no_download
+    _, state, session = open_trained(args.run, device=device, data_dir=args.data_dir, download=download)
+    if args.dataset:
+        inputs = dataset_inputs(session, args.dataset, args.split, data_dir=args.data_dir, download=download)
+    else:
+        split = read_images(args.files, session.data)
+        inputs = Inputs("files", session.data, split, [str(f) for f in args.files])
+    model = evaluated_model(session, state)
+    probabilities = []
+    with torch.no_grad():
+        for x, _ in batches(session, inputs, device):
+            probabilities.append(torch.softmax(model(x).float(), dim=1).cpu())
+    probs = torch.cat(probabilities)
+    names = class_names(inputs)
+    labels = inputs.split.labels.tolist()
+    rows = []
+    for name, label, p in zip(inputs.names, labels, probs.tolist(), strict=True):
+        predicted = max(range(len(p)), key=p.__getitem__)
+        row = {"input": name, "class": predicted, "name": names[predicted], "probabilities": p}
+        rows.append({**row, **({"label": label} if label >= 0 else {})})
+    if args.json:
+        print(json.dumps({"run_dir": args.run, "inputs": inputs.name, "classes": names, "predictions": rows}))
+        return 0
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    has_labels = any("label" in row for row in rows)
+    writer.writerow(
+        ["input", *(["label"] if has_labels else []), "class", "name", *(f"p_{k}" for k in range(len(names)))]
+    )
+    for row in rows:
+        label = [row["label"]] if has_labels else []
+        p = [f"{v:.{PROBABILITY_DIGITS}g}" for v in row["probabilities"]]
+        writer.writerow([row["input"], *label, row["class"], row["name"], *p])
+    return 0
+
+
+def class_names(inputs: Inputs) -> list[str]:
+    classes = list(inputs.data.classes)
+    count = inputs.data.num_classes
+    return classes if len(classes) == count else [str(k) for k in range(count)]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    check_format(args.format)  # before the run is read: a missing package is said at once
+    device = torch.device("cpu")
+    _, state, session = open_trained(
+        args.run, device=device, data_dir=args.data_dir, download=not args.no_download
+    )
+    model = evaluated_model(session, state).to(memory_format=torch.contiguous_format)
+    out = export_model(model, session.data.input_shape, args.out, args.format)
+    print(
+        f"wrote {out} ({args.format}): input (N, {', '.join(map(str, session.data.input_shape))}), "
+        f"{session.data.num_classes} logits"
+    )
+    return 0

@@ -1,0 +1,129 @@
+"""Any iterable of ``(x, y)`` batches, a ``torch.utils.data.DataLoader`` over any Dataset included.
+
+:func:`check_batch` is the one check of a batch a trainer is handed (float inputs of the shape the
+network takes, one integer label per sample in range), with one line naming what is wrong and the
+fix, and it moves the batch to the network's device and dtype. :class:`IterableBatches` gives such
+an iterable the epoch interface of lls' own loaders, so ``fit`` trains on it as on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from ..errors import LLSError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def check_batch(
+    batch: object,
+    input_shape: Sequence[int],
+    num_classes: int,
+    like: torch.Tensor,
+    *,
+    min_batch: int = 1,
+) -> Batch:
+    """``batch`` as ``(x, y)`` on ``like``'s device, ``x`` in its dtype and ``y`` as int64, or one
+    clear error. Labels are range-checked where they are on the CPU (a check on an accelerator
+    would wait for it every step; its own loss kernel reports a bad label there)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise LLSError(f"a batch must be a pair (inputs, labels), got {type(batch).__name__}")
+    x, y = batch
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise LLSError(f"a batch must hold two tensors, got ({type(x).__name__}, {type(y).__name__})")
+    if not x.is_floating_point():
+        raise LLSError(f"inputs must be floats, got {x.dtype}: convert them (e.g. x.float() / 255)")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise LLSError(f"labels must be integer class indices, got {y.dtype}: convert them with y.long()")
+    if y.dim() != 1 or len(y) != len(x):
+        raise LLSError(
+            f"labels must be one class index per sample: got labels of shape {tuple(y.shape)} for "
+            f"{len(x)} inputs"
+        )
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise LLSError(
+            f"inputs of shape {tuple(x.shape[1:])} per sample; the network takes {tuple(input_shape)}"
+        )
+    if len(y) < min_batch:
+        raise LLSError(
+            f"a training batch of {len(y)} sample(s): BatchNorm needs {min_batch}; "
+            "drop the last batch (DataLoader(..., drop_last=True)) or change the batch size"
+        )
+    if y.device.type == "cpu" and len(y) and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise LLSError(
+            f"label {bad} is out of range: the network has {num_classes} classes (0..{num_classes - 1})"
+        )
+    return x.to(like.device, like.dtype, non_blocking=True), y.to(like.device, torch.int64, non_blocking=True)
+
+
+class IterableBatches:
+    """The epochs of a re-iterable source of batches (a DataLoader, a list), each batch checked by
+    :func:`check_batch`. A DataLoader shuffles with its own generator: an epoch resumed at step k
+    skips k of a new order's batches, not the interrupted order's."""
+
+    def __init__(
+        self,
+        source: Iterable,
+        input_shape: Sequence[int],
+        num_classes: int,
+        like: torch.Tensor,
+        *,
+        min_batch: int = 1,
+    ) -> None:
+        if iter(source) is source:
+            raise LLSError(
+                f"a {type(source).__name__} can be read once only; give something every epoch can "
+                "read again: a DataLoader, a list of batches"
+            )
+        self.source, self.input_shape, self.num_classes = source, tuple(input_shape), num_classes
+        self.like, self.min_batch, self.device = like, min_batch, like.device
+
+    def __len__(self) -> int:
+        try:
+            return len(self.source)
+        except TypeError:
+            raise LLSError(
+                f"a {type(self.source).__name__} without a length; give a DataLoader over a "
+                "map-style Dataset or a list of batches"
+            ) from None
+
+    def epoch(self, epoch: int = 0, stream: str = "train", start: int = 0) -> Iterator[Batch]:
+        for step, batch in enumerate(self.source):
+            if step >= start:
+                yield check_batch(
+                    batch, self.input_shape, self.num_classes, self.like, min_batch=self.min_batch
+                )
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch()
+
+
+def as_batches(source: object, input_shape: Sequence[int], num_classes: int, like: torch.Tensor, **options):
+    """``source`` itself when it is one of lls' loaders, else :class:`IterableBatches` over it."""
+    if hasattr(source, "epoch"):
+        return source
+    return IterableBatches(source, input_shape, num_classes, like, **options)
+
+
+def checked_loaders(cls: type, trainer, loaders: object, test: Iterable | None, *, min_batch: int):
+    """``loaders`` (a ``cls``, ``fit``'s Loaders) or training batches with ``test`` batches, every
+    source that is not one of lls' loaders read through :class:`IterableBatches` for ``trainer``."""
+    if not isinstance(loaders, cls):
+        if test is None:
+            raise LLSError("fit got training batches without test batches: pass test=... as well")
+        loaders = cls(train=loaders, test=test)
+    like, shape, classes = next(trainer.net.parameters()), trainer.input_shape, trainer.num_classes
+
+    def read(source, **options):
+        return None if source is None else as_batches(source, shape, classes, like, **options)
+
+    return dataclasses.replace(
+        loaders,
+        train=read(loaders.train, min_batch=min_batch),
+        test=read(loaders.test),
+        probe=read(loaders.probe),
+    )

@@ -1,0 +1,390 @@
+"""Any PyTorch model as a :class:`~lls.method.net.LocalNet`: ``localize`` finds its blocks.
+
+- An ``nn.Sequential`` is cut into *units*, each starting at a layer with weights (a Conv, a
+  Linear; a normalisation layer stays with the layer before it), and the units are grouped into
+  blocks: one per unit by default, ``blocks=N`` for N blocks of balanced forward multiply-adds
+  (counted by PyTorch's FLOP counter on a probe batch), or ``blocks=[i, j, ...]`` to start blocks at
+  those layer indices. The last layer with weights must be a Linear: it is the head. Parameter-free
+  pooling, flatten and dropout layers that end a block become the fixed ops after it.
+- Any other model is split by the names of its submodules (``blocks=["layer1", "layer2",
+  "layer3", "layer4"]`` for a torchvision ResNet, or patterns, ``["layer*.*"]`` for one block per
+  residual block): its forward is traced with ``torch.fx``, what runs before the first named block
+  (the stem) joins it, what runs between two blocks becomes the fixed op between them, and what runs
+  after the last (average pool, flatten, fc) is the head.
+
+What cannot be trained block by block is refused with the reason: a tensor that skips from one
+block to a later one, parameters between blocks, a head that is not last, a model whose forward the
+blocks do not reproduce on a probe batch. The LocalNet shares its parameters with ``model``:
+training it trains the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from operator import attrgetter
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import LLSError
+from .net import LocalNet
+
+MAX_LATENT = 2048  # the largest LLS latent d_l of the paper's presets (VGG8's first block, VGG11's fc)
+PROBE_BATCH = 2  # samples of the probe batch (BatchNorm1d in train mode needs 2)
+PROBE_RTOL, PROBE_ATOL = 1e-4, 1e-5  # the chained blocks must give the model's output to float rounding
+NORMS = (_NormBase, nn.LayerNorm, nn.GroupNorm)
+BETWEEN = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
+)  # fmt: skip
+
+
+def choose_pool(shape: Sequence[int], max_latent: int = MAX_LATENT) -> int | None:
+    """The latent pool of a block output of ``shape`` (without batch) so that its LLS latent has at
+    most ``max_latent`` entries where it can: ``None`` (the output as it is) when it fits; for a
+    (C, H, W) output the largest power-of-two side p <= min(H, W) with C * p^2 <= max_latent (1
+    when even C > max_latent); for a flat output, ``max_latent`` (adaptive average pooling, as the
+    paper's VGG11 pools 4096 units to 2048); a (tokens, dim) output's latent is its token mean."""
+    if len(shape) == 2 or math.prod(shape) <= max_latent:
+        return None
+    if len(shape) == 1:
+        return max_latent
+    if len(shape) != 3:
+        raise LLSError(
+            f"a block output of shape {tuple(shape)} has no LLS latent: blocks must output "
+            "(features), (tokens, dim) or (channels, height, width)"
+        )
+    c, h, w = shape
+    p = 1
+    while 2 * p <= min(h, w) and c * (2 * p) ** 2 <= max_latent:
+        p *= 2
+    return p
+
+
+def localize(
+    model: nn.Module,
+    blocks: int | Sequence[int] | Sequence[str] | None = None,
+    *,
+    input_shape: Sequence[int],
+    max_latent: int = MAX_LATENT,
+) -> LocalNet:
+    """``model`` as blocks LLS trains one at a time, for inputs of ``input_shape`` (one sample).
+
+    ``blocks``: for an ``nn.Sequential``, None (one block per layer with weights), a number of
+    blocks balanced by multiply-adds, or the layer indices where blocks start; for any model, the
+    names (or ``fnmatch`` patterns, matched part by part between dots) of the submodules that are
+    the blocks, in the order the forward runs them. ``max_latent`` bounds each block's LLS latent
+    (:func:`choose_pool`).
+    """
+    if isinstance(model, LocalNet):
+        return model
+    input_shape = tuple(int(s) for s in input_shape)
+    if isinstance(model, nn.Sequential) and not _names(blocks):
+        parts = _split_sequential(model, blocks, input_shape)
+    else:
+        if not _names(blocks):
+            raise LLSError(
+                f"{type(model).__name__} is not an nn.Sequential: name its blocks, "
+                "e.g. localize(model, blocks=['layer1', 'layer2'], input_shape=...)"
+            )
+        parts = _split_traced(model, list(blocks), input_shape)
+    body, between, head = parts
+    net = LocalNet(body, head, between)
+    shapes = net.block_output_shapes(input_shape)
+    net.latent_pool = [choose_pool(shape, max_latent) for shape in shapes]
+    _check_same(model, net, input_shape)
+    net.input_shape = input_shape
+    return net
+
+
+def _names(blocks) -> bool:
+    return (
+        blocks is not None
+        and not isinstance(blocks, (int, str))
+        and all(isinstance(b, str) for b in blocks)
+        and len(blocks) > 0
+    )
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _describe(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+# --- nn.Sequential ------------------------------------------------------------------------------
+
+
+def _layer_macs(layers: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[int]:
+    """Forward multiply-adds per sample of each layer (PyTorch's FLOP counter: 2 FLOPs each)."""
+    param = next(iter(nn.Sequential(*layers).parameters()))
+    h = torch.zeros(PROBE_BATCH, *input_shape, device=param.device, dtype=param.dtype)
+    macs = []
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            with FlopCounterMode(display=False) as counter:
+                try:
+                    h = layer(h)
+                except RuntimeError as error:
+                    raise LLSError(
+                        f"layer {i} ({_describe(layer)}) does not take the output of the layer before for "
+                        f"inputs of shape {input_shape}: {str(error).splitlines()[0]}"
+                    ) from None
+            macs.append(counter.get_total_flops() // 2 // PROBE_BATCH)
+    return macs
+
+
+def _balanced_cuts(costs: Sequence[int], parts: int) -> list[int]:
+    """Start indices of ``parts`` contiguous groups of ``costs`` whose largest sum is the least
+    (dynamic programming over the few units of a model)."""
+    n = len(costs)
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    best = {(0, 0): (0, [])}  # (units used, groups) -> (largest group, starts)
+    for groups in range(1, parts + 1):
+        for end in range(groups, n - (parts - groups) + 1):
+            options = []
+            for start in range(groups - 1, end):
+                if (start, groups - 1) in best:
+                    worst, starts = best[(start, groups - 1)]
+                    options.append((max(worst, prefix[end] - prefix[start]), [*starts, start]))
+            best[(end, groups)] = min(options, key=lambda o: o[0])
+    return best[(n, parts)][1]
+
+
+def _split_sequential(model: nn.Sequential, blocks, input_shape: tuple[int, ...]):
+    layers = list(model)
+    weighted = [i for i, layer in enumerate(layers) if _has_weights(layer)]
+    if not weighted:
+        raise LLSError("the model has no layer with weights: nothing to train")
+    last = weighted[-1]
+    if not isinstance(layers[last], nn.Linear):
+        raise LLSError(
+            f"the model's last layer with weights is a {_describe(layers[last])}: LLS needs a Linear "
+            "head last (the classifier the blocks' outputs feed)"
+        )
+    after = [_describe(layer) for layer in layers[last + 1 :] if not isinstance(layer, nn.Identity)]
+    if after:
+        raise LLSError(
+            f"the head (layer {last}, Linear) is not last: {', '.join(after)} follow it; drop them "
+            "(the trainer's loss takes the head's logits)"
+        )
+    units = [i for i in weighted[:-1] if not isinstance(layers[i], NORMS)]
+    if not units:
+        raise LLSError("the model has no layer with weights before its Linear head: nothing to localize")
+    units[0] = 0  # layers before the first with weights (a Flatten) join the first block
+    if blocks is None:
+        starts = units
+    elif isinstance(blocks, int):
+        if not 1 <= blocks <= len(units):
+            raise LLSError(
+                f"blocks={blocks}: the model has {len(units)} layers with weights before its head; "
+                f"ask for 1 to {len(units)} blocks"
+            )
+        macs = _layer_macs(layers[:last], input_shape)
+        ends = [*units[1:], last]
+        unit_macs = [sum(macs[a:b]) for a, b in zip(units, ends, strict=True)]
+        starts = [units[k] for k in _balanced_cuts(unit_macs, blocks)]
+    else:
+        starts = sorted({0, *(int(i) for i in blocks)})
+        if starts != [0, *(int(i) for i in blocks if int(i) != 0)] or starts[-1] >= last:
+            raise LLSError(
+                f"blocks={list(blocks)}: block starts must be increasing layer indices "
+                f"below the head's ({last})"
+            )
+    body, between = [], []
+    for a, b in zip(starts, [*starts[1:], last], strict=True):
+        group = layers[a:b]
+        if not any(_has_weights(layer) for layer in group):
+            raise LLSError(
+                f"the block of layers {a}..{b - 1} has no weights; start blocks at layers with weights"
+            )
+        end = len(group)
+        while end > 1 and isinstance(group[end - 1], BETWEEN):
+            end -= 1
+        body.append(group[0] if end == 1 else nn.Sequential(*group[:end]))
+        ops = group[end:]
+        between.append(None if not ops else ops[0] if len(ops) == 1 else nn.Sequential(*ops))
+    return body, between, layers[last]
+
+
+# --- any model, by names ------------------------------------------------------------------------
+
+
+def _resolve(model: nn.Module, patterns: list[str]) -> list[str]:
+    """The submodule names matching ``patterns`` (part by part between dots), in model order."""
+    names = [name for name, _ in model.named_modules() if name]
+    found = []
+    for pattern in patterns:
+        parts = pattern.split(".")
+        matched = [n for n in names if _matches(n.split("."), parts)]
+        if not matched:
+            children = ", ".join(name for name, _ in model.named_children())
+            raise LLSError(f"the model has no submodule {pattern!r}; its children: {children}")
+        found += [n for n in matched if n not in found]
+    for a in found:
+        for b in found:
+            if b.startswith(a + "."):
+                raise LLSError(f"block {b!r} lies inside block {a!r}; name blocks that do not nest")
+    return found
+
+
+def _matches(name: list[str], pattern: list[str]) -> bool:
+    return len(name) == len(pattern) and all(map(fnmatch.fnmatchcase, name, pattern))
+
+
+class _BlockTracer(fx.Tracer):
+    def __init__(self, blocks: set[str]) -> None:
+        super().__init__()
+        self.block_names = blocks
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return qualified_name in self.block_names or super().is_leaf_module(m, qualified_name)
+
+
+def _split_traced(model: nn.Module, patterns: list[str], input_shape: tuple[int, ...]):
+    names = _resolve(model, patterns)
+    tracer = _BlockTracer(set(names))
+    try:
+        graph = tracer.trace(model)
+    except Exception as error:  # fx raises many kinds on forwards it cannot follow
+        raise LLSError(
+            f"cannot follow {type(model).__name__}'s forward with torch.fx ({str(error).splitlines()[0]}); "
+            "write the model as an nn.Sequential of its blocks"
+        ) from None
+    traced = fx.GraphModule(tracer.root, graph)
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise LLSError(f"the model's forward takes {len(inputs)} inputs; localize needs one (the batch)")
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    if not isinstance(output.args[0], fx.Node):
+        raise LLSError("the model returns more than one tensor; localize needs a model that returns logits")
+    # every node's segment: -1 the input, 0 the stem, 2k+1 block k, 2k+2 what runs after block k
+    segment, order, calls, current = {}, {name: k for k, name in enumerate(names)}, [], 0
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            segment[node] = -1 if node.op == "placeholder" else None
+            continue
+        if node.op == "call_module" and node.target in order:
+            if node.target in calls:
+                raise LLSError(f"block {node.target!r} runs twice in the forward; a block must run once")
+            if order[node.target] != len(calls):
+                raise LLSError(
+                    f"the forward runs block {node.target!r} before {names[len(calls)]!r}; "
+                    "name the blocks in the order they run"
+                )
+            calls.append(node.target)
+            segment[node], current = 2 * len(calls) - 1, 2 * len(calls)
+            continue
+        segment[node] = current
+        if 0 < current < 2 * len(names):  # between two blocks: nothing trainable may run here
+            value = attrgetter(node.target)(traced) if node.op in ("call_module", "get_attr") else None
+            if isinstance(value, nn.Parameter) or (isinstance(value, nn.Module) and _has_weights(value)):
+                raise LLSError(
+                    f"{node.target!r} runs between blocks {names[current // 2 - 1]!r} and "
+                    f"{names[current // 2]!r} and has weights; name it as a block or inside one"
+                )
+    del segment[output]
+    if len(calls) != len(names):
+        missing = [n for n in names if n not in calls]
+        raise LLSError(f"the forward never runs {', '.join(map(repr, missing))}")
+    last_segment = 2 * len(names)
+    describe = {-1: "the input", 0: "the stem", last_segment: "the head"}
+
+    def where(s: int) -> str:
+        if s in describe:
+            return describe[s]
+        return f"block {names[s // 2]!r}" if s % 2 else f"the ops after block {names[s // 2 - 1]!r}"
+
+    # Every segment reads only the value of the segment before it (the chain LLS trains).
+    pieces: dict[int, fx.Node] = {}  # segment -> its output node
+    for node, s in segment.items():
+        for user in list(node.users):
+            t = segment.get(user, last_segment + 1)
+            if t == s:
+                continue
+            if t > last_segment:  # the model's output
+                t = last_segment
+                if s != last_segment:
+                    raise LLSError(f"the model's output comes from {where(s)}; the head must run last")
+                continue
+            if pieces.get(s, node) is not node:
+                raise LLSError(f"{where(s)} passes two tensors on; a block must hand one tensor to the next")
+            pieces[s] = node
+            following = min(u for u in set(segment.values()) if u > s)
+            if t != following:
+                raise LLSError(
+                    f"a tensor skips from {where(s)} to {where(t)}: blocks must form a chain; name blocks "
+                    "that contain the skip connection (e.g. a whole residual stage)"
+                )
+    head_nodes = [n for n, s in segment.items() if s == last_segment]
+    if not any(n.op == "call_module" and _has_weights(traced.get_submodule(n.target)) for n in head_nodes):
+        raise LLSError(
+            f"nothing with weights runs after the last block {names[-1]!r}: the head (a Linear) must be last"
+        )
+
+    def build(s: int) -> nn.Module | None:
+        nodes = [n for n, t in segment.items() if t == s]
+        if not nodes:
+            return None
+        g = fx.Graph()
+        env = {}
+        x = g.placeholder("x")
+        for node in nodes:
+            env[node] = g.node_copy(node, lambda a: env.get(a, x))
+        g.output(env[pieces.get(s, nodes[-1]) if s != last_segment else output.args[0]])
+        return fx.GraphModule(traced, g)
+
+    blocks_out, between = [], []
+    for k, name in enumerate(names):
+        module = model.get_submodule(name)
+        stem = build(0) if k == 0 else None
+        blocks_out.append(module if stem is None else nn.Sequential(stem, module))
+        between.append(build(2 * k + 2) if k < len(names) - 1 else None)
+    return blocks_out, between, build(last_segment)
+
+
+def _check_same(model: nn.Module, net: LocalNet, input_shape: tuple[int, ...]) -> None:
+    """The chained blocks must compute the model's forward (in eval mode, on a probe batch)."""
+    param = next(net.parameters())
+    x = torch.randn(PROBE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0)).to(
+        param.device, param.dtype
+    )
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected, got = model(x), net(x)
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    if expected.shape != got.shape or not torch.allclose(expected, got, rtol=PROBE_RTOL, atol=PROBE_ATOL):
+        raise LLSError(
+            "the blocks chained do not compute the model's forward on a probe batch: its forward does "
+            "more than run them in order (a tensor that skips from one block to a later one, or ops "
+            "outside its layers); name the blocks so that each holds its skip connections"
+        )
+
+
+def as_local_net(net: nn.Module, input_shape: Sequence[int] | None) -> tuple[LocalNet, tuple[int, ...]]:
+    """What a Trainer trains: ``net`` itself when it is a LocalNet (its own input shape when none is
+    given), an ``nn.Sequential`` localized with one block per layer with weights, else refused."""
+    if not isinstance(net, LocalNet):
+        if not isinstance(net, nn.Sequential) or input_shape is None:
+            raise LLSError(
+                f"the network is a {type(net).__name__}, not a LocalNet: split it into blocks with "
+                "lls.localize(model, blocks=..., input_shape=...) and train that"
+            )
+        net = localize(net, input_shape=input_shape)
+    input_shape = input_shape if input_shape is not None else net.input_shape
+    if input_shape is None:
+        raise LLSError("the network does not know its input shape: give input_shape=(one sample's shape)")
+    return net, tuple(input_shape)

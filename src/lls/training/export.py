@@ -1,0 +1,103 @@
+"""A trained model to a file other runtimes read: ONNX or TorchScript (``lls export``).
+
+- ``onnx``: ``torch.onnx.export`` with the ``torch.export``-based exporter (PyTorch's default and
+  maintained one; it needs the ``onnx`` and ``onnxscript`` packages, ``pip install 'lls[export]'``),
+  input ``input`` (N, C, H, W) with a dynamic batch dimension, output ``logits`` (N, K).
+- ``torchscript``: ``torch.jit.trace`` (the model is a fixed chain of layers: tracing records all
+  of it), loaded back with ``torch.jit.load`` and no ``lls``.
+
+The file appears complete or not at all: it is written next to its destination and renamed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LLSError
+from ..registry import Registry
+from .files import FILE_MODE, atomic_write, describe_os_error
+
+EXAMPLE_BATCH = 2  # the traced batch; ONNX's batch dimension stays free (torch.export specialises 0 and 1)
+INSTALL_EXPORT = "pip install 'lls[export]'"
+
+Exporter = Callable[[nn.Module, torch.Tensor, Path], None]
+FORMATS: Registry[Exporter] = Registry("format")
+NEEDS: dict[str, tuple[str, ...]] = {"onnx": ("onnx", "onnxscript"), "torchscript": ()}
+
+
+def check_format(name: str) -> None:
+    """Refuses, in one line, an unknown format or one whose packages are not installed."""
+    FORMATS.get(name)
+    missing = [package for package in NEEDS.get(name, ()) if importlib.util.find_spec(package) is None]
+    if missing:
+        raise LLSError(f"exporting to {name} needs {' and '.join(missing)}: {INSTALL_EXPORT}")
+
+
+def export_model(model: nn.Module, input_shape: Sequence[int], out: str | Path, format: str) -> Path:
+    """Write ``model`` (eval mode; inputs of ``input_shape`` without the batch) to ``out``."""
+    check_format(format)
+    out = Path(out)
+    if out.is_dir():
+        raise LLSError(f"{out} is a directory; give the file to write, e.g. {out / ('model.' + format)}")
+    param = next(model.parameters())
+    example = torch.zeros(EXAMPLE_BATCH, *input_shape, device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        FORMATS.get(format)(model.eval(), example, out)
+    return out
+
+
+@FORMATS.register("torchscript")
+def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> None:
+    traced = torch.jit.trace(model, example)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    atomic_write(out, buffer.getvalue())
+
+
+@FORMATS.register("onnx")
+def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> None:
+    quiet = logging.getLogger("torch.onnx")  # the exporter logs every optional op it skips
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False,
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    _atomically(out, lambda path: program.save(str(path), external_data=False))
+
+
+def _atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary path)`` next to ``out``, then the rename; nothing left behind on failure."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.fchmod(fd, FILE_MODE)
+        os.close(fd)
+        write(Path(tmp))
+        os.replace(tmp, out)
+    except OSError as error:
+        raise LLSError(describe_os_error(error, out)) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,168 @@
+"""Any data and any optimizer: DataLoaders and lists of batches through fit, train_step and
+evaluation; bad batches in one line; torch.optim classes, per-block learning rates and lr schedules
+(API and --lr-schedule, checkpointed and honoured on resume)."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import lls
+from lls.cli import main
+
+from .conftest import NUM_CLASSES, TINY_INPUT, tiny_batch, tiny_net
+from .test_runs import DIGITS_RUN, metrics
+
+LR = 0.01
+
+
+def loaders(n=64, batch=16):
+    x, y = tiny_batch(n)
+    train = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True)
+    return train, DataLoader(TensorDataset(x, y), batch_size=n)
+
+
+def test_fit_takes_dataloaders_and_the_input_shape_from_the_network():
+    trainer = lls.Trainer(tiny_net(), "lls")  # built by lls: the network knows its input shape
+    assert trainer.input_shape == TINY_INPUT
+    train, test = loaders()
+    history = lls.fit(trainer, lls.Loaders(train=train, test=test), epochs=2, progress=False)
+    assert [r.epoch for r in history.records] == [1, 2] and len(history.records[0].block_losses) == 3
+    history = lls.fit(trainer, train, epochs=3, start_epoch=2, test=test, progress=False)
+    assert [r.epoch for r in history.records] == [3]
+
+
+def test_batches_move_to_the_networks_dtype():
+    trainer = lls.Trainer(tiny_net().double(), "lls")
+    x, y = tiny_batch(8)  # float32 inputs, int64 labels
+    result = trainer.train_step(x, y.int())
+    assert result.logits.dtype == torch.float64
+    assert trainer.evaluate([(x, y)]).accuracy >= 0
+
+
+@pytest.mark.parametrize(
+    "batch,match",
+    [
+        ((tiny_batch(4)[0].long(), tiny_batch(4)[1]), "inputs must be floats, got torch.int64"),
+        (
+            (tiny_batch(4)[0], tiny_batch(4)[1].float()),
+            "labels must be integer class indices, got torch.float32",
+        ),
+        (
+            (tiny_batch(4)[0], tiny_batch(4)[1] + NUM_CLASSES),
+            r"out of range: the network has 5 classes \(0..4\)",
+        ),
+        ((tiny_batch(4)[0], -tiny_batch(4)[1] - 1), "label -"),
+        (
+            (torch.randn(4, 1, 9, 9), tiny_batch(4)[1]),
+            r"inputs of shape \(1, 9, 9\) per sample; the network takes \(1, 8, 8\)",
+        ),
+        (
+            (tiny_batch(4)[0], tiny_batch(2)[1]),
+            r"one class index per sample: got labels of shape \(2,\) for 4",
+        ),
+        ((tiny_batch(4)[0],), "a batch must be a pair"),
+    ],
+)
+def test_a_bad_batch_is_one_clear_line(batch, match):
+    trainer = lls.Trainer(tiny_net(), "lls")
+    for run in (lambda: trainer.train_step(*batch) if len(batch) == 2 else trainer.evaluate([batch]),
+                lambda: lls.fit(trainer, [batch], 1, test=[batch], progress=False)):  # fmt: skip
+        with pytest.raises(lls.LLSError, match=match) as error:
+            run()
+        assert "\n" not in str(error.value)
+
+
+def test_a_one_pass_iterator_and_a_batch_of_one_are_refused():
+    trainer = lls.Trainer(tiny_net(), "lls")
+    train, test = loaders()
+    with pytest.raises(lls.LLSError, match="can be read once only"):
+        lls.fit(trainer, iter(train), 1, test=test, progress=False)
+    with pytest.raises(lls.LLSError, match="BatchNorm needs 2"):
+        lls.fit(trainer, [tiny_batch(1)], 1, test=test, progress=False)
+    with pytest.raises(lls.LLSError, match="without test batches"):
+        lls.fit(trainer, train, 1, progress=False)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop])
+def test_any_torch_optim_class_gets_lr_and_weight_decay_by_keyword(cls):
+    trainer = lls.Trainer(tiny_net(), "lls", optimizer=cls, lr=LR, weight_decay=0.1)
+    for optimizer in trainer.optimizers:
+        assert type(optimizer) is cls
+        group = optimizer.param_groups[0]
+        assert group["lr"] == LR and group["weight_decay"] == 0.1
+        if "betas" in group:
+            assert group["betas"] == (0.9, 0.999)  # not the weight decay
+    trainer.train_step(*tiny_batch())
+
+
+def test_lr_per_block_as_a_list_or_a_function():
+    trainer = lls.Trainer(tiny_net(), "lls", optimizer="adam", lr=[0.1, 0.2, 0.3, 0.4])
+    assert [o.param_groups[0]["lr"] for o in trainer.optimizers] == [0.1, 0.2, 0.3, 0.4]
+    trainer = lls.Trainer(tiny_net(), "lls", optimizer="adam", lr=lambda i: LR / 2**i)
+    assert [o.param_groups[0]["lr"] for o in trainer.optimizers] == [LR, LR / 2, LR / 4, LR / 8]
+
+
+@pytest.mark.parametrize(
+    "lr,match",
+    [
+        ([0.1, 0.2], "lr has 2 values for 3 blocks and the head; give 4"),
+        ("0.1", "lr must be a number, a list or a function"),
+        ([0.1, 0.1, -1.0, 0.1], "lr for block 2 is -1.0"),
+        (lambda i: math.nan if i == 3 else 0.1, "the lr function's value for the head is nan"),
+    ],
+)
+def test_a_bad_lr_is_refused_at_construction(lr, match):
+    with pytest.raises(lls.LLSError, match=match):
+        lls.Trainer(tiny_net(), "lls", optimizer="adam", lr=lr)
+
+
+def test_cosine_schedule_steps_per_epoch_and_is_checkpointed():
+    """Cosine over 4 epochs: lr * (1 + cos(pi * e / 4)) / 2 at epoch e (0-based)."""
+    schedule = lls.lr_schedule("cosine", epochs=4)
+    trainer = lls.Trainer(tiny_net(), "lls", optimizer="sgd", lr=LR, lr_schedule=schedule)
+    train, test = loaders()
+    history = lls.fit(trainer, train, 2, test=test, progress=False)
+    expected = [LR * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(3)]
+    assert [r.lr for r in history.records] == pytest.approx(expected[:2])
+    restored = lls.Trainer(tiny_net(), "lls", optimizer="sgd", lr=LR, lr_schedule=schedule)
+    restored.load_state_dict(trainer.state_dict())
+    assert restored.optimizers[3].param_groups[0]["lr"] == pytest.approx(expected[2])
+    assert restored.schedulers[0].last_epoch == 2
+
+
+@pytest.mark.usefixtures("digits")
+def test_lr_schedule_on_the_command_line_is_recorded_and_honoured_on_resume(tmp_path, monkeypatch):
+    import contextlib
+
+    common = [*DIGITS_RUN, "--optimizer", "sgd", "--lr-schedule", "step", "--epochs", "3", "--limit", "192"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    config = json.loads((tmp_path / "whole" / "config.json").read_text())["config"]
+    assert config["lr_schedule"] == "step"
+    lrs = [row["lr"] for row in metrics(tmp_path / "whole")]
+    assert lrs == pytest.approx([5e-3, 5e-4, 5e-5])  # the lr falls 10x after each of 3 epochs
+
+    @contextlib.contextmanager
+    def stop_at_the_first_epoch_end():
+        polls = {"n": 0}
+
+        def should_stop():
+            polls["n"] += 1
+            return polls["n"] > 7  # 192 / 32 = 6 steps, then the poll at the epoch's end
+
+        yield should_stop
+
+    monkeypatch.setattr("lls.training.run.graceful_interrupt", stop_at_the_first_epoch_end)
+    assert main([*common, "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "whole")
+
+
+@pytest.mark.usefixtures("digits")
+def test_unknown_lr_schedule_exits_2_and_writes_nothing(tmp_path, capsys):
+    assert main([*DIGITS_RUN, "--lr-schedule", "linear", "--out", str(tmp_path / "run")]) == 2
+    assert "unknown lr schedule 'linear'; known lr schedules: cosine, none, step" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
