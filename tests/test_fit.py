@@ -56,9 +56,11 @@ class ScriptedTrainer:
     """Returns SCRIPT's losses for the batch it is given; remembers the batches it trained on."""
 
     lr = 0.125
+    input_shape, num_classes = (1,), CLASSES  # what the scripted batches are checked against
 
     def __init__(self, timing="block", script=SCRIPT, evaluations=None):
-        self.net = SimpleNamespace(blocks=[None, None])
+        self.net = SimpleNamespace(blocks=[None, None], parameters=lambda: iter([torch.zeros(1)]))
+        self.optimizers = [SimpleNamespace(param_groups=[{"lr": self.lr}])]
         self.rule = SimpleNamespace(timing=timing, name="scripted")
         self.script = script
         self.trained = []
@@ -74,6 +76,9 @@ class ScriptedTrainer:
         logits[entry["right"] :, 1] = 1.0
         blocks = torch.tensor(entry["blocks"]) if self.rule.timing != "end-to-end" else torch.zeros(0)
         return lls.StepResult(logits, torch.tensor(entry["loss"]), blocks)
+
+    def end_epoch(self):
+        pass
 
     def evaluate(self, batches, refresh=(), *, blocks=False, probe_batches=()):
         self.evaluated.append(
