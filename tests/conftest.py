@@ -36,3 +36,34 @@ def tiny_trainer(rule: str, seed: int = 0, **options) -> lls.Trainer:
 def digits() -> lls.Dataset:
     pytest.importorskip("sklearn")
     return lls.load_dataset("digits")
+
+
+# Mutation testing (docs/testing.md): mutmut runs, for each mutant, the tests that executed the
+# mutated function; of those, only the files below that exercise the mutant's module, so that a
+# change to the basis is judged by the method's tests and not by every test that trains a network.
+MUTATION_TESTS = {
+    "lls.method.basis": ("test_basis.py", "test_rules.py"),
+    "lls.method.latent": ("test_rules.py", "test_fused.py", "test_engine.py"),
+    "lls.method.signals": ("test_rules.py", "test_fused.py", "test_cost.py"),
+    "lls.method.fused": ("test_fused.py", "test_engine.py"),
+    "lls.method.rules": ("test_rules.py", "test_presets.py"),
+    "lls.step.sfadamw": ("test_sfadamw.py",),
+    "lls.step.step": ("test_trainer.py", "test_rules.py", "test_lowmem.py"),
+    "lls.step.trainer": ("test_trainer.py", "test_rules.py"),
+    "lls.step.evaluation": ("test_trainer.py", "test_fit.py"),
+    "lls.step.factory": ("test_trainer.py",),
+    "lls.step.lowmem": ("test_lowmem.py",),
+    "lls.step.sliced": ("test_lowmem.py",),
+    "lls.step.sliced_norm": ("test_lowmem.py",),
+    "lls.training.fit": ("test_fit.py", "test_trainer.py"),
+    "lls.training.presets": ("test_presets.py", "test_reproduce.py"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    files = next((f for module, f in MUTATION_TESTS.items() if mutant.startswith(module + ".")), None)
+    if files is None:  # an ordinary run, or mutmut's runs without a mutant
+        return
+    config.hook.pytest_deselected(items=[item for item in items if item.path.name not in files])
+    items[:] = [item for item in items if item.path.name in files]

@@ -108,3 +108,30 @@ def test_unknown_basis_names_the_known_ones():
     known = ", ".join(sorted(BASIS_KINDS))
     with pytest.raises(lls.LLSError, match=f"known bases: {known}"):
         lls.basis(3, 3, "triangle")
+
+
+def test_defaults_are_the_square_basis_in_float32_on_the_cpu():
+    b = lls.basis(3, 6)
+    assert b.dtype == torch.float32 and b.device.type == "cpu"
+    f = (50.0, 281.0, 512.0)
+    expected = [[math.copysign(1.0, math.sin(fk * t)) if t else 0.0 for t in range(6)] for fk in f]
+    assert b.tolist() == expected
+
+
+def test_random_basis_default_seed_is_zero_and_seeds_a_gaussian_generator():
+    drawn = 0.1 * torch.randn(3, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(lls.basis(3, 50, "random", dtype=torch.float64), drawn)
+    assert torch.equal(lls.basis(3, 50, "random"), lls.basis(3, 50, "random", seed=0))
+
+
+def test_smallest_basis_is_one_class_by_one_entry():
+    assert lls.basis(1, 1, "periodic").tolist() == [[0.0]]  # sin(50 * 0)
+    assert frequencies(1).tolist() == [50.0]
+    assert lls.basis(2, 1, "random", width=1).shape == (2, 1)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, None), (3, 0, None), (3, 5, 0), (-1, 5, None)])
+def test_empty_basis_is_refused_naming_the_sizes(shape):
+    k, d, width = shape
+    with pytest.raises(lls.LLSError, match=rf"num_classes, dim and width >= 1, got {k} x {d} \({width}\)"):
+        lls.basis(k, d, "random", width=width)

@@ -355,7 +355,14 @@ def test_bp_is_refused():
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("low", "low"), ("256MiB", 256 * 2**20), ("1GiB", 2**30), ("1.5 GiB", 3 * 2**29), ("4096b", 4096)],
+    [
+        ("low", "low"),
+        ("256MiB", 256 * 2**20),
+        ("1GiB", 2**30),
+        ("1.5 GiB", 3 * 2**29),
+        ("4096b", 4096),
+        ("1B", 1),
+    ],
 )
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
@@ -458,3 +465,14 @@ def test_batchnorm_sums_taken_directly_equal_the_fused_kernels(channels_last):
     for a, b, c in zip(fused, direct, by_hand, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
+
+
+def test_estimated_peak_is_the_largest_blocks_kept_bytes_plus_its_slices_work():
+    """The peak estimate of the module docstring: per block, what it keeps whole plus one slice's work."""
+    trainer = lls.build_trainer("smallconv", "lls", (1, 8, 8), 10, memory="low")
+    low = trainer.low_memory
+    batch = 64
+    samples = low.slice_samples(batch)
+    expected = max(k + s * p.work for k, s, p in zip(low.kept(batch), samples, low.profiles, strict=True))
+    assert low.estimated_peak(batch) == expected
+    assert all(p.work > 0 for p in low.profiles) and low.estimated_peak(batch) > max(low.kept(batch))

@@ -121,3 +121,133 @@ def test_table2_smallconvl_scores_its_dense_block_at_2048():
     trainer = build_trainer(config.model, config.rule, shape, classes, rule_options=config.rule_options)
     assert [s.dim for s in trainer.signals] == [96 * 16, 192 * 4, 512 * 4, 2048]
     assert trainer.net.block_output_shapes(shape)[-1] == torch.Size([1024])
+
+
+def paper_presets() -> set[tuple]:
+    """The runs of METHOD.md section 7 with the recipe of section 6, written out from the paper:
+    (table, dataset, model, rule, row label, epochs, augmentation, rule options)."""
+    wide = {"readout_width": 2048}  # the authors' VGG8 K x 2048 matrices
+    rows = []
+    for dataset in ("mnist", "fashion-mnist", "cifar10", "imagenette"):
+        natural = dataset in ("cifar10", "imagenette")
+        for model in ("smallconv", "vgg8"):
+            epochs = 300 if model == "vgg8" and natural else 100
+            augment = ("aug" if model == "vgg8" else "basic") if natural else None
+            for basis in ("random", "periodic", "square"):
+                options = {"basis": basis, **(wide if basis == "random" and model == "vgg8" else {})}
+                rows.append(("table1", dataset, model, "lls", f"LLS ({basis})", epochs, augment, options))
+    for dataset, augment in (("mnist", None), ("cifar10", "basic"), ("cifar100", "basic")):
+        rows.append(("table2", dataset, "smallconvl", "bp", "BP", 100, augment, {}))
+        rows.append(("table2", dataset, "smallconvl", "dfa", "DFA", 100, augment, {}))
+        rows.append(
+            ("table2", dataset, "smallconvl", "lls", "LLS (square)", 100, augment, {"basis": "square"})
+        )
+    square = {"basis": "square"}
+    for dataset, augment in (
+        ("cifar10", "aug"),
+        ("cifar100", "aug"),
+        ("imagenette", "aug"),
+        ("tinyimagenet", "aug"),
+        ("vww", None),
+    ):
+        table3 = [
+            ("bp", "BP", {}),
+            ("local-classifier", "Local classifiers", wide),
+            ("lls", "LLS", square),
+            ("lls-m", "LLS-M", square),
+            ("lls-mxm", "LLS-MxM", square),
+        ]
+        if dataset in ("cifar100", "tinyimagenet"):  # R = 100 for the 100- and 200-class sets
+            table3.append(("lls-mxm", "LLS-MxM (R=100)", {"basis": "square", "reduced": 100}))
+        rows += [("table3", dataset, "vgg8", r, label, 300, augment, o) for r, label, o in table3]
+    # the same-budget comparison (not a table of the paper): every registered rule with its
+    # defaults, LLS once per basis kind
+    labels = {"bp": "BP", "dfa": "DFA", "drtp": "DRTP", "lls-m": "LLS-M", "lls-mxm": "LLS-MxM"}
+    labels["local-classifier"] = "Local classifiers"
+    for dataset in ("mnist", "fashion-mnist"):
+        for rule in lls.list_rules():
+            if rule == "lls":
+                for kind in lls.BASIS_KINDS:
+                    rows.append(
+                        ("compare", dataset, "smallconv", rule, f"LLS ({kind})", 100, None, {"basis": kind})
+                    )
+            else:
+                rows.append(("compare", dataset, "smallconv", rule, labels[rule], 100, None, {}))
+    return {(*row[:7], tuple(sorted(row[7].items()))) for row in rows}
+
+
+def test_presets_are_the_papers_runs():
+    """Every preset is a run of the paper's tables (or the same-budget comparison), once. The table
+    is built anew here (not read from the import-time constant) so that a mutation of how it is
+    built is seen."""
+    from lls.training import presets
+
+    built = presets._presets()
+    assert built == list(PRESETS)
+    rows = [
+        (
+            p.table,
+            p.dataset,
+            p.model,
+            p.rule,
+            p.label,
+            p.epochs,
+            p.augment,
+            tuple(sorted(p.rule_options.items())),
+        )
+        for p in built
+    ]
+    assert len(rows) == len(set(rows))
+    assert set(rows) == paper_presets()
+
+
+@pytest.mark.parametrize(
+    "label,slug",
+    [
+        ("LLS (random)", "lls-random"),
+        ("LLS-MxM (R=100)", "lls-mxm-r100"),
+        ("Local classifiers", "local-classifiers"),
+    ],
+)
+def test_preset_names_are_slugs_of_the_row_labels(label, slug):
+    preset = lls.training.presets.Preset("table3", "cifar100", "vgg8", "lls", label, 300)
+    assert preset.slug == slug
+    assert preset.name == f"table3/cifar100/vgg8/{slug}"
+    assert hash(preset) == hash(dataclasses.replace(preset, epochs=1))  # the name identifies a run
+    assert hash(preset) != hash(dataclasses.replace(preset, dataset="cifar10"))
+
+
+def test_select_filters_on_every_field_and_rule_slug():
+    from lls.training.presets import with_epochs
+
+    chosen = select("table3", "cifar100", "vgg8", "lls-mxm-r100")
+    assert [p.label for p in chosen] == ["LLS-MxM (R=100)"]
+    assert {p.label for p in select("table3", "cifar100", rule="lls-mxm")} == {"LLS-MxM", "LLS-MxM (R=100)"}
+    assert {p.model for p in select("table1", "mnist")} == {"smallconv", "vgg8"}
+    assert {p.table for p in select(dataset="fashion-mnist", model="smallconv")} == {"table1", "compare"}
+    assert len(select()) == len(PRESETS)
+    with pytest.raises(lls.LLSError, match="unknown table 'table9'; known: table1, table2, table3, compare"):
+        select("table9")
+    with pytest.raises(lls.LLSError, match="no preset matches table=table2 dataset=vww"):
+        select("table2", "vww")
+    assert with_epochs(chosen[0], 3).epochs == 3 and with_epochs(chosen[0], None) is chosen[0]
+
+
+def test_preset_config_is_the_run_with_the_seed():
+    (preset,) = select("table1", "cifar10", "vgg8", "lls-random")
+    config = preset.config(seed=7)
+    assert (config.dataset, config.model, config.rule, config.epochs, config.augment, config.seed) == (
+        "cifar10",
+        "vgg8",
+        "lls",
+        300,
+        "aug",
+        7,
+    )
+    assert {k: config.rule_options[k] for k in ("seed", "basis", "readout_width")} == {
+        "seed": 7,
+        "basis": "random",
+        "readout_width": 2048,
+    }
+    (bp,) = select("table2", "mnist", rule="bp")
+    assert bp.config(seed=7).rule_options == {}  # bp draws no fixed random tensors

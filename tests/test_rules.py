@@ -326,3 +326,170 @@ def test_initialisation_scale(rule):
         assert values.min().item() >= 0 and values.max().item() < scale
         assert values.mean().item() == pytest.approx(scale / 2, rel=0.05)
         assert values.std().item() == pytest.approx(scale / 12**0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e3])
+def test_lls_latent_is_scale_free(batch, scale):
+    """z = a / max(||a||, eps) with eps = 1e-12: a block whose activity is tiny (or huge) is scored
+    as if it had unit norm; only an all-zero latent is left at zero (scores 0: loss log K)."""
+    a, y = batch
+    signal = make_signal("lls", basis="periodic")
+    assert signal(a * scale, y).item() == pytest.approx(signal(a, y).item(), rel=1e-9)
+    assert signal(torch.zeros_like(a), y).item() == pytest.approx(np.log(K), rel=1e-12)
+
+
+def test_lls_loss_gradient_matches_its_formula(batch):
+    """d loss / d z for loss = CE((z / |z|) @ B^T / T, y), written out by hand:
+    g_u = (softmax(u) - onehot) / N, g_zhat = g_u @ B / T, g_z = (g_zhat - zhat <zhat, g_zhat>) / |z|."""
+    _, y = batch
+    signal = make_signal("lls", basis="periodic", temperature=0.25)
+    z = torch.randn(len(y), D, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(signal.latent_loss(z, y), z)
+    zn = z.detach().numpy()
+    norm = np.linalg.norm(zn, axis=1, keepdims=True)
+    b = reference_basis("periodic", K, D)
+    u = (zn / norm) @ b.T / 0.25
+    g_u = (softmax(u) - np.eye(K)[y.numpy()]) / len(y)
+    g_hat = g_u @ b / 0.25
+    zhat = zn / norm
+    expected = (g_hat - zhat * (zhat * g_hat).sum(axis=1, keepdims=True)) / norm
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-9, atol=1e-15)
+
+
+def test_dfa_feedback_is_a_fixed_signal_not_a_path_into_the_head():
+    """DFA's error e = softmax(logits) - onehot is sent to the blocks as a constant: the local loss
+    has no gradient with respect to the logits (the head learns from its own cross-entropy only)."""
+    signal = lls.create_rule("dfa").signal(0, torch.Size((6,)), None, 3)
+    a = torch.randn(4, 6, requires_grad=True)
+    logits = torch.randn(4, 3, requires_grad=True)
+    loss = signal(a, torch.tensor([0, 1, 2, 0]), logits)
+    assert torch.autograd.grad(loss, logits, allow_unused=True)[0] is None
+    with pytest.raises(ValueError, match="DFA's signal needs the head's logits"):
+        signal(a, torch.tensor([0, 1, 2, 0]))
+
+
+def test_signal_refuses_a_latent_of_another_size(batch):
+    _, y = batch
+    signal = make_signal("lls")
+    with pytest.raises(
+        lls.LLSError, match=f"block output has latent size {2 * D}, its signal was built for {D}"
+    ):
+        signal.latent_loss(torch.randn(len(y), 2 * D, dtype=torch.float64), y)
+
+
+def test_a_reduced_basis_needs_the_matrix_modulation():
+    from lls.method.signals import ProjectionSignal
+
+    with pytest.raises(ValueError, match="needs a matrix modulation"):
+        ProjectionSignal(5, (8,), None, basis="square", temperature=0.5, rows=3, modulation="vector")
+    signal = ProjectionSignal(5, (8,), None, basis="square", temperature=0.5, rows=5)
+    assert signal.rows == 5 and signal.modulation is None and signal.classifier is None
+    assert ProjectionSignal(5, (8,), None, basis="random", temperature=0.5, width=8).width is None
+
+
+def test_block_seeds_differ_between_blocks_and_runs():
+    seeds = {block_seed(seed, index) for seed in range(3) for index in range(20)}
+    assert len(seeds) == 60
+    trainer = tiny_trainer("lls", basis="random", seed=4)
+    bases = [s.readout_matrix(torch.zeros(())) for s in trainer.signals]
+    assert trainer.signals[1].seed == block_seed(4, 1)
+    assert not torch.equal(bases[0][:, :4], bases[1][:, :4])  # every block its own draw
+
+
+def test_latent_of_flat_and_unpooled_outputs():
+    from lls.method.signals import latent, latent_dim
+
+    a = torch.randn(2, 3, 4, 4)
+    assert torch.equal(latent(a, None), a.flatten(1))
+    assert latent_dim(torch.Size((3, 4, 4)), None) == 48 and latent_dim(torch.Size((3, 4, 4)), 2) == 12
+    assert latent_dim(torch.Size((6,)), 12) == 12 and latent_dim(torch.Size((6,)), None) == 6
+    flat = torch.randn(2, 6)
+    assert latent(flat, 6) is flat
+    video = torch.randn(2, 3, 2, 2, 2)  # neither dense nor a map: taken as it is
+    assert torch.equal(latent(video, 2), video.flatten(1))
+    one_channel = torch.randn(2, 1, 6, 6).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(
+        latent(one_channel, 3), torch.nn.functional.adaptive_avg_pool2d(one_channel, 3).flatten(1)
+    )
+
+
+def test_rule_configs_and_specs():
+    from lls.method.rules import parse_rule_spec, rule_options, seeded_options
+
+    assert lls.create_rule("lls", basis="periodic").config() == {
+        "name": "lls",
+        "basis": "periodic",
+        "temperature": 0.5,
+        "seed": 0,
+        "readout_width": None,
+    }
+    assert parse_rule_spec("lls:basis=periodic,temperature=0.25") == (
+        "lls",
+        {"basis": "periodic", "temperature": 0.25},
+    )
+    assert parse_rule_spec("lls-mxm:reduced=3") == ("lls-mxm", {"reduced": 3})
+    assert parse_rule_spec("bp") == ("bp", {})
+    for bad in ("lls:basis", "lls:=3"):
+        with pytest.raises(lls.LLSError, match=r"key=value pairs after a colon \(lls:basis=periodic\)"):
+            parse_rule_spec(bad)
+    with pytest.raises(lls.LLSError, match="rule 'bp' has no option 'seed'; it takes no options"):
+        parse_rule_spec("bp:seed=1")
+    assert seeded_options("dfa", {}, 9) == {"seed": 9}
+    assert seeded_options("lls", {"seed": 2}, 9) == {"seed": 2}  # an explicit seed wins
+    assert seeded_options("local-classifier", {"temperature": 1.0}, 9) == {"temperature": 1.0}
+    options = rule_options()
+    field, declared_by, rules = options["temperature"]
+    assert field.name == "temperature" and set(rules) == {"lls", "lls-m", "lls-mxm", "local-classifier"}
+    assert options["reduced"][2] == ["lls-mxm"] and options["feedback"][2] == ["dfa", "drtp"]
+    assert declared_by.name in rules
+
+
+def test_reduced_rows_cannot_exceed_the_classes():
+    rule = lls.create_rule("lls-mxm", reduced=6)
+    with pytest.raises(lls.LLSError, match=r"reduced \(6\) must not exceed the number of classes \(5\)"):
+        rule.signal(0, torch.Size((8,)), None, 5)
+    assert rule.signal(0, torch.Size((8,)), None, 6).modulation.shape == (6, 6)
+
+
+def test_timings_and_activations_of_the_rules():
+    timing = {name: lls.create_rule(name).timing for name in lls.list_rules()}
+    assert timing == {
+        "bp": "end-to-end",
+        "dfa": "head",
+        "drtp": "block",
+        "lls": "block",
+        "lls-m": "block",
+        "lls-mxm": "block",
+        "local-classifier": "block",
+    }
+    assert {n for n in lls.list_rules() if lls.create_rule(n).activation != "leaky_relu"} == {"drtp"}
+    assert lls.create_rule("drtp").signal(0, torch.Size((4,)), None, 3).use_error is False
+    assert lls.create_rule("dfa").signal(0, torch.Size((4,)), None, 3).use_error is True
+    assert lls.create_rule("bp").signal(0, torch.Size((4,)), None, 3) is None
+
+
+def test_scores_are_the_normalised_latent_against_the_basis(batch):
+    """What a block's basis readout predicts from: s = (z / |z|) @ B^T, before the temperature."""
+    a, _ = batch
+    signal = make_signal("lls", basis="periodic")
+    z = reference_latent(a.numpy(), POOL)
+    expected = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ reference_basis("periodic", K, D).T
+    np.testing.assert_allclose(signal.scores(a).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_what_each_signal_offers_readouts_and_costs():
+    """The basis readout predicts argmax of the scores; the class patterns are the basis itself where
+    it has one row per class; DFA's projection costs K x (size of the block output) multiply-adds."""
+    a = torch.randn(5, C, H, W, dtype=torch.float64)
+    lls_signal = make_signal("lls", basis="periodic")
+    assert torch.equal(lls_signal.predict(a), lls_signal.scores(a).argmax(1))
+    torch.testing.assert_close(lls_signal.class_patterns(), torch.tensor(reference_basis("periodic", K, D)))
+    assert make_signal("lls-mxm", reduced=3).class_patterns() is None
+    assert make_signal("local-classifier").class_patterns() is None
+    dfa = make_signal("dfa")
+    assert dfa.class_patterns() is None
+    assert dfa.ops(torch.Size((C, H, W))) == (K * C * H * W, K * C * H * W)
+    with pytest.raises(lls.LLSError, match=r"^FeedbackSignal has no readout of its own; read its blocks"):
+        dfa.predict(a)
+    with pytest.raises(lls.LLSError, match=r"^BlockSignal does not say what its signal costs"):
+        lls.BlockSignal().ops(torch.Size((C, H, W)))

@@ -346,3 +346,27 @@ def test_bad_use_fails_naming_the_fix():
     p.grad = torch.ones(2)
     with pytest.raises(LLSError, match=r"call optimizer.train\(\)"):
         opt.step()
+
+
+def test_iterate_weighting_power_r_1_matches_the_package():
+    """r = 1: iterate t enters the average with weight t * lr_max^2 (the package's c_t)."""
+    pairs = make_pair(r=1.0, warmup_steps=5)
+    g = torch.Generator().manual_seed(4)
+    steps = 30
+    for step in range(steps):
+        feed(pairs, [torch.randn(s, generator=g) for s in SHAPES], step)
+    (ref, ref_opt), (ours, opt) = pairs
+    ref_opt.eval(), opt.eval()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=float32_bound(steps, ref))
+
+
+def test_a_group_mixing_dtypes_is_refused_naming_the_fix():
+    params = [torch.zeros(2, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)]
+    opt = AdamWScheduleFree(params)
+    opt.train()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(
+        LLSError, match=r"^schedule-free AdamW needs one device and dtype per parameter group; split"
+    ):
+        opt.step()

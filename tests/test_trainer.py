@@ -1,11 +1,14 @@
 """The block-local training step: locality, BP equivalence, evaluation procedure, determinism."""
 
+import copy
+
 import pytest
 import schedulefree
 import torch
 import torch.nn.functional as F
 
 import lls
+from lls.step.optim import is_schedule_free
 
 from .conftest import TINY_INPUT, tiny_batch, tiny_net, tiny_trainer
 
@@ -242,3 +245,150 @@ def test_basis_readout_of_a_pooled_dense_latent(pool):
     b = torch.sin(torch.linspace(50, 512, NUM_CLASSES, dtype=torch.float64)[:, None] * t)
     expected = ((F.normalize(z, dim=1) @ b.T).argmax(1) == y).double().mean().item()
     assert result.block_accuracy[-1] == pytest.approx(expected)
+
+
+def test_every_optimizer_gets_the_learning_rate_and_weight_decay():
+    """The paper's recipe by default (schedule-free AdamW, lr 5e-3, no decay, LLS with the square
+    basis); what is asked for otherwise reaches every block's optimizer and the head's."""
+    trainer = lls.Trainer(tiny_net(), input_shape=TINY_INPUT)
+    assert trainer.rule.name == "lls" and trainer.rule.basis == "square" and trainer.lr == 5e-3
+    for optimizer in trainer.optimizers:
+        assert is_schedule_free(optimizer)
+        assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == (5e-3, 0.0)
+    trainer = lls.Trainer(
+        tiny_net(), "dfa", input_shape=TINY_INPUT, optimizer="sgd", lr=0.1, weight_decay=0.2
+    )
+    assert trainer.lr == 0.1
+    assert all(
+        isinstance(o, torch.optim.SGD) and (o.defaults["lr"], o.defaults["weight_decay"]) == (0.1, 0.2)
+        for o in trainer.optimizers
+    )
+    made = []
+
+    def factory(params, lr, weight_decay):
+        made.append((len(params), lr, weight_decay))
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+    trainer = lls.Trainer(
+        tiny_net(), "lls-m", input_shape=TINY_INPUT, optimizer=factory, lr=0.3, weight_decay=0.4
+    )
+    # three blocks: weight, bias, two BatchNorm parameters and LLS-M's vector; head: weight, bias
+    assert made == [(5, 0.3, 0.4)] * 3 + [(2, 0.3, 0.4)]
+
+
+def test_a_step_reports_the_heads_loss_on_its_training_mode_logits():
+    trainer = tiny_trainer("lls")
+    x, y = tiny_batch()
+    seen = []
+    trainer.net.head.register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+    result = trainer.train_step(x, y)
+    assert trainer.batch_size_in_step == len(y)
+    torch.testing.assert_close(result.logits, seen[0])
+    torch.testing.assert_close(result.loss, F.cross_entropy(seen[0], y))
+    assert result.block_losses.shape == (len(trainer.net.blocks),) and not result.loss.requires_grad
+    bp = tiny_trainer("bp").train_step(x, y)
+    assert bp.block_losses.shape == (0,)
+    torch.testing.assert_close(bp.loss, F.cross_entropy(bp.logits, y))
+
+
+@pytest.mark.parametrize("rule", ["lls", "bp"])
+def test_gradients_are_synchronised_once_per_optimizer_per_step(rule):
+    trainer = tiny_trainer(rule)
+    synced = []
+    trainer.sync_gradients = lambda optimizer: synced.append(trainer.optimizers.index(optimizer))
+    trainer.train_step(*tiny_batch())
+    assert sorted(synced) == list(range(len(trainer.optimizers)))
+
+
+def test_a_checkpoint_resumes_training_exactly():
+    trainer = tiny_trainer("lls-m")
+    for step in range(2):
+        trainer.train_step(*tiny_batch(seed=step))
+    state = copy.deepcopy(trainer.state_dict())  # as written to a checkpoint: no tensor shared
+    resumed = tiny_trainer("lls-m", seed=5)
+    resumed.load_state_dict(state)
+    for t in (trainer, resumed):
+        t.train_step(*tiny_batch(seed=7))
+    for p, q in zip(trainer.net.parameters(), resumed.net.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for s, r in zip(trainer.signals, resumed.signals, strict=True):
+        assert torch.equal(s.modulation, r.modulation)
+
+
+def test_errors_name_the_problem():
+    net = tiny_net()
+    with pytest.raises(
+        lls.LLSError, match="--memory slices one block's step at a time and bp back-propagates"
+    ):
+        lls.Trainer(net, "bp", input_shape=TINY_INPUT, memory="low")
+    with pytest.raises(lls.LLSError, match="evaluation got no batches"):
+        tiny_trainer("lls").evaluate([])
+    dfa = tiny_trainer("dfa")
+    x, y = tiny_batch()
+    with pytest.raises(ValueError, match="rule dfa needs the head's output for every block"):
+        dfa.local_pass(x, y, dfa.update, range(0, 1))
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8)), torch.nn.ReLU()]
+    plain = lls.LocalNet(blocks, torch.nn.Linear(8, 3), [None, None], latent_pool=[None, None])
+    with pytest.raises(lls.LLSError, match="block 1 has no trainable parameters; merge it into a neighbour"):
+        lls.Trainer(plain, "lls", input_shape=TINY_INPUT)
+    headless = lls.LocalNet(blocks[:1], torch.nn.ReLU(), [None], latent_pool=[None])
+    with pytest.raises(lls.LLSError, match=r"cannot tell the number of classes: the head has no nn\.Linear"):
+        lls.Trainer(headless, "lls", input_shape=TINY_INPUT)
+
+
+def test_the_class_count_comes_from_the_heads_last_linear_layer():
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    block = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8))
+    net = lls.LocalNet([block], head, [None], latent_pool=[None])
+    trainer = lls.Trainer(net, "lls", input_shape=TINY_INPUT)
+    assert trainer.num_classes == 4 and trainer.signals[0].num_classes == 4
+
+
+def test_build_trainer_from_a_dataset_or_a_shape():
+    from .conftest import NUM_CLASSES, TINY_SPECS
+
+    data = type("Data", (), {"input_shape": TINY_INPUT, "num_classes": NUM_CLASSES})()
+    a = lls.build_trainer(TINY_SPECS, "dfa", data, seed=3)
+    b = lls.build_trainer(TINY_SPECS, "dfa", TINY_INPUT, NUM_CLASSES, seed=3)
+    assert a.input_shape == b.input_shape == TINY_INPUT and a.num_classes == NUM_CLASSES
+    for p, q in zip(a.net.parameters(), b.net.parameters(), strict=True):
+        assert torch.equal(p, q)  # the seed decides the weights
+    assert a.rule.seed == 3 and torch.equal(a.signals[0].feedback, b.signals[0].feedback)  # and the feedback
+    assert torch.equal(
+        lls.build_trainer(TINY_SPECS, "lls-m", TINY_INPUT, NUM_CLASSES, seed=3).signals[0].modulation,
+        lls.build_trainer(TINY_SPECS, "lls-m", TINY_INPUT, NUM_CLASSES, seed=3).signals[0].modulation,
+    )
+    with pytest.raises(TypeError, match="needs a dataset, or an input shape and num_classes"):
+        lls.build_trainer(TINY_SPECS, "lls", TINY_INPUT)
+    with pytest.raises(TypeError, match="rule_options go with a rule name"):
+        lls.build_trainer(
+            TINY_SPECS, lls.create_rule("lls"), TINY_INPUT, NUM_CLASSES, rule_options={"basis": "square"}
+        )
+    rule = lls.create_rule("lls", basis="periodic")
+    trainer = lls.build_trainer(
+        TINY_SPECS, rule, TINY_INPUT, NUM_CLASSES, channels_last=True, lr=0.01, optimizer="adam"
+    )
+    assert trainer.rule is rule and trainer.lr == 0.01 and isinstance(trainer.optimizers[0], torch.optim.Adam)
+    assert trainer.net.blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(
+        lls.build_trainer(TINY_SPECS, "drtp", TINY_INPUT, NUM_CLASSES).net.blocks[0][-1], torch.nn.Tanh
+    )
+    low = lls.build_trainer(TINY_SPECS, "lls", TINY_INPUT, NUM_CLASSES, memory="low", weight_decay=0.5)
+    assert low.memory == "low" and low.low_memory is not None
+    assert low.optimizers[0].defaults["weight_decay"] == 0.5
+
+
+def test_bp_has_no_extra_parameters_and_no_signals():
+    trainer = tiny_trainer("bp")
+    assert trainer.signals == [] and trainer.extra_parameters() == [0, 0, 0]
+    assert trainer.state_dict()["signals"] == []
+
+
+def test_a_checkpoint_of_another_network_is_refused():
+    trainer = tiny_trainer("lls-m")
+    state = copy.deepcopy(trainer.state_dict())
+    state["signals"] = state["signals"][:-1]  # one block fewer
+    with pytest.raises(ValueError):
+        tiny_trainer("lls-m").load_state_dict(state)
