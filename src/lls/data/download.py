@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import LLSError
+from .archive import extract
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 30
@@ -85,7 +86,6 @@ def _fetch(url: str, part: Path, quiet: bool) -> None:
 
 def fetch_archive(urls: Sequence[str], md5: str, root: Path, *, quiet: bool = False) -> None:
     """Download an archive into ``root`` (resumable, md5-checked), unpack it safely, delete it."""
-    from .archive import extract
 
     archive = root / urls[0].rsplit("/", 1)[-1]
     if not archive.exists():

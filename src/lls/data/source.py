@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from tqdm import tqdm
 from ..errors import LLSError
 from ..training.files import check_folder
 from .base import Augment, Dataset, FileSplit, Split, default_data_root
+from .loader import decode_image
 
 
 @dataclass
@@ -85,10 +87,6 @@ class Source:
 
 def decode_all(split: FileSplit, name: str, sample: int | None, quiet: bool) -> str:
     """Decode every file of a split (or every k-th for a sample) and check its shape."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .loader import decode_image
-
     step = max(1, len(split) // sample) if sample else 1
     files = split.files[::step]
     with ThreadPoolExecutor() as pool:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from ..method.basis import BASIS_KINDS, basis
 from ..step.step import Step, bp_loss
 from ..step.trainer import Trainer
+from .plots import save_figure
+from .report_format import table
 
 BASIS_PLOT_COPIES = 6  # float64 K x d arrays alive at once while a basis is computed and drawn
 
@@ -148,7 +150,6 @@ def diagnose(trainer: Trainer, batches, *, sync: bool = True) -> list[BlockDiagn
 
 def diagnosis_text(results: list[BlockDiagnosis]) -> str:
     """``lls diagnose``'s table: alignment with BP and synchronisation, block by block."""
-    from .report_format import table
 
     rows = []
     for r in results:
@@ -166,12 +167,11 @@ def diagnosis_text(results: list[BlockDiagnosis]) -> str:
 
 
 def plot_diagnosis(results: list[BlockDiagnosis], folder: Path, title: str) -> list[Path]:
+    # matplotlib takes about 0.9 s to import: only where a figure is drawn, not at every `lls` start
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .plots import save_figure
 
     written = []
     figure, ax = plt.subplots(figsize=(5, 3.4))
@@ -214,12 +214,11 @@ def plot_basis_bytes(num_classes: int, dim: int) -> int:
 
 def plot_basis(num_classes: int, dim: int, kind: str, path: Path, seed: int = 0) -> Path:
     """A picture of the basis: all rows as an image, and the first rows as curves."""
+    # matplotlib takes about 0.9 s to import: only where a figure is drawn, not at every `lls` start
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .plots import save_figure
 
     b = basis(num_classes, dim, kind, seed, dtype=torch.float64).numpy()
     figure, axes = plt.subplots(

@@ -11,12 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data import dataset_shape
 from ..errors import LLSError
 from ..method.models import model_options
-from ..method.rules import RULES
+from ..method.rules import RULES, create_rule
 from ..training.config import DISTINGUISHING, TrainConfig
 from ..training.files import atomic_write, check_folder
 from ..training.rundir import RunDir
+from .cost import count_costs
+from .memory import measure_memory
+from .plots import save_figure
+from .report_format import si
 
 
 @dataclass
@@ -129,10 +134,6 @@ def summarize(runs: list[RunResult], with_costs: bool = True) -> list[dict[str, 
 
 def costs_of(config: TrainConfig) -> dict[str, Any]:
     """Learning-signal multiply-adds, extra parameters and activation memory from ``lls cost``."""
-    from ..data import dataset_shape
-    from ..method.rules import create_rule
-    from .cost import count_costs
-    from .memory import measure_memory
 
     known = dataset_shape(config.dataset)
     if known is None:
@@ -159,7 +160,6 @@ def costs_of(config: TrainConfig) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    from .report_format import si
 
     lines = [
         "| dataset | model | rule | seeds | epochs | final test acc. (%) | best test acc. over epochs (%) | "
@@ -180,12 +180,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     """Test-accuracy curves of the rules side by side, and cost ratios to BP, per (dataset, model)."""
+    # matplotlib takes about 0.9 s to import: only where a figure is drawn, not at every `lls` start
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .plots import save_figure
 
     written = []
     by_problem: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -242,8 +241,6 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
 def plot_block_accuracy(members: list[dict[str, Any]], path: Path, title: str) -> list[Path]:
     """Each block's own test accuracy over epochs (mean over seeds), one panel per rule."""
     import matplotlib.pyplot as plt
-
-    from .plots import save_figure
 
     members = [r for r in members if r["block_curves"] and r["block_curves"][0] and r["block_curves"][0][0]]
     if not members:

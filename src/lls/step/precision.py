@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LLSError
+from ..method.signals import BlockSignal
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -114,8 +115,6 @@ class Precision:
         """``signal(a, y, logits)``: the latent under autocast, the rest in float32 (module docstring)."""
         if not self.mixed:
             return signal(a, y, logits)
-        from ..method.signals import BlockSignal
-
         logits = None if logits is None else logits.float()
         if isinstance(signal, BlockSignal):
             with self.autocast():
