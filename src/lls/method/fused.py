@@ -34,15 +34,28 @@ created on one stream and read on another would be a race.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
 from ..errors import LLSError
 from .latent import CHANNEL_MAJOR, POSITION_MAJOR, LatentPool, latent_dim
 
-if TYPE_CHECKING:  # signals.py builds its fused form from this module
-    from .signals import ProjectionSignal
+
+class Projection(Protocol):
+    """What this module reads of a :class:`~lls.method.signals.ProjectionSignal` (which builds its
+    fused form from here, so this module names the signal's pieces instead of importing it)."""
+
+    pool: int | None
+    dim: int
+    normalize: bool
+    eps: float
+    classifier: torch.nn.Parameter | None
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+    def readout_matrix(self, like: torch.Tensor) -> torch.Tensor: ...
+    def scores_loss(self, *args, **kwargs) -> torch.Tensor: ...
 
 
 class FusedProjection:
@@ -56,7 +69,7 @@ class FusedProjection:
 
     def __init__(
         self,
-        signal: ProjectionSignal,
+        signal: Projection,
         out_shape: torch.Size | tuple[int, ...],
         *,
         device: torch.device | str | None = None,
