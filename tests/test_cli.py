@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from lls.cli import main
-from lls.data.idx import write_idx
 from lls.data.mnist import SPLIT_FILES
+
+from .idx_files import write_idx
 
 
 def one_line_error(capsys, argv: list[str], *fragments: str) -> str:

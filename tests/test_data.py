@@ -12,9 +12,11 @@ import lls
 from lls.data.augment import draw, erase, flip, pad_crop, seeded_generator
 from lls.data.base import Augment, Split
 from lls.data.download import download
-from lls.data.idx import read_idx, write_idx
+from lls.data.idx import read_idx
 from lls.data.loader import TensorLoader
 from lls.data.mnist import FASHION_MNIST, SPLIT_FILES, IdxSource
+
+from .idx_files import write_idx
 
 TINY = IdxSource(name="tiny-idx", classes=tuple("abc"), counts=None)
 

@@ -175,8 +175,9 @@ def test_an_oversized_image_is_refused_with_its_name(tmp_path, monkeypatch):
 
 
 def test_a_labels_file_error_names_the_labels_file(tmp_path):
-    from lls.data.idx import write_idx
     from lls.data.mnist import SPLIT_FILES, IdxSource
+
+    from .idx_files import write_idx
 
     rng = np.random.default_rng(0)
     for key, stem in SPLIT_FILES.items():

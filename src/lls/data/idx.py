@@ -57,16 +57,3 @@ def parse_idx(data: bytes, path: Path) -> torch.Tensor:
 
 def read_idx(path: Path) -> torch.Tensor:
     return parse_idx(read_idx_bytes(path), path)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` in IDX format (gzip-compressed if ``path`` ends in ``.gz``); for tests and tools."""
-    codes = {np.dtype(v).newbyteorder("="): k for k, v in IDX_TYPES.items()}
-    array = np.ascontiguousarray(array)
-    code = codes[array.dtype.newbyteorder("=")]
-    payload = (
-        bytes([0, 0, code, array.ndim])
-        + struct.pack(f">{array.ndim}I", *array.shape)
-        + array.astype(np.dtype(IDX_TYPES[code])).tobytes()
-    )
-    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
