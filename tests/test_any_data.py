@@ -166,3 +166,55 @@ def test_unknown_lr_schedule_exits_2_and_writes_nothing(tmp_path, capsys):
     assert main([*DIGITS_RUN, "--lr-schedule", "linear", "--out", str(tmp_path / "run")]) == 2
     assert "unknown lr schedule 'linear'; known lr schedules: cosine, none, step" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def hand_built(kind):
+    """A network lls did not build, so it does not know its input shape (TINY_INPUT: 1x8x8)."""
+    torch.manual_seed(0)
+    if kind == "sequential":
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+            torch.nn.Linear(4 * 4 * 4, 16), torch.nn.ReLU(), torch.nn.Linear(16, NUM_CLASSES),
+        )  # fmt: skip
+    blocks = [
+        torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU()),
+        torch.nn.Sequential(torch.nn.Linear(4 * 4 * 4, 16), torch.nn.ReLU()),
+    ]
+    between = [torch.nn.Sequential(torch.nn.MaxPool2d(2), torch.nn.Flatten()), None]
+    return lls.LocalNet(blocks, head=torch.nn.Linear(16, NUM_CLASSES), between=between, latent_pool=[2, None])
+
+
+@pytest.mark.parametrize("kind", ["localnet", "sequential"])
+def test_a_network_without_an_input_shape_is_set_up_by_its_first_batch(kind):
+    def run(**shape):
+        trainer = lls.Trainer(hand_built(kind), "lls", lr=LR, **shape)
+        torch.manual_seed(2)  # the shuffle order of the DataLoader
+        train, test = loaders()
+        history = lls.fit(trainer, train, 2, test=test, progress=False)
+        records = history.records
+        return trainer, [(r.train_loss, r.test_loss, r.test_accuracy, r.block_losses) for r in records]
+
+    lazy, lazy_history = run()
+    eager, eager_history = run(input_shape=TINY_INPUT)
+    assert lazy.input_shape == eager.input_shape == TINY_INPUT
+    assert lazy_history == eager_history  # the same job, to the last digit
+    for a, b in zip(lazy.state_dict()["net"].values(), eager.state_dict()["net"].values(), strict=True):
+        assert torch.equal(a, b)
+    other_shape = r"inputs of shape \(1, 9, 9\) per sample; the network takes \(1, 8, 8\)"
+    with pytest.raises(lls.LLSError, match=other_shape):  # check_batch's line, from the first batch's shape
+        lazy.train_step(torch.randn(4, 1, 9, 9), tiny_batch(4)[1])
+
+
+def test_a_trainer_before_its_first_batch_says_so_in_one_line():
+    trainer = lls.Trainer(hand_built("localnet"), "lls")
+    for call in (trainer.state_dict, lambda: trainer.load_state_dict({}), trainer.extra_parameters):
+        with pytest.raises(
+            lls.LLSError, match=r"^the trainer has not seen a batch yet: give input_shape"
+        ) as error:
+            call()
+        assert str(error.value).endswith("or train one step first") and "\n" not in str(error.value)
+    trainer.train_step(*tiny_batch(4))  # train_step sets it up
+    assert trainer.input_shape == TINY_INPUT and set(trainer.state_dict()) >= {"net", "optimizers"}
+    evaluated = lls.Trainer(hand_built("sequential"), "lls")
+    assert evaluated.evaluate([tiny_batch(8)], refresh=[tiny_batch(8)]).accuracy >= 0  # and so does evaluate
+    assert evaluated.input_shape == TINY_INPUT

@@ -116,6 +116,8 @@ def checked_loaders(cls: type, trainer, loaders: object, test: Iterable | None, 
         if test is None:
             raise LLSError("fit got training batches without test batches: pass test=... as well")
         loaders = cls(train=loaders, test=test)
+    if trainer.input_shape is None:  # a trainer waiting for its first batch: set it up from train's
+        trainer.build_for(_first_inputs(loaders.train))
     like, shape, classes = next(trainer.net.parameters()), trainer.input_shape, trainer.num_classes
 
     def read(source, **options):
@@ -127,3 +129,17 @@ def checked_loaders(cls: type, trainer, loaders: object, test: Iterable | None, 
         test=read(loaders.test),
         probe=read(loaders.probe),
     )
+
+
+def _first_inputs(source: Iterable) -> torch.Tensor:
+    """The inputs of ``source``'s first batch, read with the global random state put back, so that
+    the epochs that follow (a shuffling DataLoader draws its order from it) are the same as if
+    the batch had not been read."""
+    state = torch.get_rng_state()
+    try:
+        batch = next(iter(source), None)
+    finally:
+        torch.set_rng_state(state)
+    if not isinstance(batch, (tuple, list)) or not batch or not isinstance(batch[0], torch.Tensor):
+        raise LLSError("the training batches are empty or not (inputs, labels) pairs: nothing to train on")
+    return batch[0]

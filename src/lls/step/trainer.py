@@ -7,6 +7,7 @@ issue it (engine.py, lowmem.py). The paper's evaluation procedure is evaluation.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -30,11 +31,16 @@ from .precision import Precision
 from .schedules import ScheduleFactory
 from .step import SERIAL, LocalPass, Schedule, Step, StepResult
 
+NOT_SET_UP = "the trainer has not seen a batch yet: give input_shape=... or train one step first"
+
 __all__ = ["Batch", "Evaluation", "LocalPass", "StepResult", "Trainer"]
 
 
 class Trainer:
     """Trains a :class:`LocalNet` with a rule: ``Trainer(net, "lls", input_shape=(1, 28, 28))``.
+
+    Without ``input_shape`` (and a network that does not know it), the first batch the trainer
+    reads sets it up (:meth:`build_for`), as PyTorch's lazy modules do.
 
     Every block gets its own optimizer (``optimizer`` by name, schedule-free AdamW by default, lr
     5e-3, the paper's recipe; or a factory ``(params, lr, weight_decay) -> Optimizer``) over its
@@ -64,8 +70,6 @@ class Trainer:
         lr_schedule: ScheduleFactory | None = None,
         precision: str = DEFAULTS.precision,
     ) -> None:
-        net, input_shape = as_local_net(net, input_shape)
-        self.net = net
         self.rule = create_rule(rule) if isinstance(rule, str) else rule
         check_step(
             self.rule,
@@ -76,6 +80,58 @@ class Trainer:
             memory=memory,
             precision=precision,
         )
+        self.net, self.lr, self.memory, self.batch_size_in_step = net, lr, memory, 0
+        self.input_shape: tuple[int, ...] | None = None  # set by _build, from the first batch if not given
+        self._options = dict(
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            engine=engine,
+            lr_schedule=lr_schedule,
+            precision=precision,
+        )
+        known = input_shape if input_shape is not None else getattr(net, "input_shape", None)
+        # Without a shape, the first batch builds the rest (as PyTorch's lazy modules); a network that
+        # could not be built from one is refused now, with the reason.
+        if known is not None or not isinstance(net, (LocalNet, nn.Sequential)):
+            self._build(known, **self._options)
+
+    def build_for(self, x: torch.Tensor) -> None:
+        """Set up from a batch's inputs (one sample's shape: ``x.shape[1:]``) if no input shape was
+        known; nothing once set up. Every batch the trainer reads comes here first."""
+        if self.input_shape is None:
+            if not isinstance(x, torch.Tensor) or x.dim() < 1:
+                raise LLSError(f"a batch must hold an input tensor of samples, got {type(x).__name__}")
+            self._build(tuple(x.shape[1:]), **self._options)
+
+    def _first_built(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+        """``batches``, read once, the trainer set up from the first of them if it was not."""
+        if self.input_shape is not None:
+            return batches
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return ()
+        self.build_for(first[0] if isinstance(first, (tuple, list)) and first else first)
+        return itertools.chain([first], batches)
+
+    def _built(self) -> None:
+        if self.input_shape is None:
+            raise LLSError(NOT_SET_UP)
+
+    def _build(
+        self,
+        input_shape: Sequence[int] | None,
+        *,
+        optimizer: OptimizerSpec,
+        weight_decay: float,
+        engine: str,
+        lr_schedule: ScheduleFactory | None,
+        precision: str,
+    ) -> None:
+        """Everything that needs one sample's shape: the blocks, signals, optimizers and engine."""
+        net, input_shape = as_local_net(self.net, input_shape)
+        lr, memory = self.lr, self.memory
+        self.net = net
         self.num_classes = _num_classes(net.head)
         for i, op in enumerate(net.between):
             if any(p.requires_grad for p in op.parameters()):
@@ -127,10 +183,7 @@ class Trainer:
             else:
                 check_capturable(self.optimizers)
         self.schedulers = [lr_schedule(o) for o in self.optimizers] if lr_schedule is not None else []
-        self.lr = lr
         self.input_shape = tuple(input_shape)
-        self.batch_size_in_step = 0
-        self.memory = memory
         plan = memory_plan(memory)
         recompute_all = self.rule.timing == "head"
         self.low_memory = (
@@ -156,6 +209,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One minibatch: every block updated from its own signal, the head from cross-entropy."""
+        self.build_for(x)
         x, y = check_batch((x, y), self.input_shape, self.num_classes, next(self.net.parameters()))
         self.batch_size_in_step = len(y)  # read by data parallelism to weight this process's gradients
         # Checked here, on the host, for every engine: a replayed graph runs no optimizer's own check
@@ -191,6 +245,7 @@ class Trainer:
 
     def evaluation(self, refresh: Iterable[Batch] = ()) -> AbstractContextManager[LocalNet]:
         """The paper's evaluation procedure (evaluation.py), undone on exit; yields the network."""
+        refresh = self._first_built(refresh)
         return evaluation_.evaluation(self.net, self.optimizers, self.checked(refresh))
 
     def evaluate(
@@ -203,6 +258,8 @@ class Trainer:
     ) -> Evaluation:
         """Loss and accuracy of the evaluation-mode network on ``batches`` (evaluation.py); with
         ``blocks``, also each block's own accuracy."""
+        refresh = self._first_built(refresh)
+        batches = self._first_built(batches)
         return evaluation_.evaluate(
             self.net,
             self.optimizers,
@@ -223,11 +280,13 @@ class Trainer:
 
     def extra_parameters(self) -> list[int]:
         """Trainable parameters each block's rule adds (0 for fixed bases, K for LLS-M, ...)."""
+        self._built()
         if not self.signals:
             return [0] * len(self.net.blocks)
         return [sum(p.numel() for p in s.parameters() if p.requires_grad) for s in self.signals]
 
     def state_dict(self) -> dict[str, Any]:
+        self._built()
         return {
             "net": self.net.state_dict(),
             "signals": [s.state_dict() for s in self.signals],
@@ -237,6 +296,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._built()
         if self.engine is not None:  # optimizer state tensors are replaced: captured steps are stale
             self.engine.reset()
         self.net.load_state_dict(state["net"])
