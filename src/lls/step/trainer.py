@@ -154,23 +154,30 @@ class Trainer:
                 raise LLSError(f"block {i} has no trainable parameters; merge it into a neighbour")
         self.precision = Precision(precision, param.device, len(groups))
         mode = optimizer_engine(engine, param.device, optimizer)  # "eager" or "graph"
-        if mode == "graph" and self.precision.scalers:  # a scaler reads its overflow flag on the host
-            if engine != "auto":
-                raise LLSError("fp16's gradient scaling cannot be captured: use --engine eager, or bf16")
-            mode = "eager"
-        if mode == "graph" and memory is not None:  # a captured step holds the whole batch's tensors
-            if engine != "auto":
-                raise LLSError(
-                    "the graph engine captures whole-batch steps and low memory slices them: "
-                    "use --engine eager with --memory"
-                )
-            mode = "eager"
         lrs = block_lrs(lr, len(net.blocks))
-        if lr_schedule is not None and mode == "graph":  # a captured step replays the lr it saw
+        # What keeps a step from being captured: "auto" then steps eagerly, "graph" refuses, naming it
+        uncapturable = [
+            # a scaler reads its overflow flag on the host
+            (
+                self.precision.scalers,
+                "fp16's gradient scaling cannot be captured: use --engine eager, or bf16",
+            ),
+            # a captured step holds the whole batch's tensors
+            (
+                memory is not None,
+                "the graph engine captures whole-batch steps and low memory slices them: "
+                "use --engine eager with --memory",
+            ),
+            # a captured step replays the lr it saw
+            (
+                lr_schedule is not None,
+                "the graph engine replays captured steps: use --engine eager with an lr schedule",
+            ),
+        ]
+        reason = next((why for blocked, why in uncapturable if blocked), None)
+        if mode == "graph" and reason is not None:
             if engine != "auto":
-                raise LLSError(
-                    "the graph engine replays captured steps: use --engine eager with an lr schedule"
-                )
+                raise LLSError(reason)
             mode = "eager"
         capturable = mode == "graph"  # the graph engine gets implementations it can capture
         self.optimizers = [

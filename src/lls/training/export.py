@@ -14,8 +14,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +23,7 @@ from torch import nn
 
 from ..errors import LLSError
 from ..registry import Registry
-from .files import FILE_MODE, atomic_write, describe_os_error
+from .files import atomic_replace, atomic_write
 
 EXAMPLE_BATCH = 2  # the traced batch; ONNX's batch dimension stays free (torch.export specialises 0 and 1)
 INSTALL_EXPORT = "pip install 'lls[export]'"
@@ -84,20 +82,4 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> None:
             )
     finally:
         quiet.setLevel(level)
-    _atomically(out, lambda path: program.save(str(path), external_data=False))
-
-
-def _atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary path)`` next to ``out``, then the rename; nothing left behind on failure."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.fchmod(fd, FILE_MODE)
-        os.close(fd)
-        write(Path(tmp))
-        os.replace(tmp, out)
-    except OSError as error:
-        raise LLSError(describe_os_error(error, out)) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_replace(out, lambda path: program.save(str(path), external_data=False))

@@ -13,6 +13,7 @@ import fcntl
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LLSError
@@ -86,14 +87,24 @@ def describe_os_error(error: OSError, path: Path | str) -> str:
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically (temp file, fsync, rename); raises LLSError naming
     the path on a filesystem failure (a full disk, a read-only mount), leaving the old file."""
+    atomic_replace(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_replace(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary path)`` beside ``path``, fsync, then the rename over ``path``: readers see
+    the old file or the whole new one; a filesystem failure raises LLSError naming the path and
+    leaves nothing behind (for writers that want a path of their own, such as an exporter)."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as error:
         raise LLSError(describe_os_error(error, path)) from None
