@@ -141,7 +141,7 @@ def test_a_stop_request_interrupts_at_a_step_boundary_with_the_sums_so_far():
 
 
 def test_an_empty_training_set_is_named():
-    with pytest.raises(lls.LLSError, match="the training set is empty"):
+    with pytest.raises(lls.LLSError, match=r"^the training set is empty$"):
         lls.train_epoch(ScriptedTrainer(), ScriptedLoader(sizes=()), epoch=0, progress=False)
 
 
@@ -341,14 +341,17 @@ def test_progress_is_shown_by_default_on_stderr(capsys):
 def test_evaluation_reports_the_seconds_it_took(monkeypatch):
     clock = iter([100.0, 102.5])
     monkeypatch.setattr(fit_module.time, "perf_counter", lambda: next(clock))
-    _, seconds = lls.evaluate(ScriptedTrainer(), loaders(), epoch=0)
+    trainer = ScriptedTrainer()
+    _, seconds = lls.evaluate(trainer, loaders(), epoch=0)
     assert seconds == 2.5
+    assert trainer.evaluated[0]["blocks"] is True  # each block's accuracy unless asked not to
 
 
-def test_each_epochs_evaluation_refreshes_from_that_epoch():
+def test_each_epoch_trains_and_refreshes_from_that_epochs_batches():
     data = loaders()
     lls.fit(ScriptedTrainer(), data, 2, progress=False)
     assert [c for c in data.train.calls if c[1] == "refresh"] == [(0, "refresh", 0), (1, "refresh", 0)]
+    assert [c for c in data.train.calls if c[1] == "train"] == [(0, "train", 0), (1, "train", 0)]
 
 
 def test_the_training_loader_augments_as_the_dataset_says(digits):
@@ -360,3 +363,222 @@ def test_the_training_loader_augments_as_the_dataset_says(digits):
     data = lls.Loaders.for_dataset(flipped, batch_size=16)
     assert data.train.augment == Augment(hflip=True)
     assert data.test.augment != Augment(hflip=True) and data.probe.augment != Augment(hflip=True)
+
+
+def test_epoch_sums_are_kept_in_double_precision():
+    """A float32 sum stops counting a loss of 1 at 2**24: the epoch's sums, fresh or resumed, are float64."""
+    big = float(2**24)
+    script = [
+        {"loss": big, "blocks": (big, 0.0), "right": 1},
+        {"loss": 1.0, "blocks": (1.0, 0.0), "right": 0},
+    ]
+    done = lls.train_epoch(ScriptedTrainer(script=script), ScriptedLoader((1, 1)), epoch=0, progress=False)
+    assert done.loss_sum == big + 1 and done.block_sums == [big + 1, 0.0]
+    resume = EpochProgress(epoch=0, step=1, loss_sum=big, correct=1, seen=1, block_sums=[big, 0.0])
+    trainer = ScriptedTrainer(script=script)
+    done = lls.train_epoch(trainer, ScriptedLoader((1, 1)), epoch=0, progress=False, resume=resume)
+    assert trainer.trained == [1] and done.loss_sum == big + 1 and done.block_sums == [big + 1, 0.0]
+
+
+def test_an_epoch_counts_its_seconds_on_from_the_resumed_ones(monkeypatch):
+    clock = iter([100.0, 102.5])  # the epoch's start, its end
+    monkeypatch.setattr(fit_module.time, "perf_counter", lambda: next(clock))
+    resume = EpochProgress(
+        epoch=0, step=1, loss_sum=3.0, correct=3, seen=3, block_sums=[1.5, 6.0], seconds=3.0
+    )
+    done = lls.train_epoch(ScriptedTrainer(), ScriptedLoader(), epoch=0, progress=False, resume=resume)
+    assert done.seconds == 3.0 + 2.5
+
+
+def test_a_progress_with_every_step_done_is_returned_as_it_is():
+    """A checkpoint taken after an epoch's last step resumes into nothing left to train."""
+    resume = EpochProgress(epoch=0, step=3, loss_sum=17.0, correct=4, seen=8, block_sums=[12.0, 9.0])
+    trainer = ScriptedTrainer()
+    done = lls.train_epoch(trainer, ScriptedLoader(), epoch=0, progress=False, resume=resume)
+    assert trainer.trained == [] and (done.step, done.seen, done.loss_sum, done.block_sums) == (
+        3,
+        8,
+        17.0,
+        [12, 9],
+    )
+
+
+def stage_step(losses, head_loss=None):
+    """A pipeline stage's step: its blocks' losses, with the head's loss only if it ends with the head."""
+
+    def step(x, y):
+        logits = None if head_loss is None else torch.zeros(len(y), CLASSES)
+        loss = None if head_loss is None else torch.tensor(head_loss)
+        return lls.StepResult(logits, loss, torch.tensor(losses))
+
+    return step
+
+
+def test_a_pipeline_stage_trains_the_batches_it_is_handed_with_its_own_step():
+    trainer = ScriptedTrainer()
+    trainer.net.blocks = [None, None, None]
+    handed = [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))] * 2  # what the stage before sent
+    done = lls.train_epoch(
+        trainer,
+        ScriptedLoader((5, 5)),  # the stage's share of the epoch: it reads what it is handed instead
+        epoch=0,
+        progress=False,
+        batches=handed,
+        step_fn=stage_step([0.5, 0.25]),
+        blocks=range(0, 2),
+    )
+    assert trainer.trained == [] and (done.step, done.seen) == (2, 4)
+    assert done.block_sums == [2 * 0.5 * 2, 2 * 0.25 * 2] and done.loss_sum == 0 and done.correct == 0
+
+
+@pytest.mark.parametrize(
+    "blocks, losses, head_loss, named",
+    [
+        (range(0, 2), [0.5, math.nan], None, "block 1's local loss"),  # the first of three stages' 2nd block
+        (range(1, 2), [math.nan], None, "block 1's local loss"),  # a middle stage's only block
+        (range(2, 3), [0.5], math.nan, "the head's loss"),  # the last stage ends with the head
+    ],
+)
+def test_a_pipeline_stage_names_its_own_diverged_loss(blocks, losses, head_loss, named):
+    trainer = ScriptedTrainer()
+    trainer.net.blocks = [None, None, None]
+    handed = [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(
+        TrainingDiverged, match=rf"^training diverged at epoch 2, step 1: {named} is nan; lower --lr$"
+    ):
+        lls.train_epoch(
+            trainer,
+            ScriptedLoader((2,)),
+            epoch=1,
+            progress=False,
+            batches=handed,
+            step_fn=stage_step(losses, head_loss),
+            blocks=blocks,
+        )
+
+
+def frames(err: str) -> list[str]:
+    """The progress bar's successive renderings in what it wrote to stderr."""
+    return [f.strip() for f in err.replace("\n", "\r").split("\r") if f.strip()]
+
+
+def test_the_progress_bar_counts_steps_and_shows_the_means_checked_every_10_steps(capsys):
+    trainer = ScriptedTrainer(script=[SCRIPT[0]] * 12)  # every batch: loss 1, blocks 0.5 and 2, all right
+    shown = []
+    original = fit_module._postfix
+    fit_module._postfix = lambda *a: shown.append(a) or original(*a)
+    try:
+        lls.train_epoch(trainer, ScriptedLoader((3,) * 12), epoch=0, progress=True)
+    finally:
+        fit_module._postfix = original
+    assert shown == [(1.0, 1.0, [0.5, 2.0])] * 2  # at step 10 and at the last step, 12
+    bar = frames(capsys.readouterr().err)
+    assert bar[0].startswith("0%|") and bar[-1].startswith("100%|")  # no label when none is given
+    assert "| 12/12 [" in bar[-1] and bar[-1].endswith("loss 1.000 acc 100.0% | blocks 0.500 2.000]")
+    # the means are shown with the count they are the means of, never with an older one
+    assert not [f for f in bar if "loss" in f and "| 0/12 [" in f]
+
+
+def test_a_resumed_epochs_progress_bar_starts_at_its_step(capsys):
+    resume = EpochProgress(epoch=0, step=1, loss_sum=3.0, correct=3, seen=3, block_sums=[1.5, 6.0])
+    lls.train_epoch(ScriptedTrainer(), ScriptedLoader(), epoch=0, resume=resume)
+    bar = frames(capsys.readouterr().err)
+    assert "| 1/3 [" in bar[0] and "| 3/3 [" in bar[-1]
+
+
+def test_the_single_process_strategy():
+    strategy = fit_module.Strategy()
+    assert strategy.describe() == "" and strategy.record() == {} and strategy.main
+    progress = EpochProgress(epoch=1, step=4, loss_sum=2.5, correct=3, seen=8, block_sums=[1.0], seconds=0.5)
+    assert strategy.resume_progress(strategy.progress_record(progress)) == progress
+
+
+def test_fit_without_block_accuracy_evaluates_the_head_only():
+    trainer = ScriptedTrainer()
+    lls.fit(trainer, loaders(), 1, progress=False, block_accuracy=False)
+    assert trainer.evaluated[0]["blocks"] is False and trainer.evaluated[0]["probes"] == []
+
+
+def test_fit_passes_a_stop_request_into_the_epoch():
+    trainer = ScriptedTrainer()
+    with pytest.raises(Interrupted, match=r"^interrupted at epoch 1, step 2$") as caught:
+        lls.fit(trainer, loaders(), 2, progress=False, should_stop=lambda: len(trainer.trained) == 2)
+    assert caught.value.progress.step == 2 and trainer.evaluated == []
+
+
+def test_fit_stops_after_the_epoch_in_which_the_stop_was_asked():
+    """A stop asked at an epoch's last step ends the run right after that epoch is recorded;
+    after the last epoch there is nothing left to stop."""
+    trainer = ScriptedTrainer()
+    records = []
+    with pytest.raises(Interrupted, match=r"^interrupted at an epoch boundary$"):
+        stop = lambda: len(trainer.trained) >= 6  # noqa: E731 (the last step of epoch 2)
+        lls.fit(trainer, loaders(), 3, progress=False, should_stop=stop, on_epoch=records.append)
+    assert [r.epoch for r in records] == [1, 2]
+    trainer = ScriptedTrainer()
+    stop = lambda: len(trainer.trained) >= 6  # noqa: E731
+    assert len(lls.fit(trainer, loaders(), 2, progress=False, should_stop=stop).records) == 2
+
+
+def test_fit_records_the_strategys_stage_busy_fractions():
+    class Staged(fit_module.Strategy):
+        def train_epoch(self, trainer, loaders, epoch, **options):
+            done = super().train_epoch(trainer, loaders, epoch, **options)
+            done.stage_busy = [0.75, 0.5]
+            return done
+
+    history = lls.fit(ScriptedTrainer(), loaders(), 1, strategy=Staged(), progress=False)
+    assert history.records[0].stage_busy == [0.75, 0.5]
+
+
+def test_fit_takes_lists_of_batches_and_refuses_a_batch_too_small_for_batchnorm():
+    def batches(sizes):
+        return [(torch.full((n, 1), float(s)), torch.zeros(n, dtype=torch.long)) for s, n in enumerate(sizes)]
+
+    history = lls.fit(ScriptedTrainer(), batches(SIZES), 1, test=batches((5,)), progress=False)
+    assert history.records[0].train_loss == pytest.approx(17 / 8)
+    with pytest.raises(lls.LLSError, match=r"^a training batch of 1 sample\(s\): BatchNorm needs 2; "):
+        lls.fit(ScriptedTrainer(), batches((3, 1)), 1, test=batches((5,)), progress=False)
+
+
+def test_the_ridge_probes_get_the_first_2048_training_images_in_the_layout_asked_for():
+    """The ridge probes are fitted on the first 2048 training images (readout.PROBE_IMAGES); every loader's
+    3-channel batches are channels-last unless asked not to be (one channel cannot tell the two
+    layouts apart: their strides are the same)."""
+    images = torch.randint(0, 256, (2100, 3, 4, 4), dtype=torch.uint8)
+    split = lls.data.Split(images, torch.arange(2100) % 2)
+    data = lls.Dataset("tiny", split, split.head(10), 2, (0.5,) * 3, (0.25,) * 3)
+    default = lls.Loaders.for_dataset(data, batch_size=8)
+    assert len(default.probe.labels) == 2048 and len(default.train.labels) == 2100
+    for loader in (default.train, default.test, default.probe):
+        assert next(loader.epoch())[0].is_contiguous(memory_format=torch.channels_last)
+    plain = lls.Loaders.for_dataset(data, batch_size=8, channels_last=False)
+    for loader in (plain.train, plain.test, plain.probe):
+        x = next(loader.epoch())[0]
+        assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    from lls.data import drawn_on
+
+    assert drawn_on(default.train) == "host"
+    assert drawn_on(lls.Loaders.for_dataset(data, batch_size=8, draws="device").train) == "device:cpu"
+
+
+def test_the_ridge_probes_of_a_streamed_set_are_centre_crops(tmp_path):
+    """Streamed training images are randomly cropped; the probes' are not (they are unaugmented)."""
+    from PIL import Image
+
+    from lls.data.base import FileSplit
+
+    noise = torch.Generator().manual_seed(0)
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"{i}.png")
+        pixels = torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8, generator=noise)
+        Image.fromarray(pixels.numpy()).save(files[-1])
+    labels = torch.tensor([0, 1, 0, 1])
+    train, centred = FileSplit(files, labels, 8, random_crop=True), FileSplit(files, labels, 8)
+    data = lls.Dataset("files", train, centred, 2, (0.0,) * 3, (1.0,) * 3)
+    made = lls.Loaders.for_dataset(data, batch_size=4)
+    (probe,), (test,) = list(made.probe.epoch()), list(made.test.epoch())
+    assert torch.equal(probe[0], test[0]) and torch.equal(probe[1], labels)
+    cropped = next(made.train.epoch(stream="refresh"))[0]  # the training stream's crops do differ
+    assert not torch.equal(cropped.sort(0).values, test[0].sort(0).values)

@@ -228,8 +228,11 @@ def test_select_filters_on_every_field_and_rule_slug():
     assert len(select()) == len(PRESETS)
     with pytest.raises(lls.LLSError, match="unknown table 'table9'; known: table1, table2, table3, compare"):
         select("table9")
-    with pytest.raises(lls.LLSError, match="no preset matches table=table2 dataset=vww"):
+    with pytest.raises(lls.LLSError) as caught:
         select("table2", "vww")
+    assert str(caught.value) == (
+        "no preset matches table=table2 dataset=vww model=None rule=None; see `lls reproduce --list`"
+    )
     assert with_epochs(chosen[0], 3).epochs == 3 and with_epochs(chosen[0], None) is chosen[0]
 
 
