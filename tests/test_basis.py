@@ -135,3 +135,31 @@ def test_empty_basis_is_refused_naming_the_sizes(shape):
     k, d, width = shape
     with pytest.raises(lls.LLSError, match=rf"num_classes, dim and width >= 1, got {k} x {d} \({width}\)"):
         lls.basis(k, d, "random", width=width)
+
+
+def test_a_basis_for_sizes_only_is_an_empty_meta_tensor_of_the_asked_dtype():
+    # a model built on the meta device (to count its sizes) computes no basis values
+    with torch.device("meta"):
+        b = lls.basis(3, 8, "periodic", dtype=torch.float16)
+    assert b.device.type == "meta" and b.shape == (3, 8) and b.dtype == torch.float16
+
+
+def test_basis_goes_to_the_asked_device():
+    b = lls.basis(3, 8, "random", device="meta", dtype=torch.float64)
+    assert b.device.type == "meta" and b.shape == (3, 8) and b.dtype == torch.float64
+
+
+def test_a_registered_kind_is_a_basis_with_its_properties(monkeypatch):
+    """Adding a kind is one ``register_basis`` call: its values and properties come back by name."""
+    from lls.method.basis import register_basis
+
+    monkeypatch.setattr(BASIS_KINDS, "_entries", dict(BASIS_KINDS._entries))  # undone after the test
+
+    def ramp(num_classes, dim, seed, width):
+        return torch.arange(num_classes * dim, dtype=torch.float64).view(num_classes, dim) + seed
+
+    assert register_basis("ramp", "entries 0, 1, 2, ...", signs=True, drawn=True)(ramp) is ramp
+    entry = BASIS_KINDS.get("ramp")
+    assert (entry.name, entry.values, entry.help) == ("ramp", ramp, "entries 0, 1, 2, ...")
+    assert (entry.signs, entry.drawn, entry.normalized, entry.readout) == (True, True, True, "basis")
+    assert lls.basis(2, 3, "ramp", seed=10).tolist() == [[10.0, 11.0, 12.0], [13.0, 14.0, 15.0]]

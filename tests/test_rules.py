@@ -1,5 +1,8 @@
 """Each rule's loss against an independent computation of its formula in docs/method.md."""
 
+import dataclasses
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -380,11 +383,15 @@ def test_signal_refuses_a_latent_of_another_size(batch):
 def test_a_reduced_basis_needs_the_matrix_modulation():
     from lls.method.signals import ProjectionSignal
 
-    with pytest.raises(ValueError, match="needs a matrix modulation"):
+    with pytest.raises(ValueError, match=r"^a reduced basis \(rows != classes\) needs a matrix modulation$"):
         ProjectionSignal(5, (8,), None, basis="square", temperature=0.5, rows=3, modulation="vector")
     signal = ProjectionSignal(5, (8,), None, basis="square", temperature=0.5, rows=5)
     assert signal.rows == 5 and signal.modulation is None and signal.classifier is None
-    assert ProjectionSignal(5, (8,), None, basis="random", temperature=0.5, width=8).width is None
+    drawn = ProjectionSignal(5, (8,), None, basis="random", temperature=0.5, width=8)
+    assert drawn.width is None  # a width equal to d draws K x d directly
+    assert torch.equal(
+        drawn.basis, lls.basis(5, 8, "random", seed=0, dtype=torch.float64)
+    )  # seed 0 by default
 
 
 def test_block_seeds_differ_between_blocks_and_runs():
@@ -493,3 +500,130 @@ def test_what_each_signal_offers_readouts_and_costs():
         dfa.predict(a)
     with pytest.raises(lls.LLSError, match=r"^BlockSignal does not say what its signal costs"):
         lls.BlockSignal().ops(torch.Size((C, H, W)))
+
+
+def test_option_errors_name_the_rule_and_the_fix(monkeypatch):
+    """Whole messages, as the user reads them on the command line."""
+    from lls.method.basis import BASIS_KINDS, register_basis
+    from lls.method.rules import parse_rule_spec
+
+    cases = [
+        (dict(name="lls", temperature=0), "rule 'lls': temperature must be > 0, got 0"),
+        (dict(name="dfa", seed=-1), "rule 'dfa': seed must be >= 0, got -1"),
+        (
+            dict(name="lls", foo=1),
+            "rule 'lls' has no option 'foo'; its options: basis, temperature, seed, readout_width",
+        ),
+        (
+            dict(name="lls-m", basis="square", readout_width=2048),
+            "rule 'lls-m': readout_width applies to drawn bases only (random), not 'square'; "
+            "drop it or use one of those",
+        ),
+    ]
+    for options, message in cases:
+        with pytest.raises(lls.LLSError) as error:
+            lls.create_rule(options.pop("name"), **options)
+        assert str(error.value) == message
+    with pytest.raises(lls.LLSError) as error:
+        lls.create_rule("lls-mxm", reduced=6).signal(0, torch.Size((8,)), None, 5)
+    assert str(error.value) == (
+        "reduced (6) must not exceed the number of classes (5): "
+        "it is how many basis rows the K x K mixing is reduced to"
+    )
+    monkeypatch.setattr(BASIS_KINDS, "_entries", dict(BASIS_KINDS._entries))  # undone after the test
+    register_basis("gaussian", "a second drawn kind", drawn=True)(lambda k, d, seed, width: torch.zeros(k, d))
+    with pytest.raises(lls.LLSError, match=r"drawn bases only \(gaussian, random\), not 'square'; drop it"):
+        lls.create_rule("lls", basis="square", readout_width=2048)
+    with pytest.raises(lls.LLSError, match="unknown basis 'x=y'"):  # the value is all after the first '='
+        parse_rule_spec("lls:basis=x=y")
+
+
+def test_a_rule_declared_with_the_shared_helpers_is_a_rule_like_the_built_in_ones(monkeypatch):
+    """A new rule is one ``register_rule`` class whose seed and readout width are declared with the
+    helpers the built-in rules use: it gets their defaults, help, bounds and command-line exposure,
+    is created by name, and takes its place in the comparison after BP whatever its name."""
+    from lls.method.rules import (
+        LLS,
+        RULES,
+        Rule,
+        comparison_rules,
+        readout_width_option,
+        register_rule,
+        seed_option,
+    )
+
+    monkeypatch.setattr(RULES, "_entries", dict(RULES._entries))  # undone after the test
+
+    @register_rule("a-probe")  # sorts before "bp" by name
+    @dataclasses.dataclass
+    class Probe(Rule):
+        label: ClassVar[str] = "Probe"
+        seed: int = seed_option()
+        readout_width: int | None = readout_width_option("the random basis is drawn")
+
+        def signal(self, index, out_shape, pool, num_classes):
+            return None
+
+    assert Probe.name == "a-probe" and RULES.get("a-probe") is Probe
+    assert lls.create_rule("a-probe").config() == {"name": "a-probe", "seed": 0, "readout_width": None}
+    declared = {f.name: (f.default, dict(f.metadata)) for f in dataclasses.fields(Probe)}
+    built_in = {f.name: (f.default, dict(f.metadata)) for f in dataclasses.fields(LLS)}  # made at import
+    assert declared == {name: built_in[name] for name in ("seed", "readout_width")}
+    assert declared["seed"][1]["cli"] is False  # the run's --seed sets it
+    assert lls.create_rule("a-probe", seed=2**63 - 1, readout_width=1).seed == 2**63 - 1
+    for options, problem in [
+        ({"seed": 2**63}, f"seed must be <= {2**63 - 1}, got {2**63}"),
+        ({"seed": -1}, "seed must be >= 0, got -1"),
+        ({"readout_width": 0}, "readout_width must be >= 1, got 0"),
+    ]:
+        with pytest.raises(lls.LLSError) as error:
+            lls.create_rule("a-probe", **options)
+        assert str(error.value) == f"rule 'a-probe': {problem}"
+    rows = comparison_rules()
+    assert rows[0] == ("bp", {}) and ("a-probe", {}) in rows
+
+
+def test_the_readout_a_block_is_reported_under():
+    for kind in lls.BASIS_KINDS:
+        assert make_signal("lls", basis=kind).readout == lls.BASIS_KINDS.get(kind).readout == "basis"
+    assert make_signal("local-classifier").readout == "learned classifier"
+
+
+def test_projection_costs_by_hand():
+    """Per sample, on a flat 8-wide output (no pooling), K = 4 classes: normalisation 5d multiplies and
+    3d - 1 additions; scoring 2 K d multiply-adds (additions only for signs); a learned classifier
+    3 K d multiply-adds; modulation 3 K (vector) or 3 R K (matrix) multiply-adds."""
+    d, shape = 8, torch.Size((8,))
+
+    def signal(rule, **options):
+        return lls.create_rule(rule, **options).signal(0, shape, None, K)
+
+    assert signal("local-classifier").ops(shape) == (3 * K * d, 3 * K * d)
+    assert signal("lls-m", basis="square").ops(shape) == (5 * d + 3 * K, 3 * d - 1 + 2 * K * d + 3 * K)
+    mxm = signal("lls-mxm", basis="periodic", reduced=3).ops(shape)
+    assert mxm == (5 * d + 2 * 3 * d + 3 * 3 * K, 3 * d - 1 + 2 * 3 * d + 3 * 3 * K)
+
+
+def test_feedback_matrices_are_rebuilt_from_their_seed_alone():
+    """Not in the state dict, so a resumed run rebuilds them: from the seed, whatever the global
+    generator did before; drawn from U[0, 1e-4) unless asked otherwise; DFA without logits is refused."""
+    from lls.method.signals import FeedbackSignal
+
+    torch.manual_seed(1)
+    first = FeedbackSignal(K, torch.Size((3, 5)), use_error=True, seed=7)
+    torch.rand(100)
+    again = FeedbackSignal(K, torch.Size((3, 5)), use_error=True, seed=7)
+    assert torch.equal(first.feedback, again.feedback) and first.state_dict() == {}
+    assert first.feedback.min() >= 0 and first.feedback.max() < FEEDBACK_SCALE
+    assert not torch.equal(
+        first.feedback, FeedbackSignal(K, torch.Size((3, 5)), use_error=True, seed=8).feedback
+    )
+    with pytest.raises(ValueError, match=r"^DFA's signal needs the head's logits$"):
+        first(torch.randn(2, 3, 5), torch.tensor([0, 1]))
+
+
+def test_block_seeds_are_fixed_by_the_run_seed_and_the_block_index():
+    # A checkpoint holds no basis and no feedback matrix: resuming rebuilds them from these seeds, so
+    # the formula is part of every saved run (changing it silently changes a resumed run's tensors).
+    assert [block_seed(0, i) for i in range(3)] == [0, 1, 2]
+    assert [block_seed(2, i) for i in range(3)] == [200_006, 200_007, 200_008]
