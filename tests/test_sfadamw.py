@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lls import LLSError
 from lls.step.optim import OPTIMIZERS, create_optimizer, is_schedule_free
-from lls.step.sfadamw import AdamWScheduleFree
+from lls.step.sfadamw import STEP_SCALARS, AdamWScheduleFree
 
 SHAPES = [(7,), (3, 5), (2, 3, 4, 4), ()]
 LATE_PARAM, LATE_STEPS = 1, 10  # this parameter has no gradient for its group's first steps
@@ -64,11 +64,12 @@ def float32_bound(steps, params):
     [
         {},
         {"weight_decay": 0.1},
+        {"weight_decay": 1.0},
         {"warmup_steps": 50},
         {"warmup_steps": 50, "weight_decay": 0.1},
         {"r": 0.5, "weight_lr_power": 1.0, "warmup_steps": 20},
     ],
-    ids=["plain", "decay", "warmup", "warmup-decay", "r-power"],
+    ids=["plain", "decay", "decay-1", "warmup", "warmup-decay", "r-power"],
 )
 def test_matches_schedulefree_package(options):
     (ref, ref_opt), (ours, opt) = pairs = make_pair(**options)
@@ -370,3 +371,50 @@ def test_a_group_mixing_dtypes_is_refused_naming_the_fix():
         LLSError, match=r"^schedule-free AdamW needs one device and dtype per parameter group; split"
     ):
         opt.step()
+
+
+def test_a_fresh_optimizer_has_the_packages_defaults_and_state_dict():
+    """Built with no arguments, both give the same group entries (ours adds only its variant)."""
+    params = [torch.zeros(2, requires_grad=True)]
+    ref, ours = (cls(params) for cls in (schedulefree.AdamWScheduleFree, AdamWScheduleFree))
+    assert {k: v for k, v in ours.defaults.items() if k != "bias_correction"} == ref.defaults
+    (ref_group,), (group,) = (o.state_dict()["param_groups"] for o in (ref, ours))
+    assert group.pop("bias_correction") == "moment" and group == ref_group
+
+
+def test_a_group_added_after_train_switches_with_the_others():
+    """train() and eval() switch every group not yet switched, also one added in between."""
+    g = torch.Generator().manual_seed(5)
+    first, second = torch.randn(3, generator=g), torch.randn(4, generator=g)
+    grads = [torch.randn(4, generator=g) for _ in range(5)]
+    results = []
+    for cls in (schedulefree.AdamWScheduleFree, AdamWScheduleFree):
+        a, b = first.clone().requires_grad_(), second.clone().requires_grad_()
+        opt = cls([a], lr=0.1)
+        opt.train()
+        opt.add_param_group({"params": [b]})  # in eval mode, as every new group
+        opt.train()
+        for grad in grads:
+            b.grad = grad.clone()
+            opt.step()
+        opt.eval()
+        results.append(b.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=float32_bound(len(grads), results[0]))
+    assert not torch.allclose(results[0], second, atol=1e-3)  # the steps moved it
+
+
+def test_the_step_scalars_are_updated_in_place():
+    """A captured step replays on the tensors it saw: the step count and the average's weights are
+    created once, on the first step, and every later step updates those same tensors."""
+    params = [torch.randn(s).requires_grad_() for s in SHAPES]
+    opt = AdamWScheduleFree(params, warmup_steps=3)
+    opt.train()
+    for step in range(1, 4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if step == 1:
+            first = {name: opt.param_groups[0][name] for name in STEP_SCALARS}
+    group = opt.param_groups[0]
+    assert all(group[name] is tensor for name, tensor in first.items())
+    assert group["k"].item() == 3 and group["k"].dtype == torch.float64
