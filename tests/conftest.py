@@ -43,7 +43,7 @@ def digits() -> lls.Dataset:
 # change to the basis is judged by the method's tests and not by every test that trains a network.
 MUTATION_TESTS = {
     "lls.method.basis": ("test_basis.py", "test_rules.py"),
-    "lls.method.latent": ("test_rules.py", "test_fused.py", "test_engine.py"),
+    "lls.method.latent": ("test_latent.py", "test_rules.py", "test_fused.py", "test_engine.py"),
     "lls.method.signals": ("test_rules.py", "test_fused.py", "test_cost.py"),
     "lls.method.fused": ("test_fused.py", "test_engine.py"),
     "lls.method.rules": ("test_rules.py", "test_presets.py"),

@@ -387,6 +387,25 @@ def test_fused_signal_at_a_silent_sample_follows_the_clamped_norm():
     assert want[2].abs().max() > 0  # the silent sample does get a gradient
 
 
+def test_fused_signal_at_a_norm_of_exactly_eps_keeps_the_norm_term():
+    """A latent whose norm is exactly eps: the clamp max(|p|, eps) passes its gradient there
+    (autograd's clamp lets x >= min through), so the norm's term is kept; only a norm below eps
+    drops it. (1e-12 in one entry of a float64 latent has norm exactly 1e-12.)"""
+    signal = _signal("lls", {"basis": "periodic"}, (8,), None)
+    plan = FusedProjection(signal, (8,), dtype=torch.float64)
+    a = _output((8,), False, torch.float64)
+    with torch.no_grad():
+        a[1] = 0
+        a[1, 3] = signal.eps
+    assert torch.linalg.vector_norm(a[1]).item() == signal.eps
+    want = torch.autograd.grad(signal(a, LABELS), a)[0]
+    got = torch.autograd.grad(plan.closed_form(a, LABELS), a)[0]
+    # the sample's gradient is ~1 / eps, its along-the-latent entry 0 up to rounding of that size
+    scale = want[1].abs().max()
+    assert scale > 1e9 and want[1, 3].abs() < 1e-10 * scale
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * scale)
+
+
 def test_fused_signal_checks_the_latent_size():
     signal = _signal("lls", {}, (6, 8, 8), 2)  # latent 6 * 2 * 2 = 24
     FusedProjection(signal, (6, 10, 10))  # pooled to 2 x 2 all the same

@@ -60,3 +60,22 @@ def test_a_fixed_readout_is_made_once_in_the_dtype_and_device_asked_for():
     assert FusedProjection(conv, SHAPES[0]).readout[CHANNEL_MAJOR].dtype == torch.float32
     (lls_m, _) = _signals("lls-m")
     assert FusedProjection(lls_m.double(), SHAPES[0]).readout[CHANNEL_MAJOR].dtype == torch.float64
+
+
+def test_constants_are_made_on_the_device_asked_for_else_the_signals():
+    """Every constant (readout, pooling matrices) is made when the fused form is built, on the
+    device asked for; without one, on the device of the signal's parameters (a fixed basis has
+    none: then the CPU). The meta device stands in for an accelerator."""
+    meta = torch.device("meta")
+    (conv, _) = _signals("lls", basis="periodic")
+    assert not list(conv.parameters())  # a fixed basis
+    for plan in (
+        FusedProjection(conv, (3, 5, 5), device=meta),
+        *block_losses([conv], [(3, 5, 5)], device=meta, dtype=torch.float32),
+    ):
+        assert {t.device for t in (*plan.readout.values(), *plan.pooling.buffers())} == {meta}
+    (lls_m, _) = _signals("lls-m")
+    plan = FusedProjection(lls_m.to(meta), (3, 5, 5))
+    assert {t.device for t in (*plan.readout.values(), *plan.pooling.buffers())} == {meta}
+    plan = FusedProjection(conv, (3, 5, 5))
+    assert {t.device.type for t in (*plan.readout.values(), *plan.pooling.buffers())} == {"cpu"}
