@@ -12,6 +12,7 @@ Plain SGD is the optimizer, so that parameters after the step are as close as th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 
@@ -26,7 +27,19 @@ from lls.measure.memory import SavedTensorMeter
 from lls.method.models import model_specs
 from lls.method.net import Conv, Dense, DWSeparable, LeakyReLU, LocalNet, build
 from lls.method.zoo import ResNet, ViT
-from lls.step.lowmem import GRADIENTS_IN_FLIGHT, Budget, LowMemory, SliceSamples, memory_plan, parse_memory
+from lls.step.lowmem import (
+    GRADIENTS_IN_FLIGHT,
+    MIB,
+    BlockProfile,
+    Budget,
+    LowMemory,
+    SliceSamples,
+    memory_plan,
+    parse_memory,
+    size_text,
+)
+from lls.step.sliced import SlicedBlock
+from lls.step.sliced_norm import BatchNormSums
 
 LOCAL_RULES = [r for r in lls.list_rules() if r != "bp"]
 CLASSES = 5
@@ -476,3 +489,219 @@ def test_estimated_peak_is_the_largest_blocks_kept_bytes_plus_its_slices_work():
     expected = max(k + s * p.work for k, s, p in zip(low.kept(batch), samples, low.profiles, strict=True))
     assert low.estimated_peak(batch) == expected
     assert all(p.work > 0 for p in low.profiles) and low.estimated_peak(batch) > max(low.kept(batch))
+
+
+@pytest.mark.parametrize(
+    "size,text", [(3 * 2**29, "1.5 GiB"), (300 * 2**20, "300 MiB"), (12 * 2**10, "12 KiB"), (512, "512 B")]
+)
+def test_size_text_is_read_back_by_parse_memory(size, text):
+    assert size_text(size) == text
+    assert parse_memory(text) == size
+
+
+def test_memory_plan_takes_one_byte_and_refuses_what_is_not_a_positive_count_of_bytes():
+    assert memory_plan(1) == Budget(1)
+    for bad in (True, 2.5, 0, -3):
+        with pytest.raises(lls.LLSError) as refused:
+            memory_plan(bad)
+        assert str(refused.value) == f"memory {bad!r} is neither 'low' nor a positive number of bytes"
+
+
+def three_blocks(activation=None) -> LocalNet:
+    """A net whose per-sample bytes are counted by hand in ``HAND_PROFILES`` (float64, input 1 x 4 x 4)."""
+    blocks = [
+        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), LeakyReLU()),  # 2 x 4 x 4
+        nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), LeakyReLU()),  # 3 x 2 x 2
+        nn.Sequential(nn.Linear(12, 5), LeakyReLU()),  # 5
+    ]
+    between = [nn.MaxPool2d(2), nn.Flatten(), None]
+    return LocalNet(blocks, nn.Linear(5, CLASSES), between, [1, None, None]).double()
+
+
+HAND_SHAPE = (1, 4, 4)
+F64 = 8
+HAND_PROFILES = [
+    # input 16, next input 2 x 2 x 2; conv, BatchNorm, LeakyReLU outputs of 32, two more of the
+    # largest in flight, and two latents of 2 x 1 x 1; parameters 2 x 9 + 2 and 2 + 2
+    BlockProfile(16 * F64, 8 * F64, (3 * 32 + 2 * 32 + 2 * 2) * F64, 24 * F64, 2 * F64),
+    BlockProfile(8 * F64, 12 * F64, (2 * 12 + 2 * 12) * F64, 57 * F64, 0),  # latent: the whole output
+    BlockProfile(12 * F64, 5 * F64, (2 * 5 + 2 * 5) * F64, 65 * F64, 0),  # the head's input is 5
+]
+
+
+def test_kept_bytes_counted_by_hand():
+    """What each block keeps whole at batch n: its input and the next block's (DFA: every block's
+    input and the head's), its latent's gradient, twice its parameters."""
+    n = 4
+    ordinary = LowMemory(Budget(1), three_blocks(), HAND_SHAPE, recompute_all=False)
+    assert ordinary.profiles == HAND_PROFILES
+    assert ordinary.kept(n) == [
+        n * (16 + 8 + 2) * F64 + 2 * 24 * F64,
+        n * 20 * F64 + 2 * 57 * F64,
+        n * 17 * F64 + 2 * 65 * F64,
+    ]
+    dfa = LowMemory(Budget(1), three_blocks(), HAND_SHAPE, recompute_all=True)
+    held = (16 + 8 + 12 + 5) * F64
+    assert dfa.kept(n) == [
+        n * (held + 2 * F64) + 2 * 24 * F64,
+        n * held + 2 * 57 * F64,
+        n * held + 2 * 65 * F64,
+    ]
+
+
+def test_the_smallest_budget_slices_one_sample_at_a_time_and_a_byte_less_is_refused():
+    n = 4
+    kept = [n * 26 * F64 + 48 * F64, n * 20 * F64 + 114 * F64, n * 17 * F64 + 130 * F64]  # as counted above
+    least = kept[0] + HAND_PROFILES[0].work  # block 0, one sample a slice: the largest of the three
+    assert least == 2528 and least > max(k + p.work for k, p in zip(kept[1:], HAND_PROFILES[1:], strict=True))
+    low = LowMemory(Budget(least), three_blocks(), HAND_SHAPE, recompute_all=False)
+    # (least - kept) // work: 1312 // 1312, 976 // 384, 944 // 160 (whole: 4)
+    assert low.slice_samples(n) == [1, 2, 4] and low.slices(n) == [4, 2, 1]
+    assert low.estimated_peak(n) == least
+    with pytest.raises(lls.LLSError) as refused:
+        LowMemory(Budget(least - 1), three_blocks(), HAND_SHAPE, recompute_all=False).slice_samples(n)
+    assert str(refused.value) == (
+        "a memory budget of 2.47 KiB is below the smallest step at batch 4: block 0 one sample at a time "
+        "needs about 2.47 KiB (the inputs it keeps whole); give --memory 1MiB or more, or a smaller batch"
+    )
+
+
+def test_blocks_that_fit_take_the_ordinary_step_except_dfas():
+    """A block whose whole batch fits its slice takes the ordinary step (no SlicedBlock); DFA's
+    blocks always recompute, after the head."""
+    n = 4
+    net = three_blocks()
+    h = [torch.zeros(n, *shape, dtype=torch.float64) for shape in (HAND_SHAPE, (2, 2, 2), (12,))]
+    cases = [(False, 2528, [True, True, False]), (False, MIB, [False] * 3), (True, MIB, [True] * 3)]
+    for recompute_all, budget, expected in cases:
+        slicer = LowMemory(Budget(budget), net, HAND_SHAPE, recompute_all=recompute_all).slicer(net, n)
+        assert [isinstance(slicer(i, h[i]), SlicedBlock) for i in range(3)] == expected, budget
+
+
+def conv_block(channels_last: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), LeakyReLU()).double()
+    return block.to(memory_format=torch.channels_last) if channels_last else block
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_next_input_is_the_whole_batch_output_in_its_layout(channels_last):
+    """The next block's input of a sliced block: the block's output on the whole batch in training
+    mode (batch statistics, running statistics updated once), laid out as the ordinary step's."""
+    block, between = conv_block(channels_last), nn.MaxPool2d(2)
+    reference = copy.deepcopy(block)
+    h = torch.randn(5, 2, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    expected = between(reference(h))
+    out = SlicedBlock(block, between, h, 2).next_input()
+    torch.testing.assert_close(out, expected, rtol=TOLERANCE, atol=TOLERANCE)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert out.is_contiguous() == (not channels_last)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(block.state_dict()[name], value, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
+
+
+class SpareBlock(nn.Module):
+    """A block holding a BatchNorm its forward never calls (a layer kept for later, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.spare = conv_block(), nn.BatchNorm2d(4).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class PooledSignal(lls.BlockSignal):
+    """A user signal with a latent smaller than the output, a loss that reads the head's logits,
+    and a parameter its loss does not use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(4, CLASSES).double()
+        self.spare = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def latent(self, a: torch.Tensor) -> torch.Tensor:
+        return a.mean((2, 3))
+
+    def latent_loss(self, z, y, logits=None):
+        return F.cross_entropy(self.classifier(z) + logits, y)
+
+
+def test_sliced_gradients_leave_unused_parameters_without_gradient():
+    """A sliced block's loss and gradients equal the ordinary ones, and what the loss does not use
+    (a BatchNorm the block never calls, a parameter of the signal) gets no gradient in either."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 2, 6, 6, generator=g, dtype=torch.float64)
+    y, logits = (
+        torch.randint(0, CLASSES, (5,), generator=g),
+        torch.randn(5, CLASSES, generator=g, dtype=torch.float64),
+    )
+    torch.manual_seed(0)
+    block, signal = SpareBlock(), PooledSignal()
+    ref_block, ref_signal = copy.deepcopy(block), copy.deepcopy(signal)
+    expected = ref_signal(ref_block(h), y, logits)
+    expected.backward()
+    sliced = SlicedBlock(block, nn.Identity(), h, 2)
+    loss = sliced.loss(signal, y, logits)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=TOLERANCE, atol=TOLERANCE)
+    for ours, theirs in ((block, ref_block), (signal, ref_signal)):
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            if "spare" in name:
+                assert p.grad is None and q.grad is None, name
+            else:
+                torch.testing.assert_close(p.grad, q.grad, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
+    with pytest.raises(RuntimeError, match=r"^a sliced block gives one loss per step$"):
+        sliced.loss(signal, y, logits)
+
+
+@pytest.mark.parametrize("norm", [nn.SyncBatchNorm(4), nn.InstanceNorm2d(4, track_running_stats=True)])
+def test_norms_that_cannot_be_sliced_are_refused(norm):
+    block = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), norm)
+    with pytest.raises(lls.LLSError) as refused:
+        SlicedBlock(block, nn.Identity(), torch.zeros(4, 2, 6, 6), 2)
+    assert str(refused.value) == (
+        f"the low-memory step cannot slice a block with {type(norm).__name__}; "
+        "use plain BatchNorm or train without low memory"
+    )
+
+
+@pytest.mark.parametrize("momentum,counted", [(0.1, True), (None, True), (0.3, False), (None, False)])
+def test_batchnorm_statistics_from_slices_of_one_and_three_samples(momentum, counted):
+    """Statistics merged from a slice of one sample and one of three: the batch's mean and biased
+    variance, and the running statistics as nn.BatchNorm updates them (momentum or cumulative
+    average; without num_batches_tracked, as PyTorch: the momentum, or no update)."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 5
+    layers = [nn.BatchNorm1d(3, momentum=momentum).double() for _ in range(2)]
+    for layer in layers:
+        layer.running_mean.fill_(1.0)
+        if not counted:
+            layer.num_batches_tracked = None
+    reference, norm = layers[0], BatchNormSums(layers[1])
+    reference(x)
+    norm.add_statistics(x[:1])
+    norm.add_statistics(x[1:])
+    norm.finish_statistics()
+    torch.testing.assert_close(norm.batch_mean, x.mean(0))
+    torch.testing.assert_close(norm.batch_var, x.var(0, correction=0))
+    torch.testing.assert_close(layers[1].running_mean, reference.running_mean)
+    torch.testing.assert_close(layers[1].running_var, reference.running_var)
+    assert (layers[1].num_batches_tracked is None) == (not counted)
+    if counted:
+        assert int(layers[1].num_batches_tracked) == int(reference.num_batches_tracked) == 1
+
+
+def test_batchnorm_refuses_one_value_per_channel_and_takes_two():
+    """Like nn.BatchNorm in training: one value per channel has no variance."""
+    one = BatchNormSums(nn.BatchNorm1d(3))
+    one.add_statistics(torch.randn(1, 3))
+    with pytest.raises(ValueError, match=r"^Expected more than 1 value per channel when training, got 1$"):
+        one.finish_statistics()
+    two = BatchNormSums(nn.BatchNorm1d(3))
+    two.add_statistics(torch.tensor([[1.0, 2.0, 3.0]]))
+    two.add_statistics(torch.tensor([[3.0, 2.0, 0.0]]))
+    two.finish_statistics()
+    torch.testing.assert_close(two.batch_mean, torch.tensor([2.0, 2.0, 1.5]))
+    torch.testing.assert_close(two.batch_var, torch.tensor([1.0, 0.0, 2.25]))
