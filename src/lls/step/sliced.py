@@ -175,9 +175,8 @@ class SlicedBlock:
                     out, grad = self._from_output(self.block(self.h[start:stop]), start, stop)
                     grads = torch.autograd.grad(out, self.block_params, grad, allow_unused=True)
                 self.block_grads = _accumulate(self.block_grads, grads)
-        grads = [*(self.block_grads or [None] * len(self.block_params)), *(self.signal_grads or [])]
-        if not self.signal_grads:
-            grads += [None] * len(self.signal_params)
+        # Every slice gives the block's parameters a list (a block without any takes no local step).
+        grads = [*self.block_grads, *(self.signal_grads or [None] * len(self.signal_params))]
         self.h = self.latent_grad = self.block_grads = self.signal_grads = None  # the step is done
         return grads
 
