@@ -49,7 +49,7 @@ MUTATION_TESTS = {
     "lls.method.rules": ("test_rules.py", "test_presets.py"),
     "lls.step.sfadamw": ("test_sfadamw.py",),
     "lls.step.step": ("test_trainer.py", "test_rules.py", "test_lowmem.py"),
-    "lls.step.trainer": ("test_trainer.py", "test_rules.py"),
+    "lls.step.trainer": ("test_trainer.py", "test_rules.py", "test_trainer_state.py"),
     "lls.step.evaluation": ("test_trainer.py", "test_fit.py"),
     "lls.step.factory": ("test_trainer.py",),
     "lls.step.lowmem": ("test_lowmem.py",),
