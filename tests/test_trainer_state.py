@@ -60,6 +60,15 @@ def test_the_first_training_batch_sets_up_the_same_trainer_as_a_given_shape():
     assert same_weights(lazy, shaped)
 
 
+def test_a_sequential_model_is_localized_from_its_first_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, NUM_CLASSES))
+    trainer = lls.Trainer(model, "lls")
+    assert trainer.input_shape is None
+    trainer.train_step(*tiny_batch())
+    assert trainer.input_shape == TINY_INPUT and len(trainer.net.blocks) == 1
+
+
 def test_a_first_batch_without_samples_is_one_line():
     y = tiny_batch(4)[1]
     expected = "a batch must hold an input tensor of samples, got {}"
