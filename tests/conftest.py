@@ -55,7 +55,7 @@ MUTATION_TESTS = {
         "test_step.py",
         "test_precision.py",
     ),
-    "lls.step.trainer": ("test_trainer.py", "test_rules.py"),
+    "lls.step.trainer": ("test_trainer.py", "test_rules.py", "test_trainer_state.py"),
     "lls.step.evaluation": ("test_trainer.py", "test_fit.py"),
     "lls.step.factory": ("test_trainer.py", "test_step.py"),
     "lls.step.lowmem": ("test_lowmem.py",),

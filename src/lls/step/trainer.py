@@ -253,6 +253,7 @@ class Trainer:
     def evaluation(self, refresh: Iterable[Batch] = ()) -> AbstractContextManager[LocalNet]:
         """The paper's evaluation procedure (evaluation.py), undone on exit; yields the network."""
         refresh = self._first_built(refresh)
+        self._built()  # no refresh batch to set up from
         return evaluation_.evaluation(self.net, self.optimizers, self.checked(refresh))
 
     def evaluate(
@@ -267,6 +268,8 @@ class Trainer:
         ``blocks``, also each block's own accuracy."""
         refresh = self._first_built(refresh)
         batches = self._first_built(batches)
+        if self.input_shape is None:  # neither gave a batch to set up from
+            raise LLSError("evaluation got no batches")
         return evaluation_.evaluate(
             self.net,
             self.optimizers,
