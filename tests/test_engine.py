@@ -29,7 +29,7 @@ from lls.method.rules import RULES, create_rule
 from lls.method.signals import ProjectionSignal
 from lls.step.engine import StreamSchedule, check_capturable, is_capturable, optimizer_engine, resolve_engine
 from lls.step.factory import build_trainer
-from lls.step.optim import create_optimizer
+from lls.step.optim import CAPTURABLE_OPTIMIZERS, create_optimizer
 from lls.step.trainer import Trainer
 
 from .conftest import TINY_INPUT, tiny_batch, tiny_net, tiny_trainer
@@ -80,6 +80,16 @@ def test_graph_engine_needs_capturable_optimizers():
         optimizer_engine("graph", "cuda", "sgd-sf")
     with pytest.raises(lls.LLSError, match="Adam is not"):
         check_capturable([torch.optim.Adam(params)])
+
+
+@pytest.mark.parametrize("name", CAPTURABLE_OPTIMIZERS.names())
+def test_every_capturable_implementation_passes_the_graph_engines_check(name):
+    """What the registry offers the graph engine, built for an accelerator (the meta device stands
+    in), is what the engine accepts; the same name built for the eager engine is not marked."""
+    on_device = [torch.nn.Parameter(torch.zeros(2, device="meta"))]
+    assert is_capturable(create_optimizer(name, on_device, 1e-3, capturable=True))
+    if name != "adamw-sf-authors":  # the authors' variant is lls's own AdamW in both registries
+        assert not is_capturable(create_optimizer(name, on_device, 1e-3))
 
 
 def test_eager_engine_steps_exactly_as_before():

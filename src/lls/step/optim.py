@@ -53,7 +53,16 @@ CAPTURABLE_OPTIMIZERS.register("adamw")(
         params, lr=lr, weight_decay=wd, capturable=params[0].device.type != "cpu"
     )
 )
-CAPTURABLE_OPTIMIZERS.register("sgd")(OPTIMIZERS.get("sgd"))  # no per-step scalar to capture
+
+
+@CAPTURABLE_OPTIMIZERS.register("sgd")
+def _capturable_sgd(params, lr: float, wd: float) -> torch.optim.Optimizer:
+    """SGD keeps no per-step scalar on the host, so its step replays as captured; torch has no
+    ``capturable`` flag for it, so the groups are marked the way the graph engine reads it."""
+    optimizer = OPTIMIZERS.get("sgd")(params, lr, wd)
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+    return optimizer
 
 
 def create_optimizer(
