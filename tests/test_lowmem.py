@@ -258,7 +258,7 @@ def test_gradients_are_complete_when_data_parallelism_syncs_them():
     for memory in (None, SliceSamples(SLICE)):
         trainer = make_trainer(net_fn, "lls", shape, memory)
         synced = []
-        trainer.sync_gradients = lambda opt, synced=synced: synced.append(
+        trainer.step.sync_gradients = lambda opt, synced=synced: synced.append(
             torch.cat([p.grad.flatten() for g in opt.param_groups for p in g["params"]])
         )
         trainer.train_step(*batch(shape))
@@ -280,8 +280,8 @@ def test_pipeline_stages_in_low_memory():
     x, y = batch(shape)
     expected = normal.train_step(x, y)
     split = 3
-    first = low.local_pass(x, y, low.update, range(0, split))
-    second = low.local_pass(first.output, y, low.update, range(split, len(low.net.blocks)))
+    first = low.step.local_pass(x, y, low.step.update, range(0, split))
+    second = low.step.local_pass(first.output, y, low.step.update, range(split, len(low.net.blocks)))
     losses = torch.cat([first.block_losses, second.block_losses])
     torch.testing.assert_close(losses, expected.block_losses, rtol=TOLERANCE, atol=TOLERANCE)
     torch.testing.assert_close(second.loss, expected.loss, rtol=TOLERANCE, atol=TOLERANCE)
@@ -396,7 +396,7 @@ def test_memory_plan_accepts_the_api_forms():
 
 def test_build_trainer_passes_memory_on():
     trainer = lls.step.factory.build_trainer("smallconv", "lls", (1, 8, 8), CLASSES, memory="low")
-    assert trainer.low_memory is not None and trainer.memory == "low"
+    assert trainer.low_memory is not None and trainer.config.memory == "low"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import LLSError
+from .errors import LLSError
 
 TEMP_SUFFIX = ".tmp"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import LLSError
-from ..training.files import check_folder
+from ..files import check_folder
 from .base import Augment, Dataset, FileSplit, Split, default_data_root
 from .loader import decode_image
 

@@ -106,7 +106,7 @@ def rule_gradients(trainer: Trainer | Step, x: torch.Tensor, y: torch.Tensor) ->
             out[index] = _flat_grads(params, torch.autograd.grad(loss, params, allow_unused=True))
         return loss.detach()
 
-    trainer.local_pass(x, y, collect)
+    trainer.step.local_pass(x, y, collect)
     return [out[i] for i in range(len(blocks))]
 
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import LLSError
+from ..files import atomic_replace, atomic_write
 from ..registry import Registry
-from .files import atomic_replace, atomic_write
 
 EXAMPLE_BATCH = 2  # the traced batch; ONNX's batch dimension stays free (torch.export specialises 0 and 1)
 INSTALL_EXPORT = "pip install 'lls[export]'"

@@ -30,10 +30,17 @@ import torch
 
 from .. import __version__
 from ..errors import LLSError
+from ..files import (
+    Lock,
+    atomic_write,
+    check_folder,
+    describe_os_error,
+    name_too_long,
+    remove_stale_temp_files,
+)
 from ..measure.plots import plot_curves
 from ..options import flag
 from .config import RESUMABLE, TrainConfig
-from .files import Lock, atomic_write, check_folder, describe_os_error, name_too_long, remove_stale_temp_files
 from .fit import EpochProgress, EpochRecord, History
 
 CHECKPOINT_FORMAT = "lls-checkpoint"
