@@ -182,9 +182,9 @@ def test_slices_with_their_own_statistics_would_differ():
 
     trainer = make_trainer(net_fn, "lls", shape)
     x, y = batch(shape)
-    whole = rule_gradients(trainer, x, y)
+    whole = rule_gradients(trainer.step, x, y)
     slices = ((0, 2), (2, BATCH))
-    parts = [rule_gradients(trainer, x[a:b], y[a:b]) for a, b in slices]
+    parts = [rule_gradients(trainer.step, x[a:b], y[a:b]) for a, b in slices]
     accumulated = [
         sum((b - a) / BATCH * p[i] for (a, b), p in zip(slices, parts, strict=True)) for i in range(4)
     ]
@@ -296,8 +296,8 @@ def test_diagnostics_take_gradients_of_the_sliced_loss():
         return build(narrow("smallconvl"), shape, CLASSES, activation)
 
     x, y = batch(shape)
-    normal = rule_gradients(make_trainer(net_fn, "lls-mxm", shape), x, y)
-    low = rule_gradients(make_trainer(net_fn, "lls-mxm", shape, SliceSamples(SLICE)), x, y)
+    normal = rule_gradients(make_trainer(net_fn, "lls-mxm", shape).step, x, y)
+    low = rule_gradients(make_trainer(net_fn, "lls-mxm", shape, SliceSamples(SLICE)).step, x, y)
     for a, b in zip(normal, low, strict=True):
         assert (a - b).norm() <= TOLERANCE * a.norm()
 
