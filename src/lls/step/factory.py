@@ -13,7 +13,8 @@ from ..method.rules import Rule, create_rule, seeded_options
 from ..training.config import DEFAULTS
 from .lowmem import MemorySpec
 from .optim import LearningRate, OptimizerSpec
-from .schedules import SCHEDULES, ScheduleFactory
+from .schedules import ScheduleFactory
+from .schedules import lr_schedule as named_schedule
 from .trainer import Trainer
 
 
@@ -87,6 +88,6 @@ def build_trainer(
         weight_decay=weight_decay,
         engine=engine,
         memory=memory,
-        lr_schedule=SCHEDULES.get(lr_schedule)(epochs) if isinstance(lr_schedule, str) else lr_schedule,
+        lr_schedule=named_schedule(lr_schedule, epochs) if isinstance(lr_schedule, str) else lr_schedule,
         precision=precision,
     )

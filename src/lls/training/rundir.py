@@ -33,7 +33,18 @@ from ..errors import LLSError
 from ..measure.plots import plot_curves
 from ..options import flag
 from .config import RESUMABLE, TrainConfig
-from .files import Lock, atomic_write, check_folder, describe_os_error, name_too_long, remove_stale_temp_files
+from .files import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    CURVES_FILE,
+    METRICS_FILES,
+    Lock,
+    atomic_write,
+    check_folder,
+    describe_os_error,
+    name_too_long,
+    remove_stale_temp_files,
+)
 from .fit import EpochProgress, EpochRecord, History
 
 CHECKPOINT_FORMAT = "lls-checkpoint"
@@ -43,11 +54,10 @@ CHECKPOINT_VERSION = 2  # 2: the state is a payload with its SHA-256; 1 (still r
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.config_path = self.path / "config.json"
-        self.checkpoint_path = self.path / "checkpoint.pt"
-        self.metrics_jsonl = self.path / "metrics.jsonl"
-        self.metrics_csv = self.path / "metrics.csv"
-        self.curves = self.path / "curves.png"
+        self.config_path = self.path / CONFIG_FILE
+        self.checkpoint_path = self.path / CHECKPOINT_FILE
+        self.metrics_jsonl, self.metrics_csv = (self.path / name for name in METRICS_FILES)
+        self.curves = self.path / CURVES_FILE
         self._lock = Lock(self.path)
 
     @classmethod
