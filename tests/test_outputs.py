@@ -79,7 +79,9 @@ def test_export_never_writes_over_the_run(run, capsys):
     for name in ("checkpoint.pt", "config.json", "metrics.csv"):
         argv = ["export", str(run), "--format", "torchscript", "--out", str(run / name)]
         one_line(capsys, argv, "is a file of the run directory")
-    one_line(capsys, ["export", str(run), "--format", "torchscript", "--out", "/dev/null"], "character device")
+    one_line(
+        capsys, ["export", str(run), "--format", "torchscript", "--out", "/dev/null"], "character device"
+    )
     assert contents(run) == before
 
 
@@ -90,3 +92,97 @@ def test_plot_refuses_a_fifo_and_a_runs_curves(run, tmp_path, capsys):
     before = contents(run)
     one_line(capsys, ["plot", "basis", "--dim", "8", "--out", str(run / "curves.png")], "file of the run")
     assert contents(run) == before
+
+
+# --- options that do not apply are refused, never recorded and ignored -----------------------------
+
+
+def structure(name: str, **options) -> str:
+    """What a model is, built without the check (on the meta device: no memory, no time)."""
+    import torch
+
+    from lls.method.models import MODELS
+    from lls.method.net import build
+
+    with torch.device("meta"):
+        net = build(MODELS.get(name), (3, 32, 32), 10, name=name, **options)
+    return f"{net}{net.latent_pool}"
+
+
+def model_option_cases():
+    from lls.method.models import MODELS
+    from lls.method.net import ModelOptions
+    from lls.options import choices_of, options_of
+
+    defaults = ModelOptions().as_dict()
+    for field in options_of(ModelOptions):
+        for value in choices_of(field):
+            if value != defaults[field.name]:
+                for model in MODELS.names():
+                    yield pytest.param(model, field.name, value, id=f"{model}-{field.name}={value}")
+
+
+@pytest.mark.parametrize("model,option,value", list(model_option_cases()))
+def test_every_model_option_is_taken_exactly_where_it_changes_the_model(model, option, value):
+    """Independent of the check: build the model with and without the value; a model the value
+    does not change must refuse it (API and CLI), one it changes must take it."""
+    from lls.training.config import config_from_options
+
+    changes = structure(model, **{option: value}) != structure(model)
+    if changes:
+        config = config_from_options({"model": model}, {}, {option: value})
+        assert config.model_options[option] == value
+        return
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(lls.LLSError, match=f"^model '{model}' has no use for {option} \\({flag}\\)"):
+        config_from_options({"model": model}, {}, {option: value})
+    with pytest.raises(lls.LLSError, match="has no use for"):
+        lls.create_model(model, **{option: value})
+
+
+def test_a_typed_default_of_an_option_a_model_has_no_use_for_is_refused_too():
+    from lls.training.config import config_from_options
+
+    with pytest.raises(lls.LLSError, match="has no use for block_granularity"):
+        config_from_options({"model": "smallconv"}, {}, {"block_granularity": "block"})
+    lls.create_model("smallconv", block_granularity="block")  # the API's default value: nothing ignored
+
+
+def dataset_cases():
+    from lls.data import DATASETS
+
+    for name in DATASETS.names():
+        source = DATASETS.get(name)
+        yield pytest.param(name, {"image_size": 48}, source.takes_image_size, id=f"{name}-image_size")
+        for augment in source.augmentations:
+            yield pytest.param(name, {"augment": augment}, True, id=f"{name}-augment={augment}")
+        yield pytest.param(name, {"augment": "no-such"}, False, id=f"{name}-augment=no-such")
+
+
+@pytest.mark.parametrize("dataset,given,applies", list(dataset_cases()))
+def test_every_dataset_option_is_refused_where_the_dataset_has_no_use_for_it(dataset, given, applies, capsys):
+    """Refused when the config is made: before any data is read and before anything is written."""
+    from lls.training.config import config_from_options
+
+    if applies:
+        config_from_options({"dataset": dataset, **given}, {}, {})
+        return
+    with pytest.raises(lls.LLSError, match="drop it|has no augmentation"):
+        config_from_options({"dataset": dataset, **given}, {}, {})
+
+
+@pytest.mark.parametrize(
+    "option,expected",
+    [
+        (["--image-size", "16"], "digits has images of a fixed size"),
+        (["--block-granularity", "stage"], "model 'smallconv' has no use for block_granularity"),
+        (["--depthwise-padding", "stride"], "model 'smallconv' has no use for depthwise_padding"),
+        (["--augment", "basic"], "digits has no augmentation 'basic'"),
+    ],
+)
+def test_lls_train_refuses_an_option_that_does_not_apply_and_writes_nothing(
+    option, expected, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    one_line(capsys, ["train", "--dataset", "digits", *option, "--out", str(out), "--quiet"], expected)
+    assert not out.exists()

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..data import DATASETS
 from ..errors import LLSError
-from ..method.models import MODELS, model_options
+from ..method.models import MODELS, check_options_apply, model_options
 from ..method.net import ModelOptions
 from ..method.rules import RULES, Rule, create_rule, rule_options, seeded_options
 from ..options import check, check_values, flag, option, options_of
@@ -244,5 +244,7 @@ def config_from_options(
             takes = ", ".join(fields[name][2]) if name in fields else "no rule"
             raise LLSError(f"rule {config.rule!r} has no option {flag(name)} ({takes} take it)")
     check_values(cls, given_rule, f"rule {config.rule!r}: ", name=flag)
+    check_options_apply(config.model, MODELS.get(config.model), config.model_options, list(given_model or {}))
+    DATASETS.get(config.dataset).check_options(config.augment, config.image_size)
     options = seeded_options(config.rule, given_rule, config.seed)
     return dataclasses.replace(config, rule_options=options)
