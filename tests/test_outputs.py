@@ -37,7 +37,7 @@ def one_line(capsys, argv, expected: str) -> str:
 
 @pytest.mark.parametrize("name", [n for n in RUN_FILES if n != "tensorboard"] + ["tensorboard/events"])
 def test_a_runs_own_files_are_refused(run, name):
-    with pytest.raises(lls.LLSError, match="is a file of the run directory .* destroy the run"):
+    with pytest.raises(lls.LLSError, match=r"is a file of the run directory .* destroy the run"):
         check_output(run / name)
 
 
@@ -66,7 +66,7 @@ def test_fifos_devices_and_links_are_refused_and_left_alone(tmp_path):
         check_output("/dev/null")
     link = tmp_path / "null"
     link.symlink_to("/dev/null")
-    with pytest.raises(lls.LLSError, match="is a symbolic link .*/dev/null"):
+    with pytest.raises(lls.LLSError, match=r"is a symbolic link .*/dev/null"):
         check_output(link)
     with pytest.raises(lls.LLSError, match="is a FIFO"):
         atomic_write(fifo, b"data")  # the last check, at the rename itself
@@ -167,7 +167,7 @@ def test_every_dataset_option_is_refused_where_the_dataset_has_no_use_for_it(dat
     if applies:
         config_from_options({"dataset": dataset, **given}, {}, {})
         return
-    with pytest.raises(lls.LLSError, match="drop it|has no augmentation"):
+    with pytest.raises(lls.LLSError, match=r"drop it|has no augmentation"):
         config_from_options({"dataset": dataset, **given}, {}, {})
 
 
