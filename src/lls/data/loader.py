@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..checks import checked
 from ..errors import LLSError
 from .augment import Draws, draw, erase, flip, pad_crop, seeded_generator
 from .base import Augment, FileSplit, Split
@@ -120,6 +121,7 @@ class BatchLoader:
 class TensorLoader(BatchLoader):
     """Batches of an in-memory :class:`Split`; ``loader.epoch(e)`` yields normalised ``(x, y)``."""
 
+    @checked
     def __init__(self, split: Split, batch_size: int, **options) -> None:
         super().__init__(split, batch_size, **options)
         self.images = split.images.to(self.device)

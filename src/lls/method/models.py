@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from ..checks import checked
 from ..errors import LLSError
 from ..registry import Registry
 from .net import AvgPool, Conv, Dense, DWSeparable, LocalNet, MaxPool, ModelOptions, Spec, build
@@ -117,6 +118,7 @@ def model_specs(name: str) -> tuple[Spec, ...]:
     return MODELS.get(name)
 
 
+@checked
 def create_model(
     name: str | Sequence[Spec],
     *,

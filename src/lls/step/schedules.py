@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from ..checks import checked
 from ..errors import LLSError
 from ..registry import Registry
 
@@ -69,6 +70,7 @@ class EpochSchedule(LRScheduler):
             group["lr"] = lr
 
 
+@checked
 def lr_schedule(name: str, epochs: int) -> ScheduleFactory | None:
     """The schedule ``name`` ("none", "cosine", "step") for a run of ``epochs`` epochs; None for
     "none"."""

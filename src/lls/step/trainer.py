@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import checked
 from ..data.batches import check_batch
 from ..errors import LLSError
 from ..method.localize import as_local_net
@@ -56,9 +57,10 @@ class Trainer:
     ``precision``: "fp32", or "bf16" / "fp16" mixed precision (``precision.py``).
     """
 
+    @checked
     def __init__(
         self,
-        net: LocalNet,
+        net: nn.Module,
         rule: Rule | str = DEFAULTS.rule,
         *,
         input_shape: Sequence[int] | None = None,

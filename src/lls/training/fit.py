@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..checks import checked
 from ..data import BatchLoader, Dataset, FileSplit, make_loader
 from ..data.batches import checked_loaders
 from ..errors import LLSError
@@ -123,6 +124,7 @@ class Loaders:
     probe: BatchLoader | Iterable | None = None  # unaugmented training images for the ridge probes
 
     @classmethod
+    @checked
     def for_dataset(
         cls,
         data: Dataset,
@@ -185,6 +187,7 @@ def loss_names(trainer: Trainer, blocks: range) -> list[str]:
     return [*local, "the head's loss"]
 
 
+@checked
 def train_epoch(
     trainer: Trainer,
     loader: BatchLoader,
@@ -265,6 +268,7 @@ def _postfix(loss: float, accuracy: float, blocks: list[float]) -> str:
     return text
 
 
+@checked
 def evaluate(trainer: Trainer, loaders: Loaders, epoch: int, blocks: bool = True) -> tuple[Evaluation, float]:
     """The paper's evaluation (averaged weights, BN refresh on 50 training batches, test set),
     with each block's own accuracy when ``blocks``; returns it with the seconds it took."""
@@ -336,6 +340,15 @@ class Strategy:
         """Leave whatever the strategy joined; called however the run ends."""
 
 
+def check_epochs(epochs: int, start_epoch: int) -> None:
+    """fit's epochs: at least 1, and not fewer than the epochs already trained."""
+    if epochs < 1:
+        raise LLSError(f"fit: epochs must be at least 1 (the epochs to train up to), got {epochs}")
+    if not 0 <= start_epoch <= epochs:
+        raise LLSError(f"fit: start_epoch must be from 0 to epochs ({epochs}), got {start_epoch}")
+
+
+@checked
 def fit(
     trainer: Trainer,
     loaders: Loaders | Iterable,
@@ -354,6 +367,7 @@ def fit(
     """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after
     each epoch with the paper's procedure; ``strategy`` says how (default: in this process).
     ``loaders``: :class:`Loaders`, or any re-iterable of training batches with ``test`` batches."""
+    check_epochs(epochs, start_epoch)
     loaders = checked_loaders(Loaders, trainer, loaders, test, min_batch=BATCHNORM_MIN_BATCH)
     strategy = strategy or Strategy()
     history = history or History()
