@@ -9,6 +9,7 @@ known name) stay with the code that owns them.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import functools
 import inspect
 import types
@@ -27,7 +28,7 @@ UNKNOWN = object()  # an annotation that does not resolve at run time: not check
 
 def shown(value: Any) -> str:
     """``value`` for a message: its repr, cut short, and its type."""
-    text = repr(value)
+    text = " ".join(repr(value).split())
     text = text if len(text) <= 60 else text[:45] + "..." + text[-10:]
     return f"{text} ({type(value).__name__})"
 
@@ -116,3 +117,17 @@ def device_of(value: torch.device | str, name: str = "device") -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise LLSError(f"{name} {value!r}: there are {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+@functools.cache
+def _field_hint(cls: type, name: str, annotation: Any) -> Any:
+    return _resolve(cls, annotation)
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field of a dataclass instance against its annotation (from ``__post_init__``)."""
+    cls = type(obj)
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if not matches(value, _field_hint(cls, field.name, field.type)):
+            raise LLSError(f"{cls.__name__}: {field.name} must be {field.type}, got {shown(value)}")

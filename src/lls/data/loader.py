@@ -32,6 +32,7 @@ class BatchLoader:
 
     random_crop = False  # whether a batch needs crop draws
 
+    @checked
     def __init__(
         self,
         split: Split | FileSplit,
@@ -47,7 +48,7 @@ class BatchLoader:
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise LLSError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.labels = split.labels.to(self.device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..checks import checked
+from ..checks import checked, shown
 from ..errors import LLSError
 from ..method.models import create_model
 from ..method.net import Spec
@@ -61,12 +61,13 @@ def build_trainer(
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
+    shaped = num_classes is not None and isinstance(data, Sequence) and not isinstance(data, str)
+    if not (shaped or (num_classes is None and hasattr(data, "input_shape"))):
+        raise LLSError(
+            "build_trainer: data must be a dataset, or an input shape (C, H, W) given with "
+            f"num_classes; got {shown(data)}"
+        )
     if num_classes is None:
-        if not hasattr(data, "input_shape"):
-            raise LLSError(
-                f"build_trainer: data must be a dataset, or an input shape (C, H, W) given with "
-                f"num_classes; got {data!r:.60}"
-            )
         input_shape, num_classes = tuple(data.input_shape), data.num_classes
     else:
         input_shape = tuple(data)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..checks import checked
+from ..checks import check_fields, checked
 from ..data import BatchLoader, Dataset, FileSplit, make_loader
 from ..data.batches import checked_loaders
 from ..errors import LLSError
@@ -64,6 +64,9 @@ class EpochRecord:
     readout: str | None = None  # how blocks are read out: "basis", "learned classifier", "ridge probe"
     stage_busy: list[float] = field(default_factory=list)  # pipeline: each stage's busy fraction
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -102,6 +105,9 @@ class EpochProgress:
 class History:
     records: list[EpochRecord] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
     @property
     def best_test_accuracy(self) -> float:
         return max((r.test_accuracy for r in self.records), default=float("nan"))
@@ -122,6 +128,9 @@ class Loaders:
     train: BatchLoader | Iterable
     test: BatchLoader | Iterable
     probe: BatchLoader | Iterable | None = None  # unaugmented training images for the ridge probes
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @classmethod
     @checked
