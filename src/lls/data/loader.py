@@ -11,6 +11,7 @@ epoch's batches are the same whenever it is replayed, on any device, including a
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -176,6 +177,9 @@ def decode_image(path, resize: int | None, size: int, crop: list[float] | None) 
     """Read one image file as a (3, size, size) uint8 array: RGB, resize shorter side, crop."""
     from PIL import Image, UnidentifiedImageError
 
+    # Images past PIL's warning size (89 Mpixels) are shrunk here like any other; past twice that
+    # PIL refuses them (DecompressionBombError, below). Its warning would print before that line.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
