@@ -248,7 +248,10 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
             raise LLSError(f"{path} is damaged (its checksum does not match); {DAMAGED_FIX}")
         state = _torch_load(path, payload)
     else:
-        raise LLSError(f"{path} is an lls checkpoint of format version {version}, not {CHECKPOINT_VERSION}")
+        raise LLSError(
+            f"{path} is damaged or from another lls (checkpoint format version {version!r}, not "
+            f"{CHECKPOINT_VERSION}); {DAMAGED_FIX}"
+        )
     if not isinstance(state, dict):
         raise LLSError(f"{path} is damaged (it holds no checkpoint state); {DAMAGED_FIX}")
     return state
