@@ -77,6 +77,23 @@ def matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def describe(hint: Any, written: str) -> str:
+    """What ``hint`` takes, in words a message can show (``written``: the annotation as typed)."""
+    if hint is UNKNOWN:
+        return written
+    if hint is None or hint is type(None):
+        return "None"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or isinstance(hint, types.UnionType):
+        return " | ".join(describe(a, written) for a in args)
+    if origin is collections.abc.Callable or hint is collections.abc.Callable:
+        return "a function"
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join('...' if a is Ellipsis else describe(a, written) for a in args)}]"
+    return getattr(hint, "__name__", str(hint))
+
+
 def checked(function: F) -> F:
     """Check every argument of ``function`` against its annotation on each call (an ``__init__``
     is named by its class)."""
@@ -98,7 +115,8 @@ def checked(function: F) -> F:
                 continue
             if parameter.annotation is inspect.Parameter.empty or matches(value, hints[key]):
                 continue
-            raise LLSError(f"{name}: {key} must be {parameter.annotation}, got {shown(value)}")
+            takes = describe(hints[key], str(parameter.annotation))
+            raise LLSError(f"{name}: {key} must be {takes}, got {shown(value)}")
         return function(*args, **kwargs)
 
     return typing.cast(F, wrapper)
@@ -130,4 +148,5 @@ def check_fields(obj: Any) -> None:
     for field in dataclasses.fields(obj):
         value = getattr(obj, field.name)
         if not matches(value, _field_hint(cls, field.name, field.type)):
-            raise LLSError(f"{cls.__name__}: {field.name} must be {field.type}, got {shown(value)}")
+            takes = describe(_field_hint(cls, field.name, field.type), str(field.type))
+            raise LLSError(f"{cls.__name__}: {field.name} must be {takes}, got {shown(value)}")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..checks import check_fields, checked
 from ..data import BatchLoader, Dataset, FileSplit, make_loader
-from ..data.batches import checked_loaders
+from ..data.batches import IterableBatches, checked_loaders
 from ..errors import LLSError
 from ..method.readout import PROBE_IMAGES
 from ..step.step import StepResult
@@ -199,7 +199,7 @@ def loss_names(trainer: Trainer, blocks: range) -> list[str]:
 @checked
 def train_epoch(
     trainer: Trainer,
-    loader: BatchLoader,
+    loader: BatchLoader | IterableBatches,
     epoch: int,
     *,
     progress: bool = True,
