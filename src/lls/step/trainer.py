@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import checked
 from ..data.batches import check_batch
 from ..errors import LLSError
 from ..method.localize import as_local_net
@@ -26,9 +27,9 @@ from . import evaluation as evaluation_
 from .engine import GraphEngine, check_capturable, is_capturable, optimizer_engine
 from .evaluation import Batch, Evaluation
 from .lowmem import LowMemory, MemorySpec, memory_plan
-from .optim import LearningRate, OptimizerSpec, block_lrs, is_schedule_free, make_optimizer
+from .optim import LearningRate, OptimizerSpec, block_lrs, check_optimizer, is_schedule_free, make_optimizer
 from .precision import Precision
-from .schedules import ScheduleFactory
+from .schedules import ScheduleFactory, check_schedule
 from .step import SERIAL, LocalPass, Schedule, Step, StepResult
 
 NOT_SET_UP = "the trainer has not seen a batch yet: give input_shape=... or train one step first"
@@ -56,9 +57,10 @@ class Trainer:
     ``precision``: "fp32", or "bf16" / "fp16" mixed precision (``precision.py``).
     """
 
+    @checked
     def __init__(
         self,
-        net: LocalNet,
+        net: nn.Module,
         rule: Rule | str = DEFAULTS.rule,
         *,
         input_shape: Sequence[int] | None = None,
@@ -80,6 +82,8 @@ class Trainer:
             memory=memory,
             precision=precision,
         )
+        check_optimizer(optimizer, weight_decay)  # factories tried now, not at the first step
+        check_schedule(lr_schedule)
         self.net, self.lr, self.memory, self.batch_size_in_step = net, lr, memory, 0
         self.input_shape: tuple[int, ...] | None = None  # set by _build, from the first batch if not given
         self._options = dict(
