@@ -4,6 +4,7 @@ another seed (so that nothing can match by chance), it trains on exactly as the 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -60,3 +61,22 @@ def test_a_loaded_state_trains_on_as_the_original(rule, options):
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
+
+
+def test_a_resumed_run_keeps_its_lr_schedule(tmp_path, digits):
+    """Two epochs in one go, and one epoch then a resume to two: the same learning rate each epoch
+    (the schedule steps before the epoch's checkpoint) and the same figures."""
+    from lls.cli import main
+
+    flags = ["train", "--dataset", "digits", "--limit", "64", "--batch-size", "16", "--quiet"]
+    flags += ["--lr-schedule", "step"]
+    assert main([*flags, "--epochs", "3", "--out", str(tmp_path / "whole")]) == 0
+    assert main([*flags, "--epochs", "1", "--out", str(tmp_path / "parts")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "parts"), "--epochs", "3", "--quiet"]) == 0
+
+    def rows(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("seconds")} for line in lines]
+
+    assert rows("parts") == rows("whole")
+    assert len({row["lr"] for row in rows("whole")}) > 1  # the schedule did change the lr
