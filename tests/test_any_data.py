@@ -109,7 +109,7 @@ def test_lr_per_block_as_a_list_or_a_function():
     "lr,match",
     [
         ([0.1, 0.2], "lr has 2 values for 3 blocks and the head; give 4"),
-        ("0.1", "lr must be a number, a list or a function"),
+        ("0.1", r"lr must be float \| Sequence\[float\] \| a function, got .0.1. \(str\)"),
         ([0.1, 0.1, -1.0, 0.1], "lr for block 2 is -1.0"),
         (lambda i: math.nan if i == 3 else 0.1, "the lr function's value for the head is nan"),
     ],

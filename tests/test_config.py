@@ -136,7 +136,7 @@ def test_the_step_options_are_one_config_however_given():
     assert by_keywords.config == by_config.config == lls.StepConfig(lr=0.25, weight_decay=0.5)
     both = lls.Trainer(tiny_net(), input_shape=TINY_INPUT, config=lls.StepConfig(lr=0.25), lr=0.5)
     assert both.config.lr == 0.5 and both.optimizers[0].param_groups[0]["lr"] == 0.5
-    with pytest.raises(TypeError, match="unknown step options \\['learning_rate'\\]"):
+    with pytest.raises(lls.LLSError, match="unknown step options \\['learning_rate'\\]"):
         lls.Trainer(tiny_net(), input_shape=TINY_INPUT, learning_rate=0.1)
     with pytest.raises(lls.LLSError, match=r"--lr must be > 0, got -1\.0"):
         lls.StepConfig(lr=-1.0)

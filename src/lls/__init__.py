@@ -36,7 +36,6 @@ _API = {  # name -> module, imported on first use
     "list_models": ".method.models",
     "list_rules": ".method.rules",
     "localize": ".method.localize",
-    "lls_loss": ".method.signals",
     "lr_schedule": ".step.schedules",
     "LLSError": ".errors",
     "load_dataset": ".data",

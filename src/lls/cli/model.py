@@ -11,6 +11,7 @@ import torch
 
 from ..data.inputs import read_images
 from ..errors import LLSError
+from ..files import check_output
 from ..training.export import FORMATS, check_format, export_model
 from ..training.run import open_trained
 from ..training.trained import Inputs, batches, dataset_inputs, evaluated_model
@@ -96,12 +97,14 @@ def class_names(inputs: Inputs) -> list[str]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     check_format(args.format)  # before the run is read: a missing package is said at once
+    check_output(args.out)  # before the model is loaded: a path that may not be written is said at once
     device = torch.device("cpu")
-    _, state, session = open_trained(
+    run, state, session = open_trained(
         args.run, device=device, data_dir=args.data_dir, download=not args.no_download
     )
     model = evaluated_model(session, state).to(memory_format=torch.contiguous_format)
-    out = export_model(model, session.data.input_shape, args.out, args.format)
+    inputs = [run.checkpoint_path, run.config_path]
+    out = export_model(model, session.data.input_shape, args.out, args.format, inputs=inputs)
     print(
         f"wrote {out} ({args.format}): input (N, {', '.join(map(str, session.data.input_shape))}), "
         f"{session.data.num_classes} logits"

@@ -30,6 +30,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..checks import checked
 from ..errors import LLSError
 from .net import LocalNet
 
@@ -66,6 +67,7 @@ def choose_pool(shape: Sequence[int], max_latent: int = MAX_LATENT) -> int | Non
     return p
 
 
+@checked
 def localize(
     model: nn.Module,
     blocks: int | Sequence[int] | Sequence[str] | None = None,
@@ -83,6 +85,11 @@ def localize(
     """
     if isinstance(model, LocalNet):
         return model
+    _check_not_shared(model)
+    if isinstance(blocks, int) and blocks < 1:
+        raise LLSError(f"localize: blocks must be at least 1 block, got {blocks}")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in input_shape):
+        raise LLSError(f"localize: input_shape must be positive whole numbers, got {tuple(input_shape)}")
     input_shape = tuple(int(s) for s in input_shape)
     if isinstance(model, nn.Sequential) and not _names(blocks):
         parts = _split_sequential(model, blocks, input_shape)
@@ -100,6 +107,21 @@ def localize(
     _check_same(model, net, input_shape)
     net.input_shape = input_shape
     return net
+
+
+def _check_not_shared(model: nn.Module) -> None:
+    """Refuse a model that uses one module (or parameter) in two places: its parameters would sit
+    in two blocks' optimizers, and the traced path refuses such a model too."""
+    seen: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            where = f"{name}.{pname}" if name else pname
+            if id(param) in seen and seen[id(param)] != where:
+                raise LLSError(
+                    f"the model uses one parameter in two places ({seen[id(param)]} and {where}): each "
+                    "block needs its own layers; use a copy (copy.deepcopy) for the second use"
+                )
+            seen.setdefault(id(param), where)
 
 
 def _names(blocks) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from ..checks import checked
 from ..errors import LLSError
 from ..registry import Registry
 from .net import AvgPool, Conv, Dense, DWSeparable, LocalNet, MaxPool, ModelOptions, Spec, build
@@ -117,6 +118,7 @@ def model_specs(name: str) -> tuple[Spec, ...]:
     return MODELS.get(name)
 
 
+@checked
 def create_model(
     name: str | Sequence[Spec],
     *,
@@ -132,7 +134,50 @@ def create_model(
     ``options`` are :class:`ModelOptions` fields, e.g. ``dense_latent="output"``."""
     h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     specs, label = (MODELS.get(name), name) if isinstance(name, str) else (tuple(name), "model")
-    return build(specs, (in_channels, h, w), num_classes, activation, name=label, **model_options(options))
+    options = model_options(options)
+    check_options_apply(label, specs, options)
+    return build(specs, (in_channels, h, w), num_classes, activation, name=label, **options)
+
+
+# Why a model has no use for an option, when it has none (taken_options)
+NO_USE = {
+    "dense_latent": "none of its dense blocks pools its latent to another length",
+    "depthwise_padding": "it has no strided depthwise convolution",
+    "block_granularity": "it has no residual stages",
+}
+
+
+def taken_options(specs: Sequence[Spec]) -> set[str]:
+    """The :class:`ModelOptions` that change what ``specs`` build (the others would be ignored)."""
+    taken = set()
+    for spec in specs:
+        if isinstance(spec, Dense) and spec.pool is not None and spec.pool != spec.width:
+            taken.add("dense_latent")
+        if isinstance(spec, DWSeparable) and spec.stride != 1:
+            taken.add("depthwise_padding")
+        if hasattr(spec, "count") and spec.count("block") != spec.count("stage"):
+            taken.add("block_granularity")
+    return taken
+
+
+def check_options_apply(name: str, specs: Sequence[Spec], options: dict, given: Sequence[str] = ()) -> None:
+    """Refuse a model option ``specs`` have no use for: one ``given`` (typed), or set away from its
+    default; one line naming it, why, and the models that take it."""
+    defaults, taken = ModelOptions().as_dict(), taken_options(specs)
+    for key, value in options.items():
+        if key not in taken and (key in given or value != defaults[key]):
+            users = [m for m in MODELS.names() if key in taken_options(MODELS.get(m))]
+            raise LLSError(
+                f"model {name!r} has no use for {key} (--{key.replace('_', '-')}): {NO_USE[key]}; "
+                f"drop it (models that take it: {', '.join(users)})"
+            )
+
+
+def applicable_options(name: str, options: dict) -> dict:
+    """``options`` without those the model ``name`` has no use for (a run recorded before they were
+    refused: it trained without them)."""
+    taken = taken_options(MODELS.get(name))
+    return {k: v for k, v in model_options(options).items() if k in taken}
 
 
 def model_options(options: dict | None) -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..checks import checked
 from ..errors import LLSError
 from ..options import check, option
 from .activation import LEAKY_SLOPE, LeakyReLU
@@ -36,6 +37,7 @@ class LocalNet(nn.Module):
     (the reference code's ``adaptive_avg_pool1d``); ``None`` uses the flattened output as it is.
     """
 
+    @checked
     def __init__(
         self,
         blocks: Sequence[nn.Module],

@@ -12,14 +12,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import check_fields
 from ..errors import LLSError
 from ..method.rules import Rule
 from ..options import check_values, flag, option, options_of
 from .engine import ENGINES
-from .lowmem import memory_plan
-from .optim import OPTIMIZERS
+from .lowmem import MemoryPlan, memory_plan
+from .optim import OPTIMIZERS, LearningRate, OptimizerSpec
 from .precision import PRECISIONS, is_mixed
-from .schedules import SCHEDULES, ScheduleFactory
+from .schedules import SCHEDULES, ScheduleFactory, lr_schedule
 
 # Defaults of what else builds a trainer (the run's options of the same names take theirs from here)
 RULE = "lls"
@@ -40,13 +41,18 @@ class StepConfig:
     budget in bytes (an int). Named values are checked as ``lls train`` checks them.
     """
 
-    lr: float = option(5e-3, help="learning rate of every block's optimizer", positive=True, maximum=1e3)
+    # Annotated with what the API takes; the first type of each is what a run's config.json holds
+    lr: LearningRate = option(
+        5e-3, help="learning rate of every block's optimizer", positive=True, maximum=1e3
+    )
     weight_decay: float = option(0.0, help="weight decay of every optimizer", minimum=0.0, maximum=1e3)
-    optimizer: str = option("adamw-sf", help="optimizer of every block and of the head", choices=OPTIMIZERS)
-    lr_schedule: str = option(
+    optimizer: OptimizerSpec = option(
+        "adamw-sf", help="optimizer of every block and of the head", choices=OPTIMIZERS
+    )
+    lr_schedule: str | ScheduleFactory | None = option(
         "none", help="learning-rate schedule of every optimizer over the epochs", choices=SCHEDULES
     )
-    memory: str | None = option(
+    memory: str | int | MemoryPlan | None = option(
         None,
         help="train each block in slices of the batch, holding one slice's activations at a time: "
         "'low' (a budget of twice the least a sliced step needs) or a budget such as 512MiB; "
@@ -71,6 +77,7 @@ class StepConfig:
     )
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, as the API's other arguments
         self.check_named()
 
     def check_named(self) -> None:
@@ -102,7 +109,7 @@ class StepConfig:
     def schedule(self, epochs: int) -> ScheduleFactory | None:
         """The learning-rate schedule for a run of ``epochs`` epochs (None: a constant rate)."""
         if isinstance(self.lr_schedule, str):
-            return SCHEDULES.get(self.lr_schedule)(epochs)
+            return lr_schedule(self.lr_schedule, epochs)
         return self.lr_schedule
 
     def step_config(self) -> StepConfig:
@@ -119,7 +126,7 @@ def step_config(step: StepConfig | None = None, /, **options: Any) -> StepConfig
     values: how the API's keyword arguments (``Trainer(net, rule, lr=1e-3)``) become a StepConfig."""
     unknown = sorted(set(options) - STEP_OPTIONS)
     if unknown:
-        raise TypeError(f"unknown step options {unknown}; known: {', '.join(sorted(STEP_OPTIONS))}")
+        raise LLSError(f"unknown step options {unknown}; known: {', '.join(sorted(STEP_OPTIONS))}")
     if step is None:
         return StepConfig(**options)
     step = step.step_config() if type(step) is not StepConfig else step

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_fields
 from ..errors import LLSError
 from ..method.net import LocalNet
 from ..method.readout import block_predictions, fit_probes, readout_kind
@@ -25,6 +26,9 @@ class Evaluation:
     accuracy: float  # 0..1
     block_accuracy: list[float]  # each block's own accuracy (empty unless asked for)
     readout: str | None = None  # how blocks were read out: "basis", "learned classifier", "ridge probe"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def train_mode(net: LocalNet, optimizers: Sequence[torch.optim.Optimizer]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import checked
 from ..data.batches import check_batch
 from ..errors import LLSError
 from ..method.localize import as_local_net
@@ -26,8 +27,9 @@ from .config import EPOCHS, RULE, StepConfig, step_config
 from .engine import GraphEngine, check_capturable, is_capturable, optimizer_engine
 from .evaluation import Batch, Evaluation
 from .lowmem import LowMemory, memory_plan
-from .optim import block_lrs, is_schedule_free, make_optimizer
+from .optim import block_lrs, check_optimizer, is_schedule_free, make_optimizer
 from .precision import Precision
+from .schedules import ScheduleFactory, check_schedule
 from .step import LocalPass, Step, StepResult
 
 NOT_SET_UP = "the trainer has not seen a batch yet: give input_shape=... or train one step first"
@@ -42,7 +44,7 @@ class Trainer:
     reads sets it up (:meth:`build_for`), as PyTorch's lazy modules do.
 
     ``config`` (:class:`~lls.step.config.StepConfig`) says how every block steps: its optimizer,
-    learning rate, weight decay, schedule (over ``epochs`` epochs), engine, memory and precision;
+    learning rate, weight decay, schedule (a named one over ``epochs`` epochs), engine, memory and precision;
     the defaults are ``lls train``'s and the values are checked as it checks them. Its fields may
     also be given as keywords (``Trainer(net, "lls", lr=1e-3)``), which replace ``config``'s. The
     device and dtype come from the network's parameters. ``engine``: "eager" (op by op, the
@@ -55,20 +57,24 @@ class Trainer:
     ``update`` and ``sync_gradients`` hook.
     """
 
+    @checked
     def __init__(
         self,
-        net: LocalNet,
+        net: nn.Module,
         rule: Rule | str = RULE,
         *,
         input_shape: Sequence[int] | None = None,
         config: StepConfig | None = None,
-        epochs: int = EPOCHS,
+        epochs: int | None = None,
         **options: Any,
     ) -> None:
         self.rule = create_rule(rule) if isinstance(rule, str) else rule
         self.config = step_config(config, **options)
         self.config.check_for(self.rule)
-        self.net, self.epochs, self.batch_size_in_step = net, epochs, 0
+        check_optimizer(self.config.optimizer, self.config.weight_decay)  # factories tried now
+        self.lr_schedule = self._schedule(epochs)
+        check_schedule(self.lr_schedule)
+        self.net, self.batch_size_in_step = net, 0
         self.input_shape: tuple[int, ...] | None = None  # set by _build, from the first batch if not given
         known = input_shape if input_shape is not None else getattr(net, "input_shape", None)
         # Without a shape, the first batch builds the rest (as PyTorch's lazy modules); a network that
@@ -99,6 +105,16 @@ class Trainer:
         if self.input_shape is None:
             raise LLSError(NOT_SET_UP)
 
+    def _schedule(self, epochs: int | None) -> ScheduleFactory | None:
+        """The lr schedule: a factory as given, or a named one over ``epochs`` epochs."""
+        named = self.config.lr_schedule
+        if isinstance(named, str) and named != "none" and epochs is None:
+            raise LLSError(
+                f"Trainer: lr_schedule must be a function | None, got {named!r} (str): a named schedule "
+                f"needs the run's epochs; give epochs=N, or lr_schedule=lls.lr_schedule({named!r}, N)"
+            )
+        return self.config.schedule(epochs or EPOCHS)
+
     def _build(self, input_shape: Sequence[int] | None) -> None:
         """Everything that needs one sample's shape: the blocks, signals, optimizers and engine."""
         net, input_shape = as_local_net(self.net, input_shape)
@@ -112,7 +128,7 @@ class Trainer:
         groups = self._parameter_groups(net)
         config = self.config
         self.precision = Precision(config.precision, param.device, len(groups))
-        schedule = config.schedule(self.epochs)
+        schedule = self.lr_schedule
         mode = self._engine_mode(optimizer_engine(config.engine, param.device, config.optimizer), schedule)
         lrs = block_lrs(config.lr, len(net.blocks))
         capturable = mode == "graph"  # the graph engine gets implementations it can capture

@@ -14,12 +14,13 @@ from typing import Any
 
 from ..data import DATASETS
 from ..errors import LLSError
-from ..method.models import MODELS, model_options
+from ..method.models import MODELS, check_options_apply, model_options
 from ..method.net import ModelOptions
 from ..method.rules import RULES, create_rule, rule_options, seeded_options
 from ..options import check, check_values, flag, option, options_of
 from ..step import config as step_defaults
 from ..step.config import STEP_OPTIONS, StepConfig
+from ..step.precision import is_mixed
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 # Upper bounds far above any real run, so that a mistyped number is refused, not run for ever
@@ -145,6 +146,8 @@ class TrainConfig(StepConfig):
                 f"{where} was made with another configuration: {'; '.join(conflicts)}; "
                 "resume without those options, or start a new run with --out"
             )
+        if given.get("memory") is not None:  # named as the run recorded it, not as a flag not typed
+            check_resumed_memory(self, where)
         return dataclasses.replace(self, **{k: v for k, v in given.items() if k in RESUMABLE})
 
 
@@ -153,6 +156,18 @@ def default(name: str) -> Any:
     ``Trainer``, ``build_trainer`` and ``Loaders`` take theirs from here)."""
     field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
     return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def check_resumed_memory(config: TrainConfig, where: str) -> None:
+    """Refuse --memory on resuming a run it cannot apply to, naming what the run recorded."""
+    rule = create_rule(config.rule, **config.rule_options)
+    if is_mixed(config.precision):
+        why = f"trains in {config.precision} (its config.json's precision) and --memory runs in float32"
+    elif rule.timing == "end-to-end":
+        why = f"trains with {config.rule}, which back-propagates through every block at once"
+    else:
+        return
+    raise LLSError(f"{where} {why}; resume without --memory")
 
 
 # The defaults as attributes (``DEFAULTS.lr``), for signatures outside the configuration.
@@ -179,5 +194,7 @@ def config_from_options(
             takes = ", ".join(fields[name][2]) if name in fields else "no rule"
             raise LLSError(f"rule {config.rule!r} has no option {flag(name)} ({takes} take it)")
     check_values(cls, given_rule, f"rule {config.rule!r}: ", name=flag)
+    check_options_apply(config.model, MODELS.get(config.model), config.model_options, list(given_model or {}))
+    DATASETS.get(config.dataset).check_options(config.augment, config.image_size)
     options = seeded_options(config.rule, given_rule, config.seed)
     return dataclasses.replace(config, rule_options=options)

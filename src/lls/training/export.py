@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import LLSError
-from ..files import atomic_replace, atomic_write
+from ..files import atomic_replace, atomic_write, check_output
 from ..registry import Registry
 
 EXAMPLE_BATCH = 2  # the traced batch; ONNX's batch dimension stays free (torch.export specialises 0 and 1)
@@ -41,12 +41,17 @@ def check_format(name: str) -> None:
         raise LLSError(f"exporting to {name} needs {' and '.join(missing)}: {INSTALL_EXPORT}")
 
 
-def export_model(model: nn.Module, input_shape: Sequence[int], out: str | Path, format: str) -> Path:
-    """Write ``model`` (eval mode; inputs of ``input_shape`` without the batch) to ``out``."""
+def export_model(
+    model: nn.Module, input_shape: Sequence[int], out: str | Path, format: str, inputs: Sequence[Path] = ()
+) -> Path:
+    """Write ``model`` (eval mode; inputs of ``input_shape`` without the batch) to ``out``, which
+    must be a file a command may write (``files.check_output``: never a run's own file, one of
+    ``inputs``, a link, a FIFO or a device)."""
     check_format(format)
     out = Path(out)
-    if out.is_dir():
+    if out.is_dir() and not out.is_symlink():
         raise LLSError(f"{out} is a directory; give the file to write, e.g. {out / ('model.' + format)}")
+    check_output(out, inputs=inputs)
     param = next(model.parameters())
     example = torch.zeros(EXAMPLE_BATCH, *input_shape, device=param.device, dtype=param.dtype)
     with torch.no_grad():

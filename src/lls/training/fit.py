@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..checks import check_fields, checked
 from ..data import BatchLoader, Dataset, FileSplit, make_loader
-from ..data.batches import checked_loaders
+from ..data.batches import IterableBatches, checked_loaders
 from ..errors import LLSError
 from ..method.readout import PROBE_IMAGES
 from ..step.step import StepResult
@@ -63,6 +64,9 @@ class EpochRecord:
     readout: str | None = None  # how blocks are read out: "basis", "learned classifier", "ridge probe"
     stage_busy: list[float] = field(default_factory=list)  # pipeline: each stage's busy fraction
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -101,6 +105,9 @@ class EpochProgress:
 class History:
     records: list[EpochRecord] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
     @property
     def best_test_accuracy(self) -> float:
         return max((r.test_accuracy for r in self.records), default=float("nan"))
@@ -122,7 +129,11 @@ class Loaders:
     test: BatchLoader | Iterable
     probe: BatchLoader | Iterable | None = None  # unaugmented training images for the ridge probes
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
     @classmethod
+    @checked
     def for_dataset(
         cls,
         data: Dataset,
@@ -185,9 +196,10 @@ def loss_names(trainer: Trainer, blocks: range) -> list[str]:
     return [*local, "the head's loss"]
 
 
+@checked
 def train_epoch(
     trainer: Trainer,
-    loader: BatchLoader,
+    loader: BatchLoader | IterableBatches,
     epoch: int,
     *,
     progress: bool = True,
@@ -265,6 +277,7 @@ def _postfix(loss: float, accuracy: float, blocks: list[float]) -> str:
     return text
 
 
+@checked
 def evaluate(trainer: Trainer, loaders: Loaders, epoch: int, blocks: bool = True) -> tuple[Evaluation, float]:
     """The paper's evaluation (averaged weights, BN refresh on 50 training batches, test set),
     with each block's own accuracy when ``blocks``; returns it with the seconds it took."""
@@ -336,6 +349,15 @@ class Strategy:
         """Leave whatever the strategy joined; called however the run ends."""
 
 
+def check_epochs(epochs: int, start_epoch: int) -> None:
+    """fit's epochs: at least 1, and not fewer than the epochs already trained."""
+    if epochs < 1:
+        raise LLSError(f"fit: epochs must be at least 1 (the epochs to train up to), got {epochs}")
+    if not 0 <= start_epoch <= epochs:
+        raise LLSError(f"fit: start_epoch must be from 0 to epochs ({epochs}), got {start_epoch}")
+
+
+@checked
 def fit(
     trainer: Trainer,
     loaders: Loaders | Iterable,
@@ -354,6 +376,7 @@ def fit(
     """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after
     each epoch with the paper's procedure; ``strategy`` says how (default: in this process).
     ``loaders``: :class:`Loaders`, or any re-iterable of training batches with ``test`` batches."""
+    check_epochs(epochs, start_epoch)
     loaders = checked_loaders(Loaders, trainer, loaders, test, min_batch=BATCHNORM_MIN_BATCH)
     strategy = strategy or Strategy()
     history = history or History()
