@@ -84,22 +84,71 @@ class IterableBatches:
 
     def __len__(self) -> int:
         try:
-            return len(self.source)
+            steps = len(self.source)
         except TypeError:
             raise LLSError(
                 f"a {type(self.source).__name__} without a length; give a DataLoader over a "
                 "map-style Dataset or a list of batches"
             ) from None
+        last = _last_batch_size(self.source)
+        return steps - 1 if steps > 1 and last is not None and last < self.min_batch else steps
 
     def epoch(self, epoch: int = 0, stream: str = "train", start: int = 0) -> Iterator[Batch]:
-        for step, batch in enumerate(self.source):
-            if step >= start:
-                yield check_batch(
-                    batch, self.input_shape, self.num_classes, self.like, min_batch=self.min_batch
-                )
+        """The checked batches from step ``start`` on. A batch smaller than ``min_batch`` (a
+        DataLoader's last) is merged into the one before it, as lls' own loaders do (a batch of one
+        sample breaks BatchNorm in training mode; every sample is still seen once per epoch)."""
+        held = None  # each batch waits for the next: the last one may have to take it in
+        step = 0
+        for batch in self.source:
+            merged = _merged(held, batch) if held is not None and _size(batch) < self.min_batch else None
+            if merged is not None:
+                held = merged
+                continue
+            if held is not None:
+                if step >= start:
+                    yield self.checked(held)
+                step += 1
+            held = batch
+        if held is not None and step >= start:
+            yield self.checked(held)
+
+    def checked(self, batch: object) -> Batch:
+        return check_batch(batch, self.input_shape, self.num_classes, self.like, min_batch=self.min_batch)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch()
+
+
+def _size(batch: object) -> int:
+    """Samples in ``batch`` (0 when it is not an (inputs, labels) pair: check_batch says why)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
+        return len(batch[1]) if batch[1].dim() else 0
+    return 0
+
+
+def _merged(first: object, last: object) -> tuple | None:
+    """Two (inputs, labels) batches as one; None when they do not concatenate (the check of each
+    batch then names what is wrong with it)."""
+    try:
+        return tuple(torch.cat([a, b]) for a, b in zip(first, last, strict=True))
+    except (TypeError, RuntimeError, ValueError):
+        return None
+
+
+def _last_batch_size(source: object) -> int | None:
+    """The size of ``source``'s last batch where it can be told without reading it: a DataLoader
+    over a map-style Dataset that keeps its last batch, or a list of batches; else None."""
+    if isinstance(source, Sequence) and source:
+        return _size(source[-1])
+    batch_size = getattr(source, "batch_size", None)
+    dataset = getattr(source, "dataset", None)
+    if isinstance(batch_size, int) and not getattr(source, "drop_last", True):
+        try:
+            left = len(dataset) % batch_size
+        except TypeError:
+            return None
+        return left or batch_size
+    return None
 
 
 def as_batches(source: object, input_shape: Sequence[int], num_classes: int, like: torch.Tensor, **options):

@@ -3,6 +3,7 @@ BatchNorm statistics are refreshed on training batches, then the network runs in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import LLSError
 from ..method.net import LocalNet
-from ..method.readout import block_predictions, fit_probes, readout_kind
+from ..method.readout import RIDGE_PROBE, block_predictions, fit_probes, readout_kind
 from ..method.signals import BlockSignal
 from .optim import is_schedule_free
 
@@ -81,7 +82,14 @@ def evaluate(
     kind = readout_kind(signals) if blocks else None
     block_correct = [0] * len(net.blocks)
     with evaluation(net, optimizers, refresh):
-        probes = fit_probes(net, probe_batches, num_classes) if kind == "ridge probe" else None
+        probes = fit_probes(net, probe_batches, num_classes) if kind == RIDGE_PROBE else None
+        if probes is not None and not probes:  # no probe batch: nothing to read the blocks out with
+            warnings.warn(
+                "no block accuracy: the blocks have no readout of their own and no probe batches "
+                "were given (probe_batches=unaugmented training batches fits a ridge probe per block)",
+                stacklevel=3,
+            )
+            kind = None
         for x, y in batches:
             if kind is None:
                 logits = net(x)
