@@ -25,6 +25,7 @@ def check_batch(
     like: torch.Tensor,
     *,
     min_batch: int = 1,
+    integer_inputs: bool = False,
 ) -> Batch:
     """``batch`` as ``(x, y)`` on ``like``'s device, ``x`` in its dtype and ``y`` as int64, or one
     clear error. Labels are range-checked where they are on the CPU (a check on an accelerator
@@ -34,8 +35,13 @@ def check_batch(
     x, y = batch
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise LLSError(f"a batch must hold two tensors, got ({type(x).__name__}, {type(y).__name__})")
-    if not x.is_floating_point():
-        raise LLSError(f"inputs must be floats, got {x.dtype}: convert them (e.g. x.float() / 255)")
+    if integer_inputs and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        raise LLSError(f"inputs must be integers (the network embeds them), got {x.dtype}")
+    if not integer_inputs and not x.is_floating_point():
+        raise LLSError(
+            f"inputs must be floats, got {x.dtype}: convert them (e.g. x.float() / 255); a model that "
+            "takes integers (token ids) is localized with lls.localize(..., example=a batch of them)"
+        )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise LLSError(f"labels must be integer class indices, got {y.dtype}: convert them with y.long()")
     if y.dim() != 1 or len(y) != len(x):
@@ -57,7 +63,8 @@ def check_batch(
         raise LLSError(
             f"label {bad} is out of range: the network has {num_classes} classes (0..{num_classes - 1})"
         )
-    return x.to(like.device, like.dtype, non_blocking=True), y.to(like.device, torch.int64, non_blocking=True)
+    dtype = torch.int64 if integer_inputs else like.dtype
+    return x.to(like.device, dtype, non_blocking=True), y.to(like.device, torch.int64, non_blocking=True)
 
 
 class IterableBatches:
@@ -73,6 +80,7 @@ class IterableBatches:
         like: torch.Tensor,
         *,
         min_batch: int = 1,
+        integer_inputs: bool = False,
     ) -> None:
         if iter(source) is source:
             raise LLSError(
@@ -81,6 +89,7 @@ class IterableBatches:
             )
         self.source, self.input_shape, self.num_classes = source, tuple(input_shape), num_classes
         self.like, self.min_batch, self.device = like, min_batch, like.device
+        self.integer_inputs = integer_inputs
 
     def __len__(self) -> int:
         try:
@@ -113,7 +122,14 @@ class IterableBatches:
             yield self.checked(held)
 
     def checked(self, batch: object) -> Batch:
-        return check_batch(batch, self.input_shape, self.num_classes, self.like, min_batch=self.min_batch)
+        return check_batch(
+            batch,
+            self.input_shape,
+            self.num_classes,
+            self.like,
+            min_batch=self.min_batch,
+            integer_inputs=self.integer_inputs,
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch()
@@ -169,8 +185,12 @@ def checked_loaders(cls: type, trainer, loaders: object, test: Iterable | None, 
         trainer.build_for(_first_inputs(loaders.train))
     like, shape, classes = next(trainer.net.parameters()), trainer.input_shape, trainer.num_classes
 
+    integer = getattr(trainer.net, "input_dtype", None) is not None
+
     def read(source, **options):
-        return None if source is None else as_batches(source, shape, classes, like, **options)
+        if source is None:
+            return None
+        return as_batches(source, shape, classes, like, integer_inputs=integer, **options)
 
     return dataclasses.replace(
         loaders,

@@ -38,17 +38,29 @@ def train_mode(net: LocalNet, optimizers: Sequence[torch.optim.Optimizer]) -> No
 
 @contextmanager
 def evaluation(
-    net: LocalNet, optimizers: Sequence[torch.optim.Optimizer], refresh: Iterable[Batch] = ()
+    net: LocalNet,
+    optimizers: Sequence[torch.optim.Optimizer],
+    refresh: Iterable[Batch] = (),
+    *,
+    keep_statistics: bool = False,
 ) -> Iterator[LocalNet]:
     """The paper's evaluation procedure, undone on exit.
 
     Switch schedule-free optimizers to their averaged weights, refresh BatchNorm statistics by
     forwarding the ``refresh`` batches in train mode without gradients, then put the network in
-    eval mode. Yields the network, ready for inference.
+    eval mode. Yields the network, ready for inference. On exit everything is as it was, bit for
+    bit: the parameters (the switch back from the averaged weights rounds, so they are put back
+    as saved), every buffer (BatchNorm's running statistics and ``num_batches_tracked``), each
+    module's mode and each optimizer's. With ``keep_statistics`` the refreshed buffers stay (what
+    :func:`evaluate` does: they are the evaluated model's statistics, that checkpoints save).
     """
-    for optimizer in optimizers:
-        if is_schedule_free(optimizer):
-            optimizer.eval()
+    modes = [(module, module.training) for module in net.modules()]
+    switched = [o for o in optimizers if is_schedule_free(o) and o.param_groups[0]["train_mode"]]
+    with torch.no_grad():
+        params = [(p, p.detach().clone()) for p in net.parameters()]
+        buffers = [] if keep_statistics else [(b, b.detach().clone()) for b in net.buffers()]
+    for optimizer in switched:
+        optimizer.eval()
     try:
         net.train()
         with torch.no_grad():
@@ -57,7 +69,13 @@ def evaluation(
         net.eval()
         yield net
     finally:
-        train_mode(net, optimizers)
+        for optimizer in switched:
+            optimizer.train()
+        with torch.no_grad():
+            for tensor, saved in [*params, *buffers]:
+                tensor.copy_(saved)
+        for module, mode in modes:
+            module.training = mode
 
 
 @torch.no_grad()
@@ -81,7 +99,7 @@ def evaluate(
     correct, count = 0, 0
     kind = readout_kind(signals) if blocks else None
     block_correct = [0] * len(net.blocks)
-    with evaluation(net, optimizers, refresh):
+    with evaluation(net, optimizers, refresh, keep_statistics=True):
         probes = fit_probes(net, probe_batches, num_classes) if kind == RIDGE_PROBE else None
         if probes is not None and not probes:  # no probe batch: nothing to read the blocks out with
             warnings.warn(
