@@ -4,6 +4,8 @@ evaluated weights back (trainer.evaluated_state_dict), trainer.evaluation() undo
 lls.save_run writing a run directory the commands read."""
 
 import copy
+import json
+import shutil
 
 import pytest
 import torch
@@ -304,3 +306,79 @@ def test_a_wrong_name_lists_close_matches_first_and_the_names_at_every_depth():
         assert name in listed
     with pytest.raises(lls.LLSError, match=r"did you mean 'layer\*\.\*'"):
         lls.localize(model, ["layr*.*"], input_shape=SHAPE)
+
+
+# --- lls.save_run ----------------------------------------------------------------------------------
+
+
+def small_resnet_net(input_shape, num_classes, width=8):
+    """A model factory as a user writes one: their model, localized (what save_run records)."""
+    model = SmallResNet(num_classes, width)
+    model.stem[0] = nn.Conv2d(input_shape[0], width, 3, padding=1)
+    return lls.localize(model, ["layer1", "layer2"], input_shape=input_shape)
+
+
+FACTORY = f"{__name__}:small_resnet_net"
+LIMIT, BATCH = 256, 64
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, digits):
+    torch.manual_seed(0)
+    net = small_resnet_net(digits.input_shape, digits.num_classes, width=6)
+    trainer = lls.Trainer(net, "lls")
+    loaders = lls.Loaders.for_dataset(digits, BATCH, limit=LIMIT, channels_last=False)
+    history = lls.fit(trainer, loaders, epochs=1, progress=False)
+    path = tmp_path_factory.mktemp("saved") / "mine"
+    lls.save_run(
+        trainer, path, history, model=FACTORY, model_options={"width": 6}, dataset="digits", limit=LIMIT,
+        batch_size=BATCH,
+    )  # fmt: skip
+    return path, history
+
+
+def test_save_run_writes_a_run_that_eval_predict_export_and_resume_read(saved, tmp_path, capsys):
+    from lls.cli import main
+
+    path, history = saved
+    assert main(["eval", str(path), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["accuracy"] == pytest.approx(history.final_test_accuracy, abs=1e-6)
+    assert main(["predict", str(path), "--dataset", "digits", "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)["predictions"]
+    labels = [row["label"] for row in predictions]
+    correct = sum(row["class"] == label for row, label in zip(predictions, labels, strict=True))
+    assert correct / len(labels) == pytest.approx(record["accuracy"], abs=1e-6)
+    assert main(["export", str(path), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(path, resumed)
+    assert main(["train", "--resume", str(resumed), "--epochs", "2", "--quiet"]) == 0
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    config = json.loads((path / "config.json").read_text())["config"]
+    assert config["model"] == FACTORY and config["model_options"] == {"width": 6}
+
+
+def test_save_run_refuses_what_cannot_be_rebuilt_and_writes_nothing(saved, tmp_path, digits):
+    torch.manual_seed(0)
+    trainer = lls.Trainer(small_resnet_net(digits.input_shape, digits.num_classes), "lls")
+    loaders = lls.Loaders.for_dataset(digits, BATCH, limit=LIMIT, channels_last=False)
+    history = lls.fit(trainer, loaders, epochs=1, progress=False)
+    cases = [
+        ({"model": "no_such_package.models:net", "dataset": "digits"}, "cannot import the model factory"),
+        (
+            {"model": FACTORY, "model_options": {"width": 4}, "dataset": "digits"},
+            "does not build the trainer's network",
+        ),
+        ({"model": "smallconv", "dataset": "digits"}, "does not build the trainer's network"),
+        ({"model": FACTORY, "dataset": "my-own-data"}, "registered dataset"),
+    ]
+    for options, match in cases:
+        out = tmp_path / "run"
+        with pytest.raises(lls.LLSError, match=match):
+            lls.save_run(trainer, out, history, **options)
+        assert not out.exists()
+    x, y = next(iter(loaders.train.epoch(1)))
+    trainer.train_step(x, y)
+    with pytest.raises(lls.LLSError, match="since its last evaluation"):
+        lls.save_run(trainer, tmp_path / "run", history, model=FACTORY, dataset="digits")
