@@ -177,10 +177,14 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...], example: torch.Tensor
             model(x)
     except Exception as error:  # the model's own error, whatever its kind
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = "" if example is not None else "; give example=a batch of real inputs (e.g. token ids)"
+        hint = (
+            ""
+            if example is not None
+            else "; give one sample's shape, or example=a batch of real inputs (token ids)"
+        )
+        what = "example=" if example is not None else "random normal inputs"
         raise LLSError(
-            f"the model does not run on {'example=' if example is not None else 'random inputs of shape '}"
-            f"{'' if example is not None else input_shape} ({first[:160]}){hint}"
+            f"the model does not accept inputs of shape {input_shape} ({what}: {first[:160]}){hint}"
         ) from None
     finally:
         for m, mode in modes:
