@@ -48,6 +48,10 @@ VALID = {
     "lr_schedule": (("cosine", 3), {}),
     "register_basis": (("new-kind", "a help"), {}),
     "register_rule": (("new-rule",), {}),
+    "save_run": (
+        (lls.Trainer(tiny_net()), "nowhere", lls.History([])),
+        {"model": "smallconv", "dataset": "digits", "seed": 0, "batch_size": 2},
+    ),
     "Split": ((torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)), {}),
     "TensorLoader": ((split(), 2), {"mean": (0.5,), "std": (0.5,), "shuffle": False, "seed": 0}),
     "train_epoch": (
