@@ -48,6 +48,10 @@ VALID = {
     "lr_schedule": (("cosine", 3), {}),
     "register_basis": (("new-kind", "a help"), {}),
     "register_rule": (("new-rule",), {}),
+    "save_run": (
+        (lls.Trainer(tiny_net()), "nowhere", lls.History([])),
+        {"model": "smallconv", "dataset": "digits", "seed": 0, "batch_size": 2},
+    ),
     "StepConfig": (
         (),
         {"lr": 0.01, "weight_decay": 0.0, "optimizer": "adam", "lr_schedule": "none", "memory": None},

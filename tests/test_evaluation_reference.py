@@ -137,18 +137,17 @@ def test_evaluation_gives_back_the_training_weights_and_modes(optimizer):
         torch.testing.assert_close(value, weights[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.evaluation() leaves BatchNorm's running statistics as refreshed although it "
-    "promises to undo itself (issue 29 fixes it)",
-)
-def test_evaluation_restores_batchnorm_statistics():
+def test_evaluation_restores_parameters_and_batchnorm_statistics():
+    """The context manager promises to undo itself (issue 29): statistics and weights, bit for bit."""
     trainer = trained("adamw-sf")
     buffers = {k: v.clone() for k, v in trainer.net.named_buffers()}
+    weights = {k: v.clone() for k, v in trainer.net.named_parameters()}
     with trainer.evaluation(refresh=[tiny_batch(n=12, seed=100)]):
         pass
     for name, value in trainer.net.named_buffers():
         assert torch.equal(value, buffers[name]), name
+    for name, value in trainer.net.named_parameters():
+        assert torch.equal(value, weights[name]), name
 
 
 def test_the_test_batch_size_does_not_change_the_evaluation():

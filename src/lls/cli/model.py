@@ -12,7 +12,7 @@ import torch
 from ..data.inputs import read_images
 from ..errors import LLSError
 from ..files import check_output
-from ..training.export import FORMATS, check_format, export_model
+from ..training.export import FORMATS, check_format, export_model, run_metadata
 from ..training.run import open_trained
 from ..training.trained import Inputs, batches, dataset_inputs, evaluated_model
 from .common import add_data_options, add_device, resolve_device
@@ -104,9 +104,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     model = evaluated_model(session, state).to(memory_format=torch.contiguous_format)
     inputs = [run.checkpoint_path, run.config_path]
-    out = export_model(model, session.data.input_shape, args.out, args.format, inputs=inputs)
+    out = export_model(
+        model, session.data.input_shape, args.out, args.format, session_metadata(session), inputs=inputs
+    )
     print(
         f"wrote {out} ({args.format}): input (N, {', '.join(map(str, session.data.input_shape))}), "
         f"{session.data.num_classes} logits"
     )
     return 0
+
+
+def session_metadata(session) -> dict[str, str]:
+    """What an exported file records of the run it comes from (``run_metadata``)."""
+    data, config = session.data, session.config
+    return run_metadata(
+        rule=config.rule_config(),
+        mean=data.mean,
+        std=data.std,
+        input_shape=data.input_shape,
+        classes=list(data.classes),
+        num_classes=data.num_classes,
+        model=config.model,
+        dataset=config.dataset,
+    )

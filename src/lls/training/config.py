@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data import DATASETS
 from ..errors import LLSError
-from ..method.models import MODELS, check_options_apply, model_options
+from ..method.models import MODELS, check_options_apply, is_factory, model_options
 from ..method.net import ModelOptions
 from ..method.rules import RULES, create_rule, rule_options, seeded_options
 from ..options import check, check_values, flag, option, options_of
@@ -88,7 +88,8 @@ class TrainConfig(StepConfig):
         # Resolved: every option with the value the run uses, so that config.json records it and a
         # run re-read later keeps it whatever today's defaults are.
         self.rule_options = dataclasses.asdict(rule)
-        self.model_options = model_options(self.model_options)  # checked, defaults filled in
+        if not is_factory(self.model):  # a factory's options are its keyword arguments, its own
+            self.model_options = model_options(self.model_options)  # checked, defaults filled in
         self.check_for(rule)
 
     def as_dict(self) -> dict[str, Any]:
@@ -131,7 +132,8 @@ class TrainConfig(StepConfig):
         given_model = given_model or {}
         check_values(ModelOptions, given_model, name=flag)
         conflicts = []
-        saved_rule, saved_model = self.rule_config(), model_options(self.model_options)
+        saved_rule = self.rule_config()
+        saved_model = self.model_options if is_factory(self.model) else model_options(self.model_options)
         for name, value in {**given, **given_rule, **given_model}.items():
             if name in given_model:
                 old = saved_model[name]

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -24,7 +25,7 @@ from ..checks import check_fields, checked
 from ..data import BatchLoader, Dataset, FileSplit, make_loader
 from ..data.batches import IterableBatches, checked_loaders
 from ..errors import LLSError
-from ..method.readout import PROBE_IMAGES
+from ..method.readout import PROBE_IMAGES, RIDGE_PROBE, readout_kind
 from ..step.step import StepResult
 from ..step.trainer import Evaluation, Trainer
 from .config import DEFAULTS
@@ -288,6 +289,23 @@ def evaluate(trainer: Trainer, loaders: Loaders, epoch: int, blocks: bool = True
     return result, time.perf_counter() - start
 
 
+NO_PROBES = (
+    "no block accuracy: {rule}'s blocks have no readout of their own and fit got no probe batches "
+    "(Loaders(..., probe=unaugmented training batches) fits a ridge probe per block)"
+)
+
+
+def has_block_readout(trainer: Trainer, loaders: Loaders) -> bool:
+    """Whether each block's own accuracy can be measured: the rule's blocks have a readout of
+    their own, or ``loaders.probe`` gives the batches their ridge probes are fitted on. Says once
+    (a warning) when neither."""
+    signals = getattr(trainer, "signals", None)  # None: a stand-in trainer that reads out nothing
+    if signals is None or loaders.probe is not None or readout_kind(signals) != RIDGE_PROBE:
+        return True
+    warnings.warn(NO_PROBES.format(rule=trainer.rule.name), stacklevel=3)
+    return False
+
+
 class Strategy:
     """How a run's epochs are trained: in this one process. Subclasses spread the work over
     processes (``torchrun``) by overriding what differs; :func:`fit` drives every one the same way.
@@ -378,6 +396,7 @@ def fit(
     ``loaders``: :class:`Loaders`, or any re-iterable of training batches with ``test`` batches."""
     check_epochs(epochs, start_epoch)
     loaders = checked_loaders(Loaders, trainer, loaders, test, min_batch=BATCHNORM_MIN_BATCH)
+    block_accuracy = block_accuracy and has_block_readout(trainer, loaders)
     strategy = strategy or Strategy()
     history = history or History()
     should_stop = strategy.agree(should_stop)
