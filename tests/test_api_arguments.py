@@ -52,6 +52,10 @@ VALID = {
         (lls.Trainer(tiny_net()), "nowhere", lls.History([])),
         {"model": "smallconv", "dataset": "digits", "seed": 0, "batch_size": 2},
     ),
+    "StepConfig": (
+        (),
+        {"lr": 0.01, "weight_decay": 0.0, "optimizer": "adam", "lr_schedule": "none", "memory": None},
+    ),
     "Split": ((torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)), {}),
     "TensorLoader": ((split(), 2), {"mean": (0.5,), "std": (0.5,), "shuffle": False, "seed": 0}),
     "train_epoch": (

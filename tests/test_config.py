@@ -2,6 +2,7 @@
 is re-read with the values it was made with, whatever today's defaults are."""
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -86,3 +87,70 @@ def test_a_run_keeps_the_values_it_was_made_with(digits, tmp_path, monkeypatch):
     assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     assert json.loads((run / "config.json").read_text())["config"]["rule_options"] == written["rule_options"]
     assert len(records(run)) == 2
+
+
+# A config.json's "config" as lls train wrote it before StepConfig existed (every key, flat)
+OLD_CONFIG = {
+    "dataset": "fashion-mnist",
+    "model": "smallconv",
+    "rule": "lls",
+    "rule_options": {"basis": "square", "temperature": 0.5, "seed": 0, "readout_width": None},
+    "model_options": {"dense_latent": "pooled", "depthwise_padding": "1", "block_granularity": "block"},
+    "epochs": 1,
+    "batch_size": 128,
+    "lr": 0.005,
+    "weight_decay": 0.0,
+    "optimizer": "adamw-sf",
+    "lr_schedule": "none",
+    "seed": 0,
+    "limit": 3000,
+    "augment": None,
+    "image_size": None,
+    "channels_last": True,
+    "holdout": None,
+    "memory": None,
+    "engine": "auto",
+    "precision": "fp32",
+}
+
+
+def test_a_config_json_of_the_earlier_format_reads_and_writes_back_the_same_keys():
+    """The step's options are StepConfig's fields, and config.json keeps them flat: a run directory
+    written before reads back, and writes the same keys and values."""
+    config = lls.training.config.TrainConfig.from_dict(dict(OLD_CONFIG))
+    assert config.as_dict() == OLD_CONFIG
+    assert isinstance(config, lls.StepConfig)
+    step = config.step_config()
+    assert type(step) is lls.StepConfig
+    assert dataclasses.asdict(step) == {
+        f.name: OLD_CONFIG[f.name] for f in dataclasses.fields(lls.StepConfig)
+    }
+
+
+def test_the_step_options_are_one_config_however_given():
+    """Keywords, a StepConfig, or both (the keywords win) give the trainer one StepConfig."""
+    by_keywords = lls.Trainer(tiny_net(), input_shape=TINY_INPUT, lr=0.25, weight_decay=0.5)
+    by_config = lls.Trainer(
+        tiny_net(), input_shape=TINY_INPUT, config=lls.StepConfig(lr=0.25, weight_decay=0.5)
+    )
+    assert by_keywords.config == by_config.config == lls.StepConfig(lr=0.25, weight_decay=0.5)
+    both = lls.Trainer(tiny_net(), input_shape=TINY_INPUT, config=lls.StepConfig(lr=0.25), lr=0.5)
+    assert both.config.lr == 0.5 and both.optimizers[0].param_groups[0]["lr"] == 0.5
+    with pytest.raises(lls.LLSError, match="unknown step options \\['learning_rate'\\]"):
+        lls.Trainer(tiny_net(), input_shape=TINY_INPUT, learning_rate=0.1)
+    with pytest.raises(lls.LLSError, match=r"--lr must be > 0, got -1\.0"):
+        lls.StepConfig(lr=-1.0)
+    with pytest.raises(lls.LLSError, match="unknown lr schedule 'linear'"):
+        lls.build_trainer("smallconv", "lls", (1, 28, 28), 10, lr_schedule="linear")
+
+
+def test_the_step_options_are_declared_once():
+    """TrainConfig takes the step's fields from StepConfig (none declared twice), and lls train's
+    --help lists the run's options before the step's."""
+    from lls.training.config import CONFIG_OPTIONS, TrainConfig
+
+    step = [f.name for f in dataclasses.fields(lls.StepConfig)]
+    assert [f.name for f in dataclasses.fields(TrainConfig)][: len(step)] == step  # inherited
+    assert "lr" not in inspect.get_annotations(TrainConfig)
+    names = [f.name for f in CONFIG_OPTIONS]
+    assert names[-len(step) :] == step and names[0] == "dataset"

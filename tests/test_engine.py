@@ -251,13 +251,13 @@ def test_stream_schedule_orders_every_cross_stream_access(rule, fused):
         losses[t] = block_losses(t.signals, shapes, device=cpu, dtype=torch.float32) if fused else None
     first, (x, y) = tiny_batch(seed=3), tiny_batch(seed=4)
     for t in (serial, trainer):  # a first step: optimizer states and cached constants exist
-        t.local_pass(*first, t.update, signals=losses[t])
+        t.step.local_pass(*first, t.step.update, signals=losses[t])
     backend = TraceStreams()
     schedule = StreamSchedule(len(trainer.net.blocks) + 1, backend)
     with OpLog(backend):
         schedule.begin((x, y))
-        done = trainer.local_pass(x, y, trainer.update, signals=losses[trainer], schedule=schedule)
-    reference = serial.local_pass(x, y, serial.update, signals=losses[serial])
+        done = trainer.step.local_pass(x, y, trainer.step.update, signals=losses[trainer], schedule=schedule)
+    reference = serial.step.local_pass(x, y, serial.step.update, signals=losses[serial])
     assert check_schedule(backend.log, {_ptr(x), _ptr(y)}) == []
     streams = {entry[1] for entry in backend.log if entry[0] == "op"}
     assert streams == {f"S{i}" for i in range(len(trainer.net.blocks) + 1)} | {"main"}
@@ -271,13 +271,13 @@ def test_the_checker_finds_a_missing_wait_and_a_missing_keep_alive():
     and it reports the race / the unprotected read."""
     for broken in ("wait", "keep"):
         trainer = tiny_trainer("lls")
-        trainer.local_pass(*tiny_batch(seed=3), trainer.update)
+        trainer.step.local_pass(*tiny_batch(seed=3), trainer.step.update)
         backend = TraceStreams()
         schedule = StreamSchedule(len(trainer.net.blocks) + 1, backend)
         x, y = tiny_batch(seed=4)
         with OpLog(backend):
             schedule.begin((x, y))
-            trainer.local_pass(x, y, trainer.update, schedule=schedule)
+            trainer.step.local_pass(x, y, trainer.step.update, schedule=schedule)
         target = schedule.outputs[0] if broken == "wait" else None  # block 0's output event / tensor
         index = next(
             i
@@ -296,7 +296,7 @@ def test_dfa_cannot_overlap_its_blocks():
     schedule = StreamSchedule(len(trainer.net.blocks) + 1, TraceStreams())
     schedule.begin()
     with pytest.raises(ValueError, match="waits for the head"):
-        trainer.local_pass(*tiny_batch(), trainer.update, schedule=schedule)
+        trainer.step.local_pass(*tiny_batch(), trainer.step.update, schedule=schedule)
 
 
 # --- the fused signal ------------------------------------------------------------------------------
@@ -803,7 +803,7 @@ def test_loading_a_state_recaptures(exact_float32):
 @needs_cuda
 def test_graph_engine_refuses_data_parallel_hooks():
     _, graph = _cuda_pair("lls", False)
-    graph.sync_gradients = lambda optimizer: None
+    graph.step.sync_gradients = lambda optimizer: None
     with pytest.raises(lls.LLSError, match="data parallelism"):
         graph.train_step(*next(_cuda_batches([8], False)))
 

@@ -15,7 +15,7 @@ import torch
 
 import lls
 from lls.cli import main
-from lls.training.files import Lock
+from lls.files import Lock
 from lls.training.rundir import RunDir, load_checkpoint_file
 
 from .test_engine import capturable_sgd
@@ -117,7 +117,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatc
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr("lls.training.files.os.fsync", fsync)
+    monkeypatch.setattr("lls.files.os.fsync", fsync)
     one_line(capsys, [*RUN, "--epochs", "3", "--out", str(out)], "No space left on device", "free disk space")
     monkeypatch.undo()
     assert load_checkpoint_file(out / "checkpoint.pt")["epoch"] == 1

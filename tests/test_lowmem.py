@@ -182,9 +182,9 @@ def test_slices_with_their_own_statistics_would_differ():
 
     trainer = make_trainer(net_fn, "lls", shape)
     x, y = batch(shape)
-    whole = rule_gradients(trainer, x, y)
+    whole = rule_gradients(trainer.step, x, y)
     slices = ((0, 2), (2, BATCH))
-    parts = [rule_gradients(trainer, x[a:b], y[a:b]) for a, b in slices]
+    parts = [rule_gradients(trainer.step, x[a:b], y[a:b]) for a, b in slices]
     accumulated = [
         sum((b - a) / BATCH * p[i] for (a, b), p in zip(slices, parts, strict=True)) for i in range(4)
     ]
@@ -258,7 +258,7 @@ def test_gradients_are_complete_when_data_parallelism_syncs_them():
     for memory in (None, SliceSamples(SLICE)):
         trainer = make_trainer(net_fn, "lls", shape, memory)
         synced = []
-        trainer.sync_gradients = lambda opt, synced=synced: synced.append(
+        trainer.step.sync_gradients = lambda opt, synced=synced: synced.append(
             torch.cat([p.grad.flatten() for g in opt.param_groups for p in g["params"]])
         )
         trainer.train_step(*batch(shape))
@@ -280,8 +280,8 @@ def test_pipeline_stages_in_low_memory():
     x, y = batch(shape)
     expected = normal.train_step(x, y)
     split = 3
-    first = low.local_pass(x, y, low.update, range(0, split))
-    second = low.local_pass(first.output, y, low.update, range(split, len(low.net.blocks)))
+    first = low.step.local_pass(x, y, low.step.update, range(0, split))
+    second = low.step.local_pass(first.output, y, low.step.update, range(split, len(low.net.blocks)))
     losses = torch.cat([first.block_losses, second.block_losses])
     torch.testing.assert_close(losses, expected.block_losses, rtol=TOLERANCE, atol=TOLERANCE)
     torch.testing.assert_close(second.loss, expected.loss, rtol=TOLERANCE, atol=TOLERANCE)
@@ -296,8 +296,8 @@ def test_diagnostics_take_gradients_of_the_sliced_loss():
         return build(narrow("smallconvl"), shape, CLASSES, activation)
 
     x, y = batch(shape)
-    normal = rule_gradients(make_trainer(net_fn, "lls-mxm", shape), x, y)
-    low = rule_gradients(make_trainer(net_fn, "lls-mxm", shape, SliceSamples(SLICE)), x, y)
+    normal = rule_gradients(make_trainer(net_fn, "lls-mxm", shape).step, x, y)
+    low = rule_gradients(make_trainer(net_fn, "lls-mxm", shape, SliceSamples(SLICE)).step, x, y)
     for a, b in zip(normal, low, strict=True):
         assert (a - b).norm() <= TOLERANCE * a.norm()
 
@@ -396,7 +396,7 @@ def test_memory_plan_accepts_the_api_forms():
 
 def test_build_trainer_passes_memory_on():
     trainer = lls.step.factory.build_trainer("smallconv", "lls", (1, 8, 8), CLASSES, memory="low")
-    assert trainer.low_memory is not None and trainer.memory == "low"
+    assert trainer.low_memory is not None and trainer.config.memory == "low"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

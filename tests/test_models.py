@@ -5,7 +5,7 @@ import torch
 
 import lls
 from lls.method.models import model_specs
-from lls.method.net import Conv, Dense, DWSeparable
+from lls.method.net import Conv, Dense, DWSeparable, build
 
 from .test_zoo import ZOO_LAYOUTS
 
@@ -250,3 +250,32 @@ def test_memory_lean_leaky_relu_matches_pytorch_and_saves_only_its_output():
     ref.backward(g)
     assert torch.equal(x.grad, x2.grad)
     assert len(saved) == 1 and saved[0].data_ptr() == out.data_ptr()  # the output, not the input
+
+
+def test_a_new_layer_kind_is_one_class():
+    """A spec that adds itself (``add_to``) is all ``build`` needs: a trainable block and a fixed op
+    defined here, outside the library, build into a LocalNet with the shapes they say."""
+
+    class Pointwise:  # a trainable 1x1 convolution block, its latent pooled to 2 x 2
+        def __init__(self, channels: int) -> None:
+            self.channels = channels
+
+        def add_to(self, net) -> None:
+            c, h, w = net.spatial()
+            net.add_block(torch.nn.Conv2d(c, self.channels, 1), 2, (self.channels, h, w))
+
+    class Clamp:  # a fixed op after the block before it
+        def add_to(self, net) -> None:
+            net.add_ops(self, torch.nn.Hardtanh())
+
+    net = build([Pointwise(3), Clamp(), Dense(4)], (1, 6, 6), num_classes=2)
+    assert [type(b[0] if isinstance(b, torch.nn.Sequential) else b) for b in net.blocks] == [
+        torch.nn.Conv2d,
+        torch.nn.Linear,
+    ]
+    assert net.latent_pool == [2, None]
+    assert isinstance(net.between[0][0], torch.nn.Hardtanh)  # then the Dense block's flatten
+    assert net.block_output_shapes((1, 6, 6)) == [torch.Size([3, 6, 6]), torch.Size([4])]
+    assert net(torch.zeros(2, 1, 6, 6)).shape == (2, 2)
+    with pytest.raises(TypeError, match="unknown block spec"):
+        build([object()], (1, 6, 6), num_classes=2)

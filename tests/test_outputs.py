@@ -9,7 +9,7 @@ import pytest
 
 import lls
 from lls.cli import main
-from lls.training.files import RUN_FILES, atomic_write, check_output
+from lls.files import RUN_FILES, atomic_write, check_output
 
 
 @pytest.fixture

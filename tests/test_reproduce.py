@@ -117,8 +117,8 @@ def test_report_rows_merge_seeds_and_nothing_else(tmp_path, capsys):
 def test_a_model_option_sets_a_report_row_apart_and_its_default_does_not():
     from pathlib import Path
 
-    from lls.measure.report import RunResult
     from lls.training.config import TrainConfig
+    from lls.training.report import RunResult
 
     def label(**model_options):
         config = TrainConfig(model="smallconvl", model_options=model_options)

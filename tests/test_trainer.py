@@ -251,14 +251,14 @@ def test_every_optimizer_gets_the_learning_rate_and_weight_decay():
     """The paper's recipe by default (schedule-free AdamW, lr 5e-3, no decay, LLS with the square
     basis); what is asked for otherwise reaches every block's optimizer and the head's."""
     trainer = lls.Trainer(tiny_net(), input_shape=TINY_INPUT)
-    assert trainer.rule.name == "lls" and trainer.rule.basis == "square" and trainer.lr == 5e-3
+    assert trainer.rule.name == "lls" and trainer.rule.basis == "square" and trainer.config.lr == 5e-3
     for optimizer in trainer.optimizers:
         assert is_schedule_free(optimizer)
         assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == (5e-3, 0.0)
     trainer = lls.Trainer(
         tiny_net(), "dfa", input_shape=TINY_INPUT, optimizer="sgd", lr=0.1, weight_decay=0.2
     )
-    assert trainer.lr == 0.1
+    assert trainer.config.lr == 0.1
     assert all(
         isinstance(o, torch.optim.SGD) and (o.defaults["lr"], o.defaults["weight_decay"]) == (0.1, 0.2)
         for o in trainer.optimizers
@@ -296,7 +296,7 @@ def test_a_step_reports_the_heads_loss_on_its_training_mode_logits():
 def test_gradients_are_synchronised_once_per_optimizer_per_step(rule):
     trainer = tiny_trainer(rule)
     synced = []
-    trainer.sync_gradients = lambda optimizer: synced.append(trainer.optimizers.index(optimizer))
+    trainer.step.sync_gradients = lambda optimizer: synced.append(trainer.optimizers.index(optimizer))
     trainer.train_step(*tiny_batch())
     assert sorted(synced) == list(range(len(trainer.optimizers)))
 
@@ -327,7 +327,7 @@ def test_errors_name_the_problem():
     dfa = tiny_trainer("dfa")
     x, y = tiny_batch()
     with pytest.raises(ValueError, match="rule dfa needs the head's output for every block"):
-        dfa.local_pass(x, y, dfa.update, range(0, 1))
+        dfa.step.local_pass(x, y, dfa.step.update, range(0, 1))
     torch.manual_seed(0)
     blocks = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8)), torch.nn.ReLU()]
     plain = lls.LocalNet(blocks, torch.nn.Linear(8, 3), [None, None], latent_pool=[None, None])
@@ -371,13 +371,17 @@ def test_build_trainer_from_a_dataset_or_a_shape():
     trainer = lls.build_trainer(
         TINY_SPECS, rule, TINY_INPUT, NUM_CLASSES, channels_last=True, lr=0.01, optimizer="adam"
     )
-    assert trainer.rule is rule and trainer.lr == 0.01 and isinstance(trainer.optimizers[0], torch.optim.Adam)
+    assert (
+        trainer.rule is rule
+        and trainer.config.lr == 0.01
+        and isinstance(trainer.optimizers[0], torch.optim.Adam)
+    )
     assert trainer.net.blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert isinstance(
         lls.build_trainer(TINY_SPECS, "drtp", TINY_INPUT, NUM_CLASSES).net.blocks[0][-1], torch.nn.Tanh
     )
     low = lls.build_trainer(TINY_SPECS, "lls", TINY_INPUT, NUM_CLASSES, memory="low", weight_decay=0.5)
-    assert low.memory == "low" and low.low_memory is not None
+    assert low.config.memory == "low" and low.low_memory is not None
     assert low.optimizers[0].defaults["weight_decay"] == 0.5
 
 

@@ -143,7 +143,7 @@ def test_a_local_pass_with_the_trainers_update_is_its_step():
         return loss
 
     signals = [recorded(i, s) for i, s in enumerate(composed.signals)]
-    done = composed.local_pass(x, y, composed.update, signals=signals, schedule=Recording())
+    done = composed.step.local_pass(x, y, composed.step.update, signals=signals, schedule=Recording())
     blocks = len(composed.net.blocks)
     assert called == list(range(blocks)) and issued == list(range(blocks + 1))
     assert done.block_losses.shape == (blocks,) and same_weights(stepped, composed)

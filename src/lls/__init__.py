@@ -47,6 +47,7 @@ _API = {  # name -> module, imported on first use
     "Rule": ".method.rules",
     "save_run": ".training.save",
     "Split": ".data",
+    "StepConfig": ".step.config",
     "StepResult": ".step.trainer",
     "TensorLoader": ".data",
     "train_epoch": ".training.fit",

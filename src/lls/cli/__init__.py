@@ -25,8 +25,8 @@ import torch
 
 from .. import __version__
 from ..errors import LLSError
+from ..files import describe_os_error
 from ..malloc import tune_malloc
-from ..training.files import describe_os_error
 from . import data, experiments, inspect, measure, model, train
 from .common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser
 

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from ..errors import LLSError
-from ..measure.report import write_report
-from ..training.files import check_folder
+from ..files import check_folder
 from ..training.presets import PRESETS, TABLES, select, with_epochs
+from ..training.report import write_report
 from ..training.reproduce import plan, sweep
 from ..training.run import RunOptions
 from .common import EXIT_INTERRUPTED, add_data_options, add_device, counted, number_list, resolve_device

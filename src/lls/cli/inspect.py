@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from ..errors import LLSError
+from ..files import check_output
 from ..measure.diagnose import diagnose, diagnosis_text, plot_basis, plot_basis_bytes, plot_diagnosis
 from ..measure.fits import check_fits
 from ..measure.plots import FIGURE_FORMATS, figure_format
 from ..method.basis import BASIS_KINDS
 from ..method.rules import LLS
-from ..training.files import check_output
 from ..training.run import describe_rule, open_trained
 from .common import add_data_options, add_device, counted, resolve_device
 

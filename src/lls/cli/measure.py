@@ -16,8 +16,8 @@ from ..method.models import model_options
 from ..method.net import ModelOptions
 from ..method.rules import RULES, comparison_rules, create_rule, parse_rule_spec
 from ..options import add_arguments, given, options_of
+from ..step.config import StepConfig
 from ..step.lowmem import memory_plan
-from ..training.config import check_memory
 from .common import (
     add_config_options,
     add_device,
@@ -130,7 +130,7 @@ def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
     memory = args.memory
     if args.compare and rule.timing == "end-to-end":
         memory = None  # --compare shows BP's ordinary step beside the others' low-memory ones
-    check_memory(memory, rule)
+    StepConfig(memory=memory).check_for(rule)
     device = resolve_device(args.device)
     trainer = meta_trainer(
         args.model, name, shape, classes, rule_options=options, model_options=built, memory=memory
@@ -196,10 +196,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         channels_last=config_value(args, "channels_last"),
         compile_blocks=args.compile,
         measure_peak=not args.no_memory,
-        engine=config_value(args, "engine"),
         memory=[None, *args.memory],
         model_options=model_options(given(args, options_of(ModelOptions))),
-        precision=precision,
+        config=StepConfig(engine=config_value(args, "engine"), precision=precision),
     )
     summary = summarize(results)
     name = (

@@ -11,8 +11,8 @@ import torch
 
 from ..data.inputs import read_images
 from ..errors import LLSError
+from ..files import check_output
 from ..training.export import FORMATS, check_format, export_model, run_metadata
-from ..training.files import check_output
 from ..training.run import open_trained
 from ..training.trained import Inputs, batches, dataset_inputs, evaluated_model
 from .common import add_data_options, add_device, resolve_device

@@ -59,7 +59,12 @@ def add(commands) -> None:
         "the model's options (where the authors' code and the paper's text differ; docs/method.md)"
     )
     add_arguments(model, options_of(ModelOptions), lambda field: ModelOptions)
-    how = train.add_argument_group("how it runs (not part of the run's definition)")
+    add_how_it_runs(train.add_argument_group("how it runs (not part of the run's definition)"))
+    train.set_defaults(func=cmd_train)
+    add_eval(commands)
+
+
+def add_how_it_runs(how) -> None:
     add_device(how)
     add_data_options(how)
     how.add_argument("--out", help="run directory (default runs/DATASET-MODEL-RULE-sSEED-TIME)")
@@ -92,8 +97,9 @@ def add(commands) -> None:
     )
     how.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     how.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(func=cmd_train)
 
+
+def add_eval(commands) -> None:
     evaluation = commands.add_parser(
         "eval", help="evaluate a run's saved model", description="Evaluate a run's saved model."
     )
@@ -153,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if outcome.status == "diverged":
         print(f"lls: error: {outcome.error}", file=sys.stderr)
         return EXIT_DIVERGED
-    history, trainer = outcome.history, outcome.session.trainer
+    history = outcome.history
     epochs = len(history.records)
     best = max(history.records, key=lambda r: r.test_accuracy)
     print(
@@ -163,28 +169,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{outcome.wall:.1f}s in this session; run saved in {outcome.run.path}"
     )
     if args.json:
-        summary = {
-            "test_accuracy": history.final_test_accuracy,
-            "best_test_accuracy": history.best_test_accuracy,
-            "epochs": epochs,
-            "train_seconds": history.train_seconds,
-            "wall_seconds": outcome.wall,
-            "rule": config.rule,
-            "rule_config": config.rule_config(),
-            "model": config.model,
-            "dataset": config.dataset,
-            "config": config.as_dict(),
-            "run_dir": str(outcome.run.path),
-            "device": str(next(trainer.net.parameters()).device),
-            "extra_parameters": sum(trainer.extra_parameters()),
-            "history": [r.as_dict() for r in history.records],
-            "lls_version": __version__,
-            "torch_version": torch.__version__,
-        }
-        if history.records[-1].stage_busy:
-            summary["stage_busy_fractions"] = history.records[-1].stage_busy
-        print(json.dumps(summary))
+        print(json.dumps(json_summary(config, outcome)))
     return 0
+
+
+def json_summary(config, outcome) -> dict:
+    """``lls train --json``'s last line: the run's outcome, its configuration and every epoch."""
+    history, trainer = outcome.history, outcome.session.trainer
+    summary = {
+        "test_accuracy": history.final_test_accuracy,
+        "best_test_accuracy": history.best_test_accuracy,
+        "epochs": len(history.records),
+        "train_seconds": history.train_seconds,
+        "wall_seconds": outcome.wall,
+        "rule": config.rule,
+        "rule_config": config.rule_config(),
+        "model": config.model,
+        "dataset": config.dataset,
+        "config": config.as_dict(),
+        "run_dir": str(outcome.run.path),
+        "device": str(next(trainer.net.parameters()).device),
+        "extra_parameters": sum(trainer.extra_parameters()),
+        "history": [r.as_dict() for r in history.records],
+        "lls_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    if history.records[-1].stage_busy:
+        summary["stage_busy_fractions"] = history.records[-1].stage_busy
+    return summary
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from typing import ClassVar
 from tqdm import tqdm
 
 from ..errors import LLSError
-from ..training.files import check_folder
+from ..files import check_folder
 from .base import Augment, Dataset, FileSplit, Split, default_data_root
 from .loader import decode_image
 

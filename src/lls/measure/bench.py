@@ -24,10 +24,9 @@ import torch
 
 from ..errors import LLSError
 from ..method.rules import RULES, create_rule, parse_rule_spec
+from ..step.config import BATCH_SIZE, CHANNELS_LAST, StepConfig, step_config
 from ..step.engine import ENGINES, WARMUP_STEPS
 from ..step.factory import build_trainer
-from ..step.optim import OptimizerFactory
-from ..training.config import DEFAULTS
 from .cost import count_costs
 from .memory import example_batch, measure_memory
 from .report_format import mib, ratio, table
@@ -94,68 +93,32 @@ def run_bench(
     classes: int,
     rules: list[str],
     *,
-    batch: int = DEFAULTS.batch_size,
+    batch: int = BATCH_SIZE,
     steps: int = 20,
     warmup: int = 3,
     device: str = "cpu",
-    channels_last: bool = DEFAULTS.channels_last,
+    channels_last: bool = CHANNELS_LAST,
     compile_blocks: bool = False,
     measure_peak: bool = True,
-    engine: str = DEFAULTS.engine,
-    optimizer: str | OptimizerFactory = DEFAULTS.optimizer,
     memory: Sequence[str | int | None] = (None,),
     model_options: dict[str, Any] | None = None,
-    precision: str = DEFAULTS.precision,
+    config: StepConfig | None = None,
+    **options: Any,
 ) -> list[BenchResult]:
     """Time ``rules`` (``name[:key=value,...][@engine]``) interleaved, each under every ``memory``
     setting (``None``: the ordinary step; ``"low"`` or a budget in bytes: the low-memory step, for
-    local rules only), with ``optimizer`` for every trainer (a capturable one for the graph engine),
-    training in ``precision`` (precision.py).
+    local rules only), every trainer stepping as ``config`` says (:class:`~lls.step.config.StepConfig`,
+    its fields also as keywords, e.g. ``engine="eager"``; a rule's ``@engine`` overrides the engine).
     Peak memory is measured for eager entries only (a captured graph keeps its own memory pool)."""
+    config = step_config(config, **options)
     dev = torch.device(device)
-    trainers, costs, runs = {}, {}, {}
-    for spec in rules:
-        rule_spec, asked = split_engine(spec)
-        name, options = parse_rule_spec(rule_spec)
-        rule = create_rule(name, **options)
-        cost = count_costs(model, rule, input_shape, classes, model_options=model_options).step_macs
-        for setting in memory:
-            if setting is not None and RULES.get(name).timing == "end-to-end":
-                continue
-            label = bench_label(spec, setting)
-            trainer = build_trainer(
-                model,
-                name,
-                input_shape,
-                classes,
-                rule_options=options,
-                model_options=model_options,
-                device=dev,
-                channels_last=channels_last,
-                optimizer=optimizer,
-                engine=asked or engine,
-                memory=setting,
-                precision=precision,
-            )
-            if compile_blocks:
-                for block in trainer.net.blocks:
-                    block.compile()
-            issued = "eager" if trainer.engine is None else "graph"
-            trainers[label], costs[label], runs[label] = trainer, cost, (spec, name, options, setting, issued)
+    trainers, costs, runs = _bench_trainers(
+        model, input_shape, classes, rules, dev, channels_last, compile_blocks, memory, model_options, config
+    )
     x, y = example_batch(input_shape, classes, batch, dev, channels_last)
     if any(run[4] == "graph" for run in runs.values()):
         warmup += WARMUP_STEPS + 1  # the graph engine captures after its warm-up steps
-    for _ in range(warmup):
-        for trainer in trainers.values():
-            trainer.train_step(x, y)
-    _sync(dev)
-    seconds: dict[str, list[float]] = {label: [] for label in trainers}
-    for _ in range(steps):
-        for label, trainer in trainers.items():
-            start = time.perf_counter()
-            trainer.train_step(x, y)
-            _sync(dev)
-            seconds[label].append(time.perf_counter() - start)
+    seconds = _interleaved_seconds(trainers, x, y, warmup, steps, dev)
     results = []
     for label, (spec, name, options, setting, issued) in runs.items():
         peak = None
@@ -177,6 +140,58 @@ def run_bench(
             BenchResult(label, seconds[label], batch, costs[label], peak, name, issued, spec, setting)
         )
     return results
+
+
+def _bench_trainers(
+    model, input_shape, classes, rules, dev, channels_last, compile_blocks, memory, model_options, config
+) -> tuple[dict, dict, dict]:
+    """One trainer per rule and memory setting, by label: (trainers, step costs, what each runs)."""
+    trainers, costs, runs = {}, {}, {}
+    for spec in rules:
+        rule_spec, asked = split_engine(spec)
+        name, options = parse_rule_spec(rule_spec)
+        rule = create_rule(name, **options)
+        cost = count_costs(model, rule, input_shape, classes, model_options=model_options).step_macs
+        for setting in memory:
+            if setting is not None and RULES.get(name).timing == "end-to-end":
+                continue
+            label = bench_label(spec, setting)
+            trainer = build_trainer(
+                model,
+                name,
+                input_shape,
+                classes,
+                rule_options=options,
+                model_options=model_options,
+                device=dev,
+                channels_last=channels_last,
+                config=config,
+                engine=asked or config.engine,
+                memory=setting,
+            )
+            if compile_blocks:
+                for block in trainer.net.blocks:
+                    block.compile()
+            issued = "eager" if trainer.engine is None else "graph"
+            trainers[label], costs[label], runs[label] = trainer, cost, (spec, name, options, setting, issued)
+    return trainers, costs, runs
+
+
+def _interleaved_seconds(trainers: dict, x, y, warmup: int, steps: int, dev: torch.device) -> dict:
+    """Each trainer's step times, the trainers stepped in turn (so that slow and fast periods of the
+    machine hit them alike), after ``warmup`` untimed rounds."""
+    for _ in range(warmup):
+        for trainer in trainers.values():
+            trainer.train_step(x, y)
+    _sync(dev)
+    seconds: dict[str, list[float]] = {label: [] for label in trainers}
+    for _ in range(steps):
+        for label, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.train_step(x, y)
+            _sync(dev)
+            seconds[label].append(time.perf_counter() - start)
+    return seconds
 
 
 def summarize(results: list[BenchResult]) -> dict[str, dict[str, Any]]:

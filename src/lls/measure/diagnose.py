@@ -93,11 +93,12 @@ def bp_gradients(trainer: Trainer | Step, x: torch.Tensor, y: torch.Tensor) -> l
     return out
 
 
-def rule_gradients(trainer: Trainer | Step, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    """The gradient each block's parameters get from the trainer's rule on this batch (no step)."""
-    if trainer.rule.timing == "end-to-end":
-        return bp_gradients(trainer, x, y)
-    blocks = trainer.net.blocks
+def rule_gradients(step: Step, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The gradient each block's parameters get from the step's rule on this batch (no update);
+    ``step`` is a trainer's (``trainer.step``) or a probe's."""
+    if step.rule.timing == "end-to-end":
+        return bp_gradients(step, x, y)
+    blocks = step.net.blocks
     out: dict[int, torch.Tensor] = {}
 
     def collect(index: int, loss: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,7 @@ def rule_gradients(trainer: Trainer | Step, x: torch.Tensor, y: torch.Tensor) ->
             out[index] = _flat_grads(params, torch.autograd.grad(loss, params, allow_unused=True))
         return loss.detach()
 
-    trainer.local_pass(x, y, collect)
+    step.local_pass(x, y, collect)
     return [out[i] for i in range(len(blocks))]
 
 

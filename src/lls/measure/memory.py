@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from ..step.config import BATCH_SIZE, CHANNELS_LAST
 from ..step.factory import build_trainer
 from ..step.trainer import Trainer
-from ..training.config import DEFAULTS
 
 
 class SavedTensorMeter:
@@ -90,15 +90,29 @@ def example_batch(input_shape, classes: int, batch: int, device: torch.device, c
     return x, torch.randint(0, classes, (batch,), generator=g).to(device)
 
 
+def cuda_step_peak(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """The peak memory of one step on a CUDA device, above what is held between steps."""
+    dev = x.device
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    trainer.train_step(x, y)
+    torch.cuda.synchronize(dev)
+    return {
+        "step_peak_bytes": torch.cuda.max_memory_allocated(dev) - base,
+        "step_peak_method": "torch.cuda.max_memory_allocated above the memory held between steps",
+    }
+
+
 def measure_memory(
     model: str,
     rule: str,
     input_shape,
     classes: int,
     *,
-    batch: int = DEFAULTS.batch_size,
+    batch: int = BATCH_SIZE,
     device: str = "cpu",
-    channels_last: bool = DEFAULTS.channels_last,
+    channels_last: bool = CHANNELS_LAST,
     subprocess_peak: bool = True,
     rule_options: dict[str, Any] | None = None,
     memory: str | int | None = None,
@@ -133,27 +147,10 @@ def measure_memory(
         "activation_peak_bytes": meter.peak,
     }
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        trainer.train_step(x, y)
-        torch.cuda.synchronize(dev)
-        result["step_peak_bytes"] = torch.cuda.max_memory_allocated(dev) - base
-        result["step_peak_method"] = "torch.cuda.max_memory_allocated above the memory held between steps"
+        result.update(cuda_step_peak(trainer, x, y))
     elif subprocess_peak:
-        result.update(
-            cpu_step_peak(
-                model,
-                rule,
-                input_shape,
-                classes,
-                batch,
-                channels_last,
-                rule_options or {},
-                memory,
-                model_options or {},
-            )
-        )
+        options = (rule_options or {}, memory, model_options or {})
+        result.update(cpu_step_peak(model, rule, input_shape, classes, batch, channels_last, *options))
     if trainer.low_memory is not None:
         result["slices"] = trainer.low_memory.slices(batch)
         result["estimated_step_peak_bytes"] = trainer.low_memory.estimated_peak(batch)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import LLSError
-from ..training.files import atomic_write, check_output, describe_os_error
+from ..files import atomic_write, check_output, describe_os_error
 
 FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}  # a figure's file suffix -> format
 

@@ -1,20 +1,8 @@
 """The fixed class bases of LLS (docs/method.md, "The bases"), one registry entry per kind.
 
-Row k of a basis is the pattern that block activity should line up with for class k. A basis is a
-pure function of (num_classes, dim, kind, seed, width): it is generated, never trained and never
-written to a checkpoint (a signal keeps it as a non-persistent buffer), which is where LLS's "no
-extra parameters" claim comes from.
-
-A kind is a :class:`BasisKind` in :data:`BASIS_KINDS`: its values, and the properties the rest of
-``lls`` asks it for (whether the latent is normalised before scoring, what scoring costs, how a
-block is read out, whether a seed draws it). Adding a kind is one ``@register_basis`` function here;
-the rules, ``lls train --basis``, ``lls cost``, ``lls diagnose``, ``lls plot basis`` and the tests
-generated from the registry take it from there.
-
-Values are computed in float64 on the CPU and then cast, so the same basis comes out on every
-device. (The authors' code evaluates ``sin(f * t)`` in float32 on the GPU, where ``f * t`` reaches
-about 1e6 and is rounded to a multiple of 0.06 rad; its entries for large ``t`` therefore drift from
-the formula. Ours follow the formula.)
+A basis is a pure function of (num_classes, dim, kind, seed, width), computed in float64 on the
+CPU and then cast, never trained and never in a checkpoint. Adding a kind is one
+``@register_basis`` function here; the CLI, costs, diagnostics and generated tests take it from there.
 """
 
 from __future__ import annotations

@@ -1,35 +1,9 @@
 """The LLS-family loss with a closed-form backward: fewer kernels than autograd's chain.
 
-A :class:`~lls.method.signals.ProjectionSignal` defines its loss as a chain of PyTorch ops: pool
-(:class:`~lls.method.latent.LatentPool`), L2-normalise and score against the readout
-(``project``), modulate, divide by T and take the cross-entropy (``scores_loss``). Autograd runs one
-backward kernel per op, several of them over the whole N x d latent (the division's two operands,
-the norm's, the clamp's mask, the sum of two gradient paths), plus a pooling backward; with
-channels-last activations the chain also pools through two batched products. On a GPU those
-launches, not the arithmetic, are the cost of the signal.
-
-This is the same loss with the N x d part (pooling, normalising, scoring) replaced by one autograd
-function whose backward is written out, and the N x K rest (modulation, temperature,
-cross-entropy) left to the signal's own ``scores_loss``. With p the pooled latent, inv = 1 /
-max(|p|, eps), R the readout and s = (p @ R^T) * inv, given g_s = dL/ds:
-
-    g_p = (g_s * inv) @ R  -  p * inv * <g_s * inv, s>        (<z, g_z> = <g_s, s>: N x K work)
-    g_R = (g_s * inv)^T @ p                                  (a learned readout)
-    g_a = each pooling bin's share of g_p                    (LatentPool.spread)
-
-so the big tensors see one matrix product, one fused multiply-add and one broadcast write. The
-pooling, its backward, the readout and eps all come from the signal (its LatentPool, its
-``readout_matrix``, its ``eps``); what is added here is only the order of evaluation: the latent
-is scored in the order its memory holds it (a channels-last output flattens as (H, W, C); the
-readout's columns are permuted once to match), so neither the activation nor its gradient is copied
-into another layout, and normalising is one per-row scale of the scores.
-
-Rounding differs from the chain (float32 results agree to ~1e-6 relative; the test that proves
-equality for every rule, basis, latent shape and layout is tests/test_engine.py::
-test_fused_form_equals_the_signal), so the eager engine keeps the chain, bit for bit; the graph
-engine (engine.py) uses this. Constants are made once when a :class:`FusedProjection` is built,
-never lazily inside a step: the graph engine issues blocks on several CUDA streams, and a constant
-created on one stream and read on another would be a race.
+:class:`FusedProjection` is a :class:`~lls.method.signals.ProjectionSignal`'s loss with the
+pooling, normalising and scoring replaced by one autograd function whose backward is written out
+(docs/method.md, "The loss in code", has the derivation); the graph engine (engine.py) uses it.
+Equal to the signal's loss to float rounding (tests/test_engine.py, tests/test_lls_loss.py).
 """
 
 from __future__ import annotations
@@ -119,7 +93,8 @@ def _orders(out_shape: tuple[int, ...]) -> tuple[str, ...]:
 
 class _Projection(torch.autograd.Function):
     """Forward: the pooled latent p in memory order, s = p @ R^T, times inv = 1 / max(|p|, eps) when
-    the signal normalises. Backward as in the module docstring."""
+    the signal normalises. Backward: g_p = (g_s * inv) @ R - p * inv * <g_s * inv, s>, g_R = (g_s *
+    inv)^T @ p, and each pooling bin's share of g_p (docs/method.md, "The loss in code")."""
 
     @staticmethod
     def forward(ctx, a, learned, plan: FusedProjection):

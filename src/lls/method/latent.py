@@ -1,16 +1,8 @@
-"""The LLS latent of a block output: what the LLS-family losses score (docs/method.md, "The local loss").
+"""The LLS latent of a block output: what the LLS-family losses score.
 
-Conv outputs are average-pooled adaptively to ``pool x pool`` (PyTorch's ``adaptive_avg_pool2d``
-bins) and flattened channel-major, ``d = C * pool^2``. Flat (dense) outputs are average-pooled
-adaptively to length ``pool`` as the reference code does (``adaptive_avg_pool1d``: 1024 -> 2048
-repeats every entry, 4096 -> 2048 averages pairs). With ``pool`` None, outputs are flattened as
-they are. A (tokens, dim) output (a transformer block's) is scored by its mean over tokens.
-
-:class:`LatentPool` is the one definition: its ``forward`` is the reference (the eager step's, with
-autograd), and :meth:`LatentPool.flat` / :meth:`LatentPool.spread` are the same pooling written
-for a closed-form backward (fused.py): the latent in the order the output's memory holds it, and the
-gradient back, without layout copies. Its pooling matrices are non-persistent buffers, built once
-with the module: a signal that holds one moves them with itself, and nothing is cached elsewhere.
+:class:`LatentPool` pools a block output to its latent (adaptive average pooling, flattened
+channel-major; docs/method.md, "The loss in code"), and also in memory order for the closed-form
+backward (:meth:`LatentPool.flat`, :meth:`LatentPool.spread`).
 """
 
 from __future__ import annotations

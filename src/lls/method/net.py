@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -138,6 +138,78 @@ class LocalNet(nn.Module):
 
 
 # --- block specs: a model is a list of these -------------------------------------------------
+# Each spec adds itself to the network being built (``add_to``); a new kind of layer is one class.
+
+
+class Spec(Protocol):
+    """A block spec: adds its blocks or fixed ops to a :class:`NetBuilder`."""
+
+    def add_to(self, net: NetBuilder) -> None: ...
+
+
+@dataclass
+class NetBuilder:
+    """The network being built from specs: the activation shape so far (``(C, H, W)`` while
+    spatial, ``(D,)`` once flat), the blocks, the fixed ops after each, and each block's latent pool."""
+
+    input_shape: tuple[int, ...]
+    activation: str
+    options: ModelOptions
+    name: str
+    shape: tuple[int, ...] = ()
+    blocks: list[nn.Module] = dataclasses.field(default_factory=list)
+    between: list[list[nn.Module]] = dataclasses.field(default_factory=list)
+    pools: list[int | None] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.shape = self.shape or self.input_shape
+
+    def act(self) -> nn.Module:
+        return ACTIVATIONS[self.activation]()
+
+    def add_block(
+        self, block: nn.Module, pool: int | None, shape: tuple[int, ...], ops: Sequence[nn.Module] = ()
+    ) -> None:
+        """A trainable block whose output has ``shape``, with ``ops`` after it."""
+        self.blocks.append(block)
+        self.between.append(list(ops))
+        self.pools.append(pool)
+        self.shape = tuple(shape)
+
+    def add_ops(self, spec: Spec, *ops: nn.Module, shape: tuple[int, ...] | None = None) -> None:
+        """Fixed ops after the last block (the activation then has ``shape``, if it changes)."""
+        if not self.between:
+            raise ValueError(f"a fixed op ({spec}) cannot come before the first block")
+        self.between[-1].extend(ops)
+        self.shape = self.shape if shape is None else tuple(shape)
+
+    def spatial(self) -> tuple[int, int, int]:
+        """The (C, H, W) activation a conv block takes."""
+        if len(self.shape) != 3:
+            raise ValueError(f"{self.name}: a conv block follows a flat activation")
+        return self.shape
+
+    def too_small(self, what: str) -> LLSError:
+        return LLSError(
+            f"{self.name} cannot take inputs of shape {self.input_shape}: the activations shrink to "
+            f"{self.shape} before {what}; use larger inputs or a model with fewer poolings"
+        )
+
+    def finish(self, num_classes: int) -> LocalNet:
+        """The LocalNet: the last activation flattened into a linear head of ``num_classes``."""
+        if len(self.shape) != 1:
+            self.between[-1].append(nn.Flatten())
+            self.shape = (math.prod(self.shape),)
+        head = nn.Linear(self.shape[0], num_classes)
+        ops = [nn.Sequential(*ops) if len(ops) > 1 else (ops[0] if ops else None) for ops in self.between]
+        net = LocalNet(self.blocks, head, ops, self.pools)
+        net.input_shape = self.input_shape  # what a Trainer takes when it is given no input shape
+        return net
+
+
+def _conv_out(size: int, padding: int, stride: int) -> int:
+    """Side of a 3x3 convolution's output."""
+    return (size + 2 * padding - 3) // stride + 1
 
 
 @dataclass(frozen=True)
@@ -147,6 +219,16 @@ class Conv:
     channels: int
     pool: int | None  # LLS latent pool side p_l
     stride: int = 1
+
+    def add_to(self, net: NetBuilder) -> None:
+        c, h, w = net.spatial()
+        block = nn.Sequential(
+            nn.Conv2d(c, self.channels, 3, stride=self.stride, padding=1, bias=True),
+            nn.BatchNorm2d(self.channels),
+            net.act(),
+        )
+        out = (self.channels, _conv_out(h, 1, self.stride), _conv_out(w, 1, self.stride))
+        net.add_block(block, self.pool, out)
 
 
 @dataclass(frozen=True)
@@ -160,6 +242,20 @@ class DWSeparable:
     pool: int | None
     stride: int = 1
 
+    def add_to(self, net: NetBuilder) -> None:
+        c, h, w = net.spatial()
+        padding = self.stride if net.options.depthwise_padding == "stride" else 1
+        block = nn.Sequential(
+            nn.Conv2d(c, c, 3, stride=self.stride, padding=padding, groups=c, bias=False),
+            nn.BatchNorm2d(c),
+            net.act(),
+            nn.Conv2d(c, self.channels, 1, bias=False),
+            nn.BatchNorm2d(self.channels),
+            net.act(),
+        )
+        out = (self.channels, _conv_out(h, padding, self.stride), _conv_out(w, padding, self.stride))
+        net.add_block(block, self.pool, out)
+
 
 @dataclass(frozen=True)
 class Dense:
@@ -172,10 +268,24 @@ class Dense:
     width: int
     pool: int | None = None
 
+    def add_to(self, net: NetBuilder) -> None:
+        if len(net.shape) != 1:  # flatten whatever spatial activation comes in
+            net.add_ops(self, nn.Flatten(), shape=(math.prod(net.shape),))
+        block = nn.Sequential(nn.Linear(net.shape[0], self.width), nn.BatchNorm1d(self.width), net.act())
+        # pooling to the output's own length changes nothing: leave it out of every count
+        pooled = net.options.dense_latent == "pooled" and self.pool is not None and self.pool != self.width
+        net.add_block(block, self.pool if pooled else None, (self.width,))
+
 
 @dataclass(frozen=True)
 class MaxPool:
     """Fixed 2x2 max-pool, stride 2."""
+
+    def add_to(self, net: NetBuilder) -> None:
+        if len(net.shape) != 3 or min(net.shape[1:]) < 2:
+            raise net.too_small("a 2x2 max-pool")
+        c, h, w = net.shape
+        net.add_ops(self, nn.MaxPool2d(2, 2), shape=(c, h // 2, w // 2))
 
 
 @dataclass(frozen=True)
@@ -184,36 +294,35 @@ class AvgPool:
 
     size: int
 
+    def add_to(self, net: NetBuilder) -> None:
+        shape = (net.shape[0] * self.size * self.size,)
+        net.add_ops(self, nn.AdaptiveAvgPool2d(self.size), nn.Flatten(), shape=shape)
+
 
 @dataclass(frozen=True)
 class Dropout:
     p: float
 
-
-Spec = Conv | DWSeparable | Dense | MaxPool | AvgPool | Dropout
-
-
-def _conv_block(cin: int, spec: Conv, act: str) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(cin, spec.channels, 3, stride=spec.stride, padding=1, bias=True),
-        nn.BatchNorm2d(spec.channels),
-        ACTIVATIONS[act](),
-    )
+    def add_to(self, net: NetBuilder) -> None:
+        net.add_ops(self, nn.Dropout(self.p))
 
 
-def _dw_block(cin: int, spec: DWSeparable, act: str, padding: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(cin, cin, 3, stride=spec.stride, padding=padding, groups=cin, bias=False),
-        nn.BatchNorm2d(cin),
-        ACTIVATIONS[act](),
-        nn.Conv2d(cin, spec.channels, 1, bias=False),
-        nn.BatchNorm2d(spec.channels),
-        ACTIVATIONS[act](),
-    )
+# block, the fixed ops after it, its latent pool, its output shape
+BlockPlan = tuple[nn.Module, list[nn.Module], "int | None", tuple[int, ...]]
 
 
-def _dense_block(din: int, spec: Dense, act: str) -> nn.Module:
-    return nn.Sequential(nn.Linear(din, spec.width), nn.BatchNorm1d(spec.width), ACTIVATIONS[act]())
+class Expanding:
+    """A spec that expands into several blocks at once (zoo.py: residual nets, transformers): it
+    says how in ``expand(shape, make_act, granularity)``, an iterator of :data:`BlockPlan`."""
+
+    def expand(
+        self, shape: tuple[int, ...], make_act: Callable[[], nn.Module], granularity: str
+    ) -> Iterator[BlockPlan]:
+        raise NotImplementedError
+
+    def add_to(self, net: NetBuilder) -> None:
+        for block, ops, pool, shape in self.expand(net.shape, net.act, net.options.block_granularity):
+            net.add_block(block, pool, shape, ops)
 
 
 DENSE_LATENTS = ("pooled", "output")
@@ -268,83 +377,21 @@ def build(
     depthwise_padding: str = "1",
     block_granularity: str = "block",
 ) -> LocalNet:
-    """Turn block specs into a :class:`LocalNet` for inputs of ``input_shape`` (C, H, W).
+    """Turn block specs into a :class:`LocalNet` for inputs of ``input_shape`` (C, H, W): each spec
+    adds itself (``spec.add_to``), then the last activation is flattened into a linear head.
 
     ``dense_latent``: "pooled" takes each :class:`Dense` spec's ``pool`` as its latent length,
     "output" scores dense outputs as they are. ``depthwise_padding``: "1", or "stride" to pad each
     depthwise convolution by its stride (see :class:`DWSeparable`).
     """
-    ModelOptions(dense_latent, depthwise_padding, block_granularity)  # checks them
+    options = ModelOptions(dense_latent, depthwise_padding, block_granularity)  # checks them
     if activation not in ACTIVATIONS:
         raise LLSError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
     if num_classes < 2:
         raise LLSError(f"a classifier needs at least 2 classes, got {num_classes}")
-    shape = tuple(input_shape)  # (C, H, W) while spatial, (D,) once flat
-    blocks: list[nn.Module] = []
-    between: list[list[nn.Module]] = []
-    pools: list[int | None] = []
-
-    def too_small(what: str) -> LLSError:
-        return LLSError(
-            f"{name} cannot take inputs of shape {tuple(input_shape)}: the activations shrink to "
-            f"{shape} before {what}; use larger inputs or a model with fewer poolings"
-        )
-
+    net = NetBuilder(tuple(input_shape), activation, options, name)
     for spec in specs:
-        if isinstance(spec, (Conv, DWSeparable)):
-            if len(shape) != 3:
-                raise ValueError(f"{name}: a conv block follows a flat activation")
-            c, h, w = shape
-            if isinstance(spec, Conv):
-                padding = 1
-                blocks.append(_conv_block(c, spec, activation))
-            else:
-                padding = spec.stride if depthwise_padding == "stride" else 1
-                blocks.append(_dw_block(c, spec, activation, padding))
-            h, w = (h + 2 * padding - 3) // spec.stride + 1, (w + 2 * padding - 3) // spec.stride + 1
-            between.append([])
-            pools.append(spec.pool)
-            shape = (spec.channels, h, w)
-        elif isinstance(spec, Dense):
-            if len(shape) != 1:  # flatten whatever spatial activation comes in
-                _after(between, spec).append(nn.Flatten())
-                shape = (math.prod(shape),)
-            blocks.append(_dense_block(shape[0], spec, activation))
-            between.append([])
-            # pooling to the output's own length changes nothing: leave it out of every count
-            pooled = dense_latent == "pooled" and spec.pool is not None and spec.pool != spec.width
-            pools.append(spec.pool if pooled else None)
-            shape = (spec.width,)
-        elif isinstance(spec, MaxPool):
-            if len(shape) != 3 or min(shape[1:]) < 2:
-                raise too_small("a 2x2 max-pool")
-            _after(between, spec).append(nn.MaxPool2d(2, 2))
-            shape = (shape[0], shape[1] // 2, shape[2] // 2)
-        elif isinstance(spec, AvgPool):
-            _after(between, spec).extend([nn.AdaptiveAvgPool2d(spec.size), nn.Flatten()])
-            shape = (shape[0] * spec.size * spec.size,)
-        elif isinstance(spec, Dropout):
-            _after(between, spec).append(nn.Dropout(spec.p))
-        elif hasattr(spec, "expand"):  # several blocks at once (zoo.py: residual nets, transformers)
-            plans = list(spec.expand(shape, ACTIVATIONS[activation], block_granularity))
-            for block, ops, pool, _ in plans:
-                blocks.append(block)
-                between.append(list(ops))
-                pools.append(pool)
-            shape = plans[-1][3]
-        else:
+        if not hasattr(spec, "add_to"):
             raise TypeError(f"{name}: unknown block spec {spec!r}")
-    if len(shape) != 1:
-        between[-1].append(nn.Flatten())
-        shape = (math.prod(shape),)
-    head = nn.Linear(shape[0], num_classes)
-    ops = [nn.Sequential(*ops) if len(ops) > 1 else (ops[0] if ops else None) for ops in between]
-    net = LocalNet(blocks, head, ops, pools)
-    net.input_shape = tuple(input_shape)  # what a Trainer takes when it is given no input shape
-    return net
-
-
-def _after(between: list[list[nn.Module]], spec: Spec) -> list[nn.Module]:
-    if not between:
-        raise ValueError(f"a fixed op ({spec}) cannot come before the first block")
-    return between[-1]
+        spec.add_to(net)
+    return net.finish(num_classes)

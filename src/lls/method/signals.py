@@ -1,15 +1,8 @@
 """Block signals: what turns a block's output (and the labels) into its local loss.
 
-A :class:`BlockSignal` is an ``nn.Module`` holding one block's extra parameters and fixed buffers
-for a rule (rules.py makes them): :class:`ProjectionSignal` for the LLS family and local learned
-classifiers (docs/method.md, "The local loss": pool, normalise, score against a basis or a learned
-matrix, cross-entropy at temperature T), :class:`FeedbackSignal` for DFA and DRTP ("The comparison
-rules": a fixed random projection of the output error or the target onto the block's output).
-
-Each signal is the one definition of its rule's loss, and answers for everything else that depends
-on it: its cost (:meth:`BlockSignal.ops`), its per-block readout (:attr:`BlockSignal.readout`,
-:meth:`BlockSignal.predict`), the class patterns diagnostics compare with, and its closed-form fast
-path (:meth:`BlockSignal.fused`, fused.py), which is built from the signal's own pieces.
+:func:`lls_loss` is the LLS loss itself, in a few lines; :class:`ProjectionSignal` applies it to a
+block (LLS, its variants, local learned classifiers) and :class:`FeedbackSignal` is DFA's and DRTP's
+surrogate loss. The method is docs/method.md's ("The local loss", "The comparison rules").
 """
 
 from __future__ import annotations
@@ -37,7 +30,67 @@ FEEDBACK_SCALE = 1e-4  # DFA / DRTP feedback matrices are drawn from U[0, 1e-4) 
 FEEDBACK_KINDS = ("uniform", "centred")
 LEARNED_READOUT = "learned classifier"  # the readout of a local learned classifier
 
-__all__ = ["BlockSignal", "FeedbackSignal", "ProjectionSignal", "block_seed", "latent", "latent_dim"]
+__all__ = [
+    "BlockSignal",
+    "FeedbackSignal",
+    "ProjectionSignal",
+    "block_seed",
+    "latent",
+    "latent_dim",
+    "lls_loss",
+    "lls_scores",
+    "scores_loss",
+]
+
+
+# --- the LLS loss ---------------------------------------------------------------------------------
+# Pure functions of tensors (no module state, no device or autocast logic): every path that trains a
+# block with LLS (the eager signal, the graph engine's fused form, the sliced low-memory step, mixed
+# precision) computes this loss, and tests/test_lls_loss.py holds each of them to it.
+
+
+def lls_scores(
+    latent: torch.Tensor, basis: torch.Tensor, *, normalize: bool = True, eps: float = NORMALIZE_EPS
+) -> torch.Tensor:
+    """The N x K scores ``s = normalise(z) @ B^T`` of latents ``z`` (N x d) against a K x d basis."""
+    if normalize:
+        latent = F.normalize(latent, dim=1, eps=eps)
+    return latent @ basis.T
+
+
+def modulated(scores: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
+    """LLS-M's ``s * m`` (a K-vector), LLS-MxM's ``s @ M`` (a rows x K matrix), or ``s`` itself."""
+    if modulation is None:
+        return scores
+    return scores * modulation if modulation.dim() == 1 else scores @ modulation
+
+
+def scores_loss(
+    scores: torch.Tensor,
+    temperature: float,
+    labels: torch.Tensor,
+    modulation: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``CE(modulate(s) / T, y)``, the loss from the scores (mean over the batch)."""
+    return F.cross_entropy(modulated(scores, modulation) / temperature, labels)
+
+
+def lls_loss(
+    latent: torch.Tensor,
+    basis: torch.Tensor,
+    temperature: float,
+    labels: torch.Tensor,
+    modulation: torch.Tensor | None = None,
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """The LLS loss of latents ``z`` (N x d) with labels ``y``: ``CE(modulate(normalise(z) @ B^T) / T, y)``.
+
+    ``basis``: the K x d fixed basis (or a learned classifier's matrix, with ``normalize=False``);
+    ``modulation``: None (LLS), a K-vector (LLS-M) or a rows x K matrix (LLS-MxM, ``basis`` then
+    has ``rows`` rows).
+    """
+    return scores_loss(lls_scores(latent, basis, normalize=normalize), temperature, labels, modulation)
 
 
 def block_seed(seed: int, index: int) -> int:
@@ -111,9 +164,9 @@ class ProjectionSignal(BlockSignal):
     matrix average-pooled to K x d (the reference code's convention); ``None`` (or ``d``) makes it
     K x d directly.
 
-    The loss is written in three pieces, :meth:`project` (the N x d work: normalise and score),
-    :meth:`modulate` and :meth:`scores_loss`; the fused form replaces the first with its closed-form
-    backward and calls the other two as they are.
+    The loss is :func:`lls_loss`, in two pieces: :meth:`project` (the N x d work: normalise and
+    score, :func:`lls_scores`) and :meth:`scores_loss`; the fused form replaces the first with its
+    closed-form backward and calls the second as it is.
     """
 
     eps: ClassVar[float] = NORMALIZE_EPS
@@ -169,23 +222,22 @@ class ProjectionSignal(BlockSignal):
     def latent(self, a: torch.Tensor) -> torch.Tensor:
         return self.pooling(a)
 
-    def project(self, z: torch.Tensor) -> torch.Tensor:
-        """The N x rows scores of latents ``z`` before modulation: ``normalise(z) @ R^T``."""
+    def _check_dim(self, z: torch.Tensor) -> None:
         if z.shape[1] != self.dim:
             raise LLSError(f"block output has latent size {z.shape[1]}, its signal was built for {self.dim}")
-        if self.normalize:
-            z = F.normalize(z, dim=1, eps=self.eps)
-        return z @ self.readout_matrix(z).T
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """The N x rows scores of latents ``z`` before modulation: ``normalise(z) @ R^T``."""
+        self._check_dim(z)
+        return lls_scores(z, self.readout_matrix(z), normalize=self.normalize, eps=self.eps)
 
     def modulate(self, s: torch.Tensor) -> torch.Tensor:
-        """LLS-M's ``s * m``, LLS-MxM's ``s @ M``, or ``s`` as it is."""
-        if self.modulation is None:
-            return s
-        return s * self.modulation if self.modulation.dim() == 1 else s @ self.modulation
+        """LLS-M's ``s * m``, LLS-MxM's ``s @ M``, or ``s`` as it is (:func:`modulated`)."""
+        return modulated(s, self.modulation)
 
     def scores_loss(self, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The loss from :meth:`project`'s scores: ``CE(modulate(s) / T, y)``."""
-        return F.cross_entropy(self.modulate(s) / self.temperature, y)
+        """The loss from :meth:`project`'s scores: ``CE(modulate(s) / T, y)`` (:func:`scores_loss`)."""
+        return scores_loss(s, self.temperature, y, self.modulation)
 
     def scores(self, a: torch.Tensor) -> torch.Tensor:
         return self.latent_scores(self.latent(a))
@@ -196,7 +248,10 @@ class ProjectionSignal(BlockSignal):
     def latent_loss(
         self, z: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.scores_loss(self.project(z), y)
+        self._check_dim(z)
+        return lls_loss(
+            z, self.readout_matrix(z), self.temperature, y, self.modulation, normalize=self.normalize
+        )
 
     def predict(self, a: torch.Tensor) -> torch.Tensor:
         return self.scores(a).argmax(1)

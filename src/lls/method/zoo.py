@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .localize import MAX_LATENT, choose_pool
+from .net import BlockPlan, Expanding
 
-BlockPlan = tuple[nn.Module, list[nn.Module], int | None, tuple[int, ...]]  # block, ops after, pool, shape
 GRANULARITIES = ("block", "stage")
 LAYER_NORM_EPS = 1e-6  # the ViT paper's LayerNorm eps
 POSITION_INIT_STD = 0.02  # N(0, 0.02^2) learned position embeddings (ViT, timm)
@@ -61,7 +61,7 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class ResNet:
+class ResNet(Expanding):
     """A stem (3x3 convolution of ``stem`` channels + BatchNorm + activation, stride 1: the
     CIFAR-style stem, for 28-64 px inputs) and stages of basic blocks."""
 
@@ -138,7 +138,7 @@ class TokenMean(nn.Module):
 
 
 @dataclass(frozen=True)
-class ViT:
+class ViT(Expanding):
     """A small vision transformer: patch embedding (joining the first block), ``depth`` pre-norm
     encoder blocks, a final LayerNorm (in the last block), the token mean, then the linear head."""
 

@@ -12,11 +12,7 @@ from ..errors import LLSError
 from ..method.models import create_model
 from ..method.net import Spec
 from ..method.rules import Rule, create_rule, seeded_options
-from ..training.config import DEFAULTS
-from .lowmem import MemorySpec
-from .optim import LearningRate, OptimizerSpec
-from .schedules import ScheduleFactory
-from .schedules import lr_schedule as named_schedule
+from .config import CHANNELS_LAST, EPOCHS, SEED, StepConfig, step_config
 from .trainer import Trainer
 
 
@@ -34,17 +30,12 @@ def build_trainer(
     *,
     rule_options: dict[str, Any] | None = None,
     model_options: dict[str, Any] | None = None,
-    seed: int = DEFAULTS.seed,
+    seed: int = SEED,
     device: torch.device | str = "cpu",
-    channels_last: bool = DEFAULTS.channels_last,
-    optimizer: OptimizerSpec = DEFAULTS.optimizer,
-    lr: LearningRate = DEFAULTS.lr,
-    weight_decay: float = DEFAULTS.weight_decay,
-    engine: str = DEFAULTS.engine,
-    memory: MemorySpec = DEFAULTS.memory,
-    lr_schedule: str | ScheduleFactory | None = DEFAULTS.lr_schedule,
-    epochs: int = DEFAULTS.epochs,
-    precision: str = DEFAULTS.precision,
+    channels_last: bool = CHANNELS_LAST,
+    config: StepConfig | None = None,
+    epochs: int = EPOCHS,
+    **options: Any,
 ) -> Trainer:
     """A trainer for a model (a registered name, or a list of block specs) and a rule: the one way
     every command builds one. The defaults are ``lls train``'s (:class:`~lls.training.config.TrainConfig`).
@@ -54,13 +45,13 @@ def build_trainer(
     random tensors (a random basis, feedback matrices), those too. The network is built with the
     rule's activation (Tanh for DRTP) and ``model_options`` (:class:`~lls.method.net.ModelOptions`,
     e.g. ``{"dense_latent": "output"}``), on ``device``, in channels-last layout unless told not
-    to, and steps with ``engine`` ("eager", "graph" or "auto"; see engine.py). ``memory``: the
-    low-memory step, see :class:`~lls.step.trainer.Trainer`. ``lr_schedule``: a schedule's name
-    (over ``epochs`` epochs) or a factory ``optimizer -> LRScheduler``. ``precision``: "fp32",
-    "bf16" or "fp16" (precision.py).
+    to. ``config`` (:class:`~lls.step.config.StepConfig`; a run's TrainConfig will do) says how it
+    steps, its schedule over ``epochs`` epochs; its fields may also be given as keywords (``lr=1e-3``,
+    ``optimizer="adam"``, ``lr_schedule="cosine"``, ...), as for :class:`~lls.step.trainer.Trainer`.
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
+    config = step_config(config, **options)  # unknown keywords refused before anything is built
     shaped = num_classes is not None and isinstance(data, Sequence) and not isinstance(data, str)
     if not (shaped or (num_classes is None and hasattr(data, "input_shape"))):
         raise LLSError(
@@ -86,15 +77,4 @@ def build_trainer(
     ).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    return Trainer(
-        net,
-        rule,
-        input_shape=input_shape,
-        optimizer=optimizer,
-        lr=lr,
-        weight_decay=weight_decay,
-        engine=engine,
-        memory=memory,
-        lr_schedule=named_schedule(lr_schedule, epochs) if isinstance(lr_schedule, str) else lr_schedule,
-        precision=precision,
-    )
+    return Trainer(net, rule, input_shape=input_shape, config=config, epochs=epochs)

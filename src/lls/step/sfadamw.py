@@ -1,34 +1,10 @@
 """Schedule-free AdamW with its per-step scalars on the device, so a whole step can be captured.
 
-Schedule-free AdamW (Defazio et al., "The Road Less Scheduled", 2024) keeps two sequences: ``z``,
-moved by AdamW steps, and ``x``, a weighted running average of the ``z`` iterates. Gradients are
-taken at ``y = (1 - beta1) z + beta1 x``, which is what the parameters hold in train mode; ``eval()``
-swaps ``x`` in and ``train()`` swaps ``y`` back. The iterate ``t`` enters the average with weight
-``c_t = w_t / sum_{i<=t} w_i``, ``w_t = t^r * lr_max_t^weight_lr_power``, ``lr_max_t`` the largest
-step size so far (it grows during warm-up).
-
 :class:`AdamWScheduleFree` computes what ``schedulefree.AdamWScheduleFree`` (the package, 1.4.1)
-computes, within a few float32 roundings per step, and reads and writes the same state dict, so a
-checkpoint moves freely between the two. It exists because the package keeps the step count, the
-warm-up factor, ``lr_max`` and the weight sum in Python floats: a CUDA graph would freeze them at
-their captured values. Here they are float64 tensors on the parameters' device, updated in place
-by the step itself, and ``step()`` neither reads a tensor's value on the host nor branches on one,
-so the whole step (13 multi-tensor kernels per parameter group, 14 with weight decay, plus
-about 15 on 0-dim tensors) can be captured and replayed. Hyperparameters (``lr``, betas, ``eps``,
-weight decay, warm-up length) stay Python numbers: eager steps read them anew, a captured graph
-keeps the values it was captured with. Capture after the first eager step (which creates the
-state) and again after ``load_state_dict`` (which replaces it).
-
-``bias_correction`` selects where Adam's second-moment bias correction goes:
-
-- ``"moment"`` (default): ``v / (1 - beta2^t)`` inside the square root, as the package does now.
-- ``"lr"``: the step size is ``lr * sqrt(1 - beta2^t)`` and the denominator ``sqrt(v) + eps``, as in
-  the copy of an earlier schedulefree release that the LLS authors ship (github
-  mapolinario94/LLS-DNN) and as in the paper's Algorithm 1. Apart from ``eps`` the ``z`` steps are
-  the same, but ``lr_max``, hence the averaging weights ``w_t``, grow with ``1 - beta2^t`` over the
-  first few thousand steps, so ``x`` leans towards later iterates than the package's.
-
-Like the package, ``step()`` overwrites each ``p.grad`` with its update direction.
+computes and reads and writes the same state dict, but keeps the step count, warm-up factor,
+``lr_max`` and weight sum as float64 tensors updated in place, so a CUDA graph can replay a step.
+``bias_correction="lr"`` is the LLS authors' variant. docs/method.md, "The optimizer", has the
+algorithm and the details. Like the package, ``step()`` overwrites each ``p.grad`` with its update.
 """
 
 from __future__ import annotations
@@ -51,7 +27,7 @@ class AdamWScheduleFree(torch.optim.Optimizer):
     """Schedule-free AdamW, capturable in a CUDA graph; arguments as ``schedulefree.AdamWScheduleFree``.
 
     Call ``train()`` before stepping and ``eval()`` before evaluating or reading the averaged
-    weights. ``bias_correction="lr"`` gives the LLS authors' variant (see the module docstring).
+    weights. ``bias_correction="lr"`` gives the LLS authors' variant (docs/method.md, "The optimizer").
     """
 
     def __init__(

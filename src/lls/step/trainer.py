@@ -1,14 +1,14 @@
 """The trainer: one place that owns every optimizer and the state of a training run.
 
-The step itself (the block-local pass, the update) is :class:`~lls.step.step.Step`'s; the engines
-issue it (engine.py, lowmem.py). The paper's evaluation procedure is evaluation.py's, and
-:func:`~lls.step.factory.build_trainer` builds a trainer from names.
+It builds the run's :class:`~lls.step.step.Step` (the one owner of the block-local pass and the
+update: ``trainer.step``) from a :class:`~lls.step.config.StepConfig`, picks the engine that issues
+it, and runs the paper's evaluation procedure (evaluation.py).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -22,19 +22,19 @@ from ..method.localize import as_local_net
 from ..method.net import LocalNet
 from ..method.rules import Rule, create_rule
 from ..method.signals import BlockSignal
-from ..training.config import DEFAULTS, check_step
 from . import evaluation as evaluation_
+from .config import EPOCHS, RULE, StepConfig, step_config
 from .engine import GraphEngine, check_capturable, is_capturable, optimizer_engine
 from .evaluation import Batch, Evaluation
-from .lowmem import LowMemory, MemorySpec, memory_plan
-from .optim import LearningRate, OptimizerSpec, block_lrs, check_optimizer, is_schedule_free, make_optimizer
+from .lowmem import LowMemory, memory_plan
+from .optim import block_lrs, check_optimizer, is_schedule_free, make_optimizer
 from .precision import Precision
 from .schedules import ScheduleFactory, check_schedule
-from .step import SERIAL, LocalPass, Schedule, Step, StepResult
+from .step import LocalPass, Step, StepResult
 
 NOT_SET_UP = "the trainer has not seen a batch yet: give input_shape=... or train one step first"
 
-__all__ = ["Batch", "Evaluation", "LocalPass", "StepResult", "Trainer"]
+__all__ = ["Batch", "Evaluation", "LocalPass", "StepConfig", "StepResult", "Trainer"]
 
 
 class Trainer:
@@ -43,64 +43,47 @@ class Trainer:
     Without ``input_shape`` (and a network that does not know it), the first batch the trainer
     reads sets it up (:meth:`build_for`), as PyTorch's lazy modules do.
 
-    Every block gets its own optimizer (``optimizer`` by name, schedule-free AdamW by default, lr
-    5e-3, the paper's recipe; or a factory ``(params, lr, weight_decay) -> Optimizer``) over its
-    parameters plus its signal's extra parameters; the head gets one more. The defaults are
-    ``lls train``'s and the values are checked as it checks them. The device and dtype come from
-    the network's parameters. ``engine`` says how steps are issued (engine.py): "eager" (op by op,
-    the reference), "graph" (CUDA graphs; needs capturable optimizers) or "auto" (graph on CUDA).
+    ``config`` (:class:`~lls.step.config.StepConfig`) says how every block steps: its optimizer,
+    learning rate, weight decay, schedule (a named one over ``epochs`` epochs), engine, memory and precision;
+    the defaults are ``lls train``'s and the values are checked as it checks them. Its fields may
+    also be given as keywords (``Trainer(net, "lls", lr=1e-3)``), which replace ``config``'s. The
+    device and dtype come from the network's parameters. ``engine``: "eager" (op by op, the
+    reference), "graph" (CUDA graphs; needs capturable optimizers) or "auto" (graph on CUDA;
+    engine.py). ``memory`` (local rules only): ``"low"`` or a budget in bytes runs each block's
+    step in slices of the batch with the same gradients (lowmem.py). ``precision``: "fp32", or
+    "bf16" / "fp16" mixed precision (precision.py).
 
-    ``memory`` (local rules only): ``None`` for the ordinary step; ``"low"``, or a budget in bytes
-    (an int, or a string such as ``"256MiB"``), runs each block's step in slices of the batch with
-    the same gradients, holding one slice's activations at a time (``lowmem.py``).
-
-    ``precision``: "fp32", or "bf16" / "fp16" mixed precision (``precision.py``).
+    The step itself is ``trainer.step`` (:class:`~lls.step.step.Step`): its ``local_pass``,
+    ``update`` and ``sync_gradients`` hook.
     """
 
     @checked
     def __init__(
         self,
         net: nn.Module,
-        rule: Rule | str = DEFAULTS.rule,
+        rule: Rule | str = RULE,
         *,
         input_shape: Sequence[int] | None = None,
-        optimizer: OptimizerSpec = DEFAULTS.optimizer,
-        lr: LearningRate = DEFAULTS.lr,
-        weight_decay: float = DEFAULTS.weight_decay,
-        engine: str = DEFAULTS.engine,
-        memory: MemorySpec = DEFAULTS.memory,
-        lr_schedule: ScheduleFactory | None = None,
-        precision: str = DEFAULTS.precision,
+        config: StepConfig | None = None,
+        epochs: int | None = None,
+        **options: Any,
     ) -> None:
         self.rule = create_rule(rule) if isinstance(rule, str) else rule
-        check_step(
-            self.rule,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            engine=engine,
-            memory=memory,
-            precision=precision,
-        )
-        check_optimizer(optimizer, weight_decay)  # factories tried now, not at the first step
-        check_schedule(lr_schedule)
-        self.net, self.lr, self.memory, self.batch_size_in_step = net, lr, memory, 0
+        self.config = step_config(config, **options)
+        self.config.check_for(self.rule)
+        check_optimizer(self.config.optimizer, self.config.weight_decay)  # factories tried now
+        self.lr_schedule = self._schedule(epochs)
+        check_schedule(self.lr_schedule)
+        self.net, self.batch_size_in_step = net, 0
         # training steps taken, and that count when BatchNorm's statistics were last refreshed for
         # the weights (an evaluation, a loaded checkpoint): evaluated_state_dict() needs them current
         self.steps_taken, self._statistics_at = 0, 0
         self.input_shape: tuple[int, ...] | None = None  # set by _build, from the first batch if not given
-        self._options = dict(
-            optimizer=optimizer,
-            weight_decay=weight_decay,
-            engine=engine,
-            lr_schedule=lr_schedule,
-            precision=precision,
-        )
         known = input_shape if input_shape is not None else getattr(net, "input_shape", None)
         # Without a shape, the first batch builds the rest (as PyTorch's lazy modules); a network that
         # could not be built from one is refused now, with the reason.
         if known is not None or not isinstance(net, (LocalNet, nn.Sequential)):
-            self._build(known, **self._options)
+            self._build(known)
 
     def build_for(self, x: torch.Tensor) -> None:
         """Set up from a batch's inputs (one sample's shape: ``x.shape[1:]``) if no input shape was
@@ -108,7 +91,7 @@ class Trainer:
         if self.input_shape is None:
             if not isinstance(x, torch.Tensor) or x.dim() < 1:
                 raise LLSError(f"a batch must hold an input tensor of samples, got {type(x).__name__}")
-            self._build(tuple(x.shape[1:]), **self._options)
+            self._build(tuple(x.shape[1:]))
 
     def _first_built(self, batches: Iterable[Batch]) -> Iterable[Batch]:
         """``batches``, read once, the trainer set up from the first of them if it was not."""
@@ -125,33 +108,69 @@ class Trainer:
         if self.input_shape is None:
             raise LLSError(NOT_SET_UP)
 
-    def _build(
-        self,
-        input_shape: Sequence[int] | None,
-        *,
-        optimizer: OptimizerSpec,
-        weight_decay: float,
-        engine: str,
-        lr_schedule: ScheduleFactory | None,
-        precision: str,
-    ) -> None:
+    def _schedule(self, epochs: int | None) -> ScheduleFactory | None:
+        """The lr schedule: a factory as given, or a named one over ``epochs`` epochs."""
+        named = self.config.lr_schedule
+        if isinstance(named, str) and named != "none" and epochs is None:
+            raise LLSError(
+                f"Trainer: lr_schedule must be a function | None, got {named!r} (str): a named schedule "
+                f"needs the run's epochs; give epochs=N, or lr_schedule=lls.lr_schedule({named!r}, N)"
+            )
+        return self.config.schedule(epochs or EPOCHS)
+
+    def _build(self, input_shape: Sequence[int] | None) -> None:
         """Everything that needs one sample's shape: the blocks, signals, optimizers and engine."""
         net, input_shape = as_local_net(self.net, input_shape)
-        lr, memory = self.lr, self.memory
         self.net = net
         self.num_classes = _num_classes(net.head)
         for i, op in enumerate(net.between):
             if any(p.requires_grad for p in op.parameters()):
                 raise LLSError(f"the op after block {i} has trainable parameters; put them in a block")
         param = next(net.parameters())
+        self.signals = self._signals(net, input_shape, param)
+        groups = self._parameter_groups(net)
+        config = self.config
+        self.precision = Precision(config.precision, param.device, len(groups))
+        schedule = self.lr_schedule
+        mode = self._engine_mode(optimizer_engine(config.engine, param.device, config.optimizer), schedule)
+        lrs = block_lrs(config.lr, len(net.blocks))
+        capturable = mode == "graph"  # the graph engine gets implementations it can capture
+        self.optimizers = [
+            make_optimizer(config.optimizer, group, rate, config.weight_decay, capturable=capturable)
+            for group, rate in zip(groups, lrs, strict=True)
+        ]
+        if mode == "graph" and not all(is_capturable(o) for o in self.optimizers):
+            if config.engine == "auto":
+                mode = "eager"
+            else:
+                check_capturable(self.optimizers)
+        self.schedulers = [schedule(o) for o in self.optimizers] if schedule is not None else []
+        self.input_shape = tuple(input_shape)
+        plan = memory_plan(config.memory)
+        recompute_all = self.rule.timing == "head"
+        self.low_memory = (
+            None if plan is None else LowMemory(plan, net, self.input_shape, recompute_all=recompute_all)
+        )
+        self.step = Step(net, self.rule, self.signals, self.optimizers, self.low_memory, self.precision)
+        evaluation_.train_mode(net, self.optimizers)
+        # None: the eager step. "auto" steps eagerly where a step cannot be captured.
+        strict = config.engine == "graph"
+        self.engine = GraphEngine(self.step, self.input_shape, strict=strict) if mode == "graph" else None
+
+    def _signals(self, net: LocalNet, input_shape: Sequence[int], param: torch.Tensor) -> list[BlockSignal]:
+        """Each block's signal from the rule, on the network's device and dtype (none for BP)."""
         shapes = net.block_output_shapes(input_shape)
         signals = [
             self.rule.signal(i, shape, pool, self.num_classes)
             for i, (shape, pool) in enumerate(zip(shapes, net.latent_pool, strict=True))
         ]
-        self.signals: list[BlockSignal] = [s.to(param.device, param.dtype) for s in signals if s is not None]
-        if self.signals and len(self.signals) != len(net.blocks):
+        signals = [s.to(param.device, param.dtype) for s in signals if s is not None]
+        if signals and len(signals) != len(net.blocks):
             raise ValueError(f"rule {self.rule.name} gave signals to some blocks only")
+        return signals
+
+    def _parameter_groups(self, net: LocalNet) -> list[list[nn.Parameter]]:
+        """One optimizer's parameters per block (with its signal's) and one for the head."""
         groups = [list(block.parameters()) for block in net.blocks]
         for group, signal in zip(groups, self.signals, strict=False):
             group.extend(signal.parameters())
@@ -159,10 +178,11 @@ class Trainer:
         for i, group in enumerate(groups):
             if not group:
                 raise LLSError(f"block {i} has no trainable parameters; merge it into a neighbour")
-        self.precision = Precision(precision, param.device, len(groups))
-        mode = optimizer_engine(engine, param.device, optimizer)  # "eager" or "graph"
-        lrs = block_lrs(lr, len(net.blocks))
-        # What keeps a step from being captured: "auto" then steps eagerly, "graph" refuses, naming it
+        return groups
+
+    def _engine_mode(self, mode: str, schedule: Any) -> str:
+        """``mode`` ("eager" or "graph"), eager where a step cannot be captured: "auto" then steps
+        eagerly, "graph" refuses, naming what keeps it from being captured."""
         uncapturable = [
             # a scaler reads its overflow flag on the host
             (
@@ -171,53 +191,22 @@ class Trainer:
             ),
             # a captured step holds the whole batch's tensors
             (
-                memory is not None,
+                self.config.memory is not None,
                 "the graph engine captures whole-batch steps and low memory slices them: "
                 "use --engine eager with --memory",
             ),
             # a captured step replays the lr it saw
             (
-                lr_schedule is not None,
+                schedule is not None,
                 "the graph engine replays captured steps: use --engine eager with an lr schedule",
             ),
         ]
         reason = next((why for blocked, why in uncapturable if blocked), None)
         if mode == "graph" and reason is not None:
-            if engine != "auto":
+            if self.config.engine != "auto":
                 raise LLSError(reason)
-            mode = "eager"
-        capturable = mode == "graph"  # the graph engine gets implementations it can capture
-        self.optimizers = [
-            make_optimizer(optimizer, group, rate, weight_decay, capturable=capturable)
-            for group, rate in zip(groups, lrs, strict=True)
-        ]
-        if mode == "graph" and not all(is_capturable(o) for o in self.optimizers):
-            if engine == "auto":
-                mode = "eager"
-            else:
-                check_capturable(self.optimizers)
-        self.schedulers = [lr_schedule(o) for o in self.optimizers] if lr_schedule is not None else []
-        self.input_shape = tuple(input_shape)
-        plan = memory_plan(memory)
-        recompute_all = self.rule.timing == "head"
-        self.low_memory = (
-            None if plan is None else LowMemory(plan, net, self.input_shape, recompute_all=recompute_all)
-        )
-        self.step = Step(net, self.rule, self.signals, self.optimizers, self.low_memory, self.precision)
-        evaluation_.train_mode(net, self.optimizers)
-        # None: the eager step. "auto" steps eagerly where a step cannot be captured.
-        self.engine = (
-            GraphEngine(self.step, self.input_shape, strict=engine == "graph") if mode == "graph" else None
-        )
-
-    @property
-    def sync_gradients(self) -> Callable[[torch.optim.Optimizer], None] | None:
-        """Called with an optimizer between its gradients and its step (data parallelism's hook)."""
-        return self.step.sync_gradients
-
-    @sync_gradients.setter
-    def sync_gradients(self, hook: Callable[[torch.optim.Optimizer], None] | None) -> None:
-        self.step.sync_gradients = hook
+            return "eager"
+        return mode
 
     # --- training ------------------------------------------------------------------------------
 
@@ -244,24 +233,6 @@ class Trainer:
         if self.engine is not None:
             return self.engine.step(x, y)
         return self.step.eager(x, y)
-
-    def local_pass(
-        self,
-        h: torch.Tensor,
-        y: torch.Tensor,
-        consume: Callable[[int, torch.Tensor], torch.Tensor],
-        blocks: range | None = None,
-        *,
-        signals: Sequence[Callable[..., torch.Tensor]] | None = None,
-        schedule: Schedule = SERIAL,
-    ) -> LocalPass:
-        """The block-local step over ``blocks``: :meth:`lls.step.step.Step.local_pass`."""
-        return self.step.local_pass(h, y, consume, blocks, signals=signals, schedule=schedule)
-
-    def update(self, index: int, loss: torch.Tensor) -> torch.Tensor:
-        """Backward of block ``index``'s loss (L: the head's) and a step of that block's optimizer."""
-        self.steps_taken += 1
-        return self.step.update(index, loss)
 
     # --- evaluation ----------------------------------------------------------------------------
 

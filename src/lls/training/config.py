@@ -1,17 +1,13 @@
-"""What defines a run: :class:`TrainConfig`, declared once as options.
-
-Every field is an :func:`~lls.options.option`: ``lls train``'s flags and help, the keys of a run's
-``config.json``, the checks a value must pass (whether typed, read from a preset or from a
-hand-edited file) and the report columns that set runs apart all come from these declarations. The
-rule's own options (``--basis``, ``--temperature``, ...) come from the rule dataclasses the same way
-and are kept in ``rule_options``.
+"""What defines a run: :class:`TrainConfig`, the step's options (:class:`~lls.step.config.StepConfig`)
+and the run's own, declared once as options: ``lls train``'s flags, ``config.json``'s keys, the
+checks and the report columns all come from these declarations (the rule's own options from the
+rule dataclasses, kept in ``rule_options``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -20,13 +16,11 @@ from ..data import DATASETS
 from ..errors import LLSError
 from ..method.models import MODELS, check_options_apply, is_factory, model_options
 from ..method.net import ModelOptions
-from ..method.rules import RULES, Rule, create_rule, rule_options, seeded_options
+from ..method.rules import RULES, create_rule, rule_options, seeded_options
 from ..options import check, check_values, flag, option, options_of
-from ..step.engine import ENGINES
-from ..step.lowmem import MemorySpec, memory_plan
-from ..step.optim import OPTIMIZERS
-from ..step.precision import PRECISIONS, is_mixed
-from ..step.schedules import SCHEDULES
+from ..step import config as step_defaults
+from ..step.config import STEP_OPTIONS, StepConfig
+from ..step.precision import is_mixed
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 # Upper bounds far above any real run, so that a mistyped number is refused, not run for ever
@@ -37,14 +31,15 @@ MAX_IMAGE_SIZE = 2**14
 
 
 @dataclass
-class TrainConfig:
-    """What defines a run. Two runs with equal configs train identically on the CPU."""
+class TrainConfig(StepConfig):
+    """What defines a run: how it steps (the :class:`StepConfig` fields) and what it trains. Two runs
+    with equal configs train identically on the CPU."""
 
     dataset: str = option(
         "fashion-mnist", help="dataset (see `lls list`)", choices=DATASETS, distinguishing=False
     )
     model: str = option("smallconv", help="model", choices=MODELS, distinguishing=False)
-    rule: str = option("lls", help="learning rule", choices=RULES, distinguishing=False)
+    rule: str = option(step_defaults.RULE, help="learning rule", choices=RULES, distinguishing=False)
     rule_options: dict[str, Any] = option(
         default_factory=dict, help="the rule's options", cli=False, distinguishing=False
     )
@@ -52,22 +47,16 @@ class TrainConfig:
         default_factory=dict, help="the model's options", cli=False, distinguishing=False
     )
     epochs: int = option(
-        1,
+        step_defaults.EPOCHS,
         help="epochs to train (a resumed run may be given more)",
         minimum=1,
         maximum=MAX_EPOCHS,
         resumable=True,
         distinguishing=False,  # a report shows the budget in a column of its own
     )
-    batch_size: int = option(128, help="minibatch size", minimum=1, maximum=MAX_BATCH)
-    lr: float = option(5e-3, help="learning rate of every block's optimizer", positive=True, maximum=1e3)
-    weight_decay: float = option(0.0, help="weight decay of every optimizer", minimum=0.0, maximum=1e3)
-    optimizer: str = option("adamw-sf", help="optimizer of every block and of the head", choices=OPTIMIZERS)
-    lr_schedule: str = option(
-        "none", help="learning-rate schedule of every optimizer over the epochs", choices=SCHEDULES
-    )
+    batch_size: int = option(step_defaults.BATCH_SIZE, help="minibatch size", minimum=1, maximum=MAX_BATCH)
     seed: int = option(
-        0,
+        step_defaults.SEED,
         help="seed of the initial weights, shuffling, augmentation and the rule's random tensors",
         minimum=0,
         maximum=MAX_SEED,
@@ -82,37 +71,15 @@ class TrainConfig:
     image_size: int | None = option(
         None, help="imagefolder: side of the square crops (default 64)", minimum=1, maximum=MAX_IMAGE_SIZE
     )
-    channels_last: bool = option(True, help="channels-last memory layout (faster convolutions on CPU)")
+    channels_last: bool = option(
+        step_defaults.CHANNELS_LAST, help="channels-last memory layout (faster convolutions on CPU)"
+    )
     holdout: int | None = option(
         None,
         help="hold out N training images and evaluate on them instead of the test set (for tuning)",
         minimum=1,
         maximum=MAX_IMAGES,
         distinguishing=False,
-    )
-
-    memory: str | None = option(
-        None,
-        help="train each block in slices of the batch, holding one slice's activations at a time: "
-        "'low' (a budget of twice the least a sliced step needs) or a budget such as 512MiB; "
-        "same gradients, local rules only",
-        resumable=True,
-        distinguishing=False,
-    )
-    engine: str = option(
-        "auto",
-        help="how each step is issued: eager (op by op), graph (CUDA graphs, one stream per block), "
-        "auto (graph on CUDA, eager on CPU)",
-        choices=ENGINES,
-        resumable=True,
-        distinguishing=False,
-    )
-    precision: str = option(
-        "fp32",
-        help="what the forward pass computes in: fp32, or bf16 / fp16 mixed precision (autocast; "
-        "weights, updates, the basis and the losses stay float32; fp16 scales each block's loss)",
-        choices=tuple(PRECISIONS),
-        known="precisions",
     )
 
     def __post_init__(self) -> None:
@@ -123,10 +90,12 @@ class TrainConfig:
         self.rule_options = dataclasses.asdict(rule)
         if not is_factory(self.model):  # a factory's options are its keyword arguments, its own
             self.model_options = model_options(self.model_options)  # checked, defaults filled in
-        check_memory(self.memory, rule, self.precision)
+        self.check_for(rule)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The run's own options first, then the step's (config.json's order)."""
+        values = dataclasses.asdict(self)
+        return {k: values[k] for k in sorted(values, key=lambda k: k in STEP_OPTIONS)}
 
     @classmethod
     def from_dict(cls, values: Any, where: str = "") -> TrainConfig:
@@ -191,21 +160,6 @@ def default(name: str) -> Any:
     return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
-def check_memory(memory: MemorySpec, rule: Rule, precision: str = "fp32") -> None:
-    """Refuses a memory setting that does not parse, or one given to an end-to-end rule or with a
-    mixed precision (the sliced step recomputes in float32)."""
-    if memory is None:
-        return
-    memory_plan(memory)
-    if is_mixed(precision):
-        raise LLSError(f"--memory runs in float32: drop --memory or --precision {precision}")
-    if rule.timing == "end-to-end":
-        raise LLSError(
-            f"--memory slices one block's step at a time and {rule.name} back-propagates "
-            "through every block at once; drop --memory or pick a local rule"
-        )
-
-
 def check_resumed_memory(config: TrainConfig, where: str) -> None:
     """Refuse --memory on resuming a run it cannot apply to, naming what the run recorded."""
     rule = create_rule(config.rule, **config.rule_options)
@@ -218,32 +172,14 @@ def check_resumed_memory(config: TrainConfig, where: str) -> None:
     raise LLSError(f"{where} {why}; resume without --memory")
 
 
-def check_step(
-    rule: Rule,
-    *,
-    optimizer: str | Callable,
-    lr: Any,
-    weight_decay: float,
-    engine: str,
-    memory: MemorySpec,
-    precision: str = "fp32",
-) -> None:
-    """The checks ``lls train`` runs on the step's options, for every other path to a trainer: one
-    line naming the option (as its flag) and the fix."""
-    values = {"weight_decay": weight_decay, "engine": engine, "precision": precision}
-    if isinstance(lr, (int, float)):  # a list or a function of the block index: block_lrs checks it
-        values["lr"] = lr
-    if isinstance(optimizer, str):  # a factory is the caller's own
-        values["optimizer"] = optimizer
-    check_values(TrainConfig, values, name=flag)
-    check_memory(memory, rule, precision)
-
-
 # The defaults as attributes (``DEFAULTS.lr``), for signatures outside the configuration.
 DEFAULTS = SimpleNamespace(**{f.name: default(f.name) for f in dataclasses.fields(TrainConfig)})
-CONFIG_OPTIONS = [f for f in options_of(TrainConfig) if f.metadata["cli"]]
+# The run's own options first, then the step's (the order of ``lls train --help``)
+CONFIG_OPTIONS = sorted(
+    (f for f in options_of(TrainConfig) if f.metadata["cli"]), key=lambda f: f.name in STEP_OPTIONS
+)
 RESUMABLE = {f.name for f in options_of(TrainConfig) if f.metadata["resumable"]}
-DISTINGUISHING = [f.name for f in options_of(TrainConfig) if f.metadata["distinguishing"]]
+DISTINGUISHING = [f.name for f in CONFIG_OPTIONS if f.metadata["distinguishing"]]
 
 
 def config_from_options(

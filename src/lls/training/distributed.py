@@ -139,7 +139,7 @@ class DataParallel(Distributed):
             trainer.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainer.net)
         self.trainer = trainer
         loaders.train.shard = (self.ctx.rank, self.ctx.world)
-        trainer.sync_gradients = self.sync
+        trainer.step.sync_gradients = self.sync
         broadcast_state(trainer.net)  # the same start everywhere, whatever each rank drew
 
     def sync(self, optimizer: torch.optim.Optimizer) -> None:

@@ -30,8 +30,8 @@ from torch import nn
 
 from .. import __version__
 from ..errors import LLSError
+from ..files import atomic_replace, atomic_write, check_output
 from ..registry import Registry
-from .files import atomic_replace, atomic_write, check_output
 
 EXAMPLE_BATCH = 2  # the traced batch; ONNX's batch dimension stays free (torch.export specialises 0 and 1)
 INSTALL_EXPORT = "pip install 'lls[export]'"

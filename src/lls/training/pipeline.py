@@ -175,7 +175,8 @@ class Pipeline(Distributed):
         def stage_step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
             began = time.perf_counter()
             trainer.batch_size_in_step = len(y)
-            done = trainer.local_pass(x, y, trainer.update, self.blocks)
+            done = trainer.step.local_pass(x, y, trainer.step.update, self.blocks)
+            trainer.steps_taken += 1  # the weights moved: BatchNorm's statistics are stale
             self.busy += time.perf_counter() - began
             if not self.last:
                 self.send(done.output, y)

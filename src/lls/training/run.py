@@ -77,14 +77,8 @@ def build_session(
         seed=config.seed,
         device=device,
         channels_last=config.channels_last,
-        optimizer=config.optimizer,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        engine=config.engine,
-        memory=config.memory,
-        lr_schedule=config.lr_schedule,
+        config=config.step_config(),
         epochs=config.epochs,
-        precision=config.precision,
     )
     loaders = Loaders.for_dataset(
         data,
@@ -191,9 +185,9 @@ def train_run(
         strategy.close()
 
 
-def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, held) -> RunOutcome:
-    main = strategy.main
-    log = options.log if main else (lambda *a, **k: None)
+def _open_session(config, out, options: RunOptions, resume: bool, strategy: Strategy, held):
+    """(run directory, checkpoint state, session): everything that can be refused is checked before
+    a new run's directory is made; a resumed run's lock and checkpoint before any data is loaded."""
     run, state, draws = None, None, None
     device = strategy.place(options.device)
     if resume:  # the run's lock and its checkpoint's record checked before any data is loaded
@@ -207,7 +201,7 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
         device=device,
         data_dir=options.data_dir,
         download=options.download,
-        quiet=options.quiet_data or not main,
+        quiet=options.quiet_data or not strategy.main,
         draws=draws,
     )
     strategy.setup(session.trainer, session.loaders)
@@ -216,6 +210,45 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
     if not resume:  # everything that can be refused has been checked: now the run directory
         run, state = open_run(config, out, False, session, strategy, {"data_dir": options.data_dir})
         held.extend([run] if run is not None else [])
+    return run, state, session
+
+
+class _EpochWriter:
+    """What the main process writes at the end of each epoch: the checkpoint, the metrics (with
+    curves.png at most every CURVES_SECONDS, and at the last epoch), TensorBoard's scalars, the line."""
+
+    def __init__(self, run, history: History, title: str, config, trainer, writer, log, main: bool) -> None:
+        self.run, self.history, self.title, self.config = run, history, title, config
+        self.trainer, self.writer, self.log, self.main = trainer, writer, log, main
+        self.plotted_at, self.plotted_epochs = None, len(history.records)  # when curves.png last matched
+
+    def write_metrics(self, final: bool) -> None:
+        now = time.monotonic()
+        due = final or self.plotted_at is None or now - self.plotted_at >= CURVES_SECONDS
+        self.run.write_metrics(self.history, self.title, plot=due)
+        if due:
+            self.plotted_at, self.plotted_epochs = now, len(self.history.records)
+
+    def replot(self) -> None:
+        """A stopped run's curves show every epoch it finished."""
+        if self.main and self.plotted_epochs != len(self.history.records):
+            self.run.write_metrics(self.history, self.title)
+
+    def __call__(self, record: EpochRecord) -> None:
+        if self.main:
+            config = self.config
+            state = checkpoint_state(config, self.trainer.state_dict(), self.history, record.epoch, None)
+            self.run.save_checkpoint(state)
+            self.write_metrics(final=record.epoch == config.epochs)
+            if self.writer is not None:
+                log_scalars(self.writer, record)
+            self.log(epoch_line(record, config.epochs), flush=True)
+
+
+def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, held) -> RunOutcome:
+    main = strategy.main
+    log = options.log if main else (lambda *a, **k: None)
+    run, state, session = _open_session(config, out, options, resume, strategy, held)
     history, start_epoch, progress = History(), 0, None
     if state is not None:
         history, start_epoch, progress = restore(session, state, strategy, out / "checkpoint.pt")
@@ -228,29 +261,7 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
     for record in history.records:
         log(epoch_line(record, config.epochs))
 
-    plotted = {"at": None, "epochs": len(history.records)}  # when curves.png last matched the history
-
-    def write_metrics(final: bool) -> None:
-        now = time.monotonic()
-        due = final or plotted["at"] is None or now - plotted["at"] >= CURVES_SECONDS
-        run.write_metrics(history, title, plot=due)
-        if due:
-            plotted.update(at=now, epochs=len(history.records))
-
-    def replot() -> None:  # a stopped run's curves show every epoch it finished
-        if main and plotted["epochs"] != len(history.records):
-            run.write_metrics(history, title)
-
-    def on_epoch(record: EpochRecord) -> None:
-        if main:
-            run.save_checkpoint(
-                checkpoint_state(config, session.trainer.state_dict(), history, record.epoch, None)
-            )
-            write_metrics(final=record.epoch == config.epochs)
-            if writer is not None:
-                log_scalars(writer, record)
-            log(epoch_line(record, config.epochs), flush=True)
-
+    on_epoch = _EpochWriter(run, history, title, config, session.trainer, writer, log, main)
     start = time.perf_counter()
     try:
         with graceful_interrupt() as stop_requested:
@@ -268,7 +279,7 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
                 block_accuracy=options.block_accuracy,
             )
     except Interrupted as stop:
-        replot()
+        on_epoch.replot()
         if stop.progress is not None:
             record = {**strategy.progress_record(stop.progress), "draws": drawn_on(session.loaders.train)}
             if main:
@@ -279,7 +290,7 @@ def _train(config, out, options: RunOptions, resume: bool, strategy: Strategy, h
         strategy.barrier()  # nobody leaves while rank 0 still writes
         return RunOutcome("interrupted", run, session, history, time.perf_counter() - start)
     except TrainingDiverged as error:
-        replot()
+        on_epoch.replot()
         kept = f"the last good checkpoint (epoch {len(history.records)}) is kept in {out}"
         message = f"{error}; {kept if history.records else 'no checkpoint was written'}"
         return RunOutcome("diverged", run, session, history, time.perf_counter() - start, message)

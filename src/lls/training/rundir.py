@@ -31,10 +31,7 @@ import torch
 
 from .. import __version__
 from ..errors import LLSError
-from ..measure.plots import plot_curves
-from ..options import flag
-from .config import RESUMABLE, TrainConfig
-from .files import (
+from ..files import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     CURVES_FILE,
@@ -46,6 +43,9 @@ from .files import (
     name_too_long,
     remove_stale_temp_files,
 )
+from ..measure.plots import plot_curves
+from ..options import flag
+from .config import RESUMABLE, TrainConfig
 from .fit import EpochProgress, EpochRecord, History
 
 CHECKPOINT_FORMAT = "lls-checkpoint"

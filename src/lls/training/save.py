@@ -92,8 +92,8 @@ def save_run(
 
 def _config(trainer, records, model, dataset, model_options, optimizer, seed, batch_size, limit, holdout,
             augment, channels_last) -> TrainConfig:  # fmt: skip
-    options = trainer._options
-    given = options["optimizer"]
+    step = trainer.config  # the trainer's StepConfig
+    given = step.optimizer
     if optimizer is None:
         if not isinstance(given, str):
             raise LLSError(
@@ -101,7 +101,7 @@ def _config(trainer, records, model, dataset, model_options, optimizer, seed, ba
                 "save_run optimizer= its registered name (lls list), or build the trainer with one"
             )
         optimizer = given
-    if not isinstance(trainer.lr, (int, float)):
+    if not isinstance(step.lr, (int, float)):
         raise LLSError(
             "save_run records one learning rate: a trainer with per-block rates cannot be saved as a run"
         )
@@ -119,17 +119,17 @@ def _config(trainer, records, model, dataset, model_options, optimizer, seed, ba
         model_options=dict(model_options or {}),
         epochs=len(records),
         batch_size=batch_size,
-        lr=float(trainer.lr),
-        weight_decay=float(options["weight_decay"]),
+        lr=float(step.lr),
+        weight_decay=float(step.weight_decay),
         optimizer=optimizer,
         seed=seed,
         limit=limit,
         holdout=holdout,
         augment=augment,
         channels_last=channels_last,
-        memory=trainer.memory if trainer.memory is None else str(trainer.memory),
-        engine=options["engine"],
-        precision=options["precision"],
+        memory=step.memory if step.memory is None else str(step.memory),
+        engine=step.engine,
+        precision=step.precision,
     )
 
 

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..errors import LLSError
+from .errors import LLSError
 
 TEMP_SUFFIX = ".tmp"
 # What a run directory holds (training/rundir.py names its files from here): an output elsewhere

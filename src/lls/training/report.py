@@ -13,15 +13,15 @@ from typing import Any
 
 from ..data import dataset_shape
 from ..errors import LLSError
+from ..files import atomic_write, check_folder, check_output
+from ..measure.cost import count_costs
+from ..measure.memory import measure_memory
+from ..measure.plots import save_figure
+from ..measure.report_format import si
 from ..method.models import model_options
 from ..method.rules import RULES, create_rule
-from ..training.config import DISTINGUISHING, TrainConfig
-from ..training.files import atomic_write, check_folder, check_output
-from ..training.rundir import RunDir
-from .cost import count_costs
-from .memory import measure_memory
-from .plots import save_figure
-from .report_format import si
+from .config import DISTINGUISHING, TrainConfig
+from .rundir import RunDir
 
 
 @dataclass
