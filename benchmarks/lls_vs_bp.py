@@ -1,7 +1,8 @@
-"""LLS against BP on a ResNet-18 written as torchvision writes it, localized by stage.
+"""LLS against BP where `lls train` cannot go: your own model, or a zoo model with per-block options.
 
-    python benchmarks/byo_resnet18.py --rule lls --epochs 10 --limit 12000 --holdout 2000
-    python benchmarks/byo_resnet18.py --rule bp  --epochs 10 --limit 12000 --holdout 2000
+    python benchmarks/lls_vs_bp.py --rule lls --epochs 10 --limit 12000 --holdout 2000
+    python benchmarks/lls_vs_bp.py --rule bp  --epochs 10 --limit 12000 --holdout 2000
+    python benchmarks/lls_vs_bp.py --zoo resnet20 --granularity stage --latent-pool 8,8,1
 
 A model nobody in this project wrote, brought as a user brings one: torchvision's ResNet-18 layout
 (a 7x7 stride-2 stem and a 3x3 stride-2 max pool, four stages `layer1`-`layer4` of two basic blocks,
@@ -10,7 +11,10 @@ plain `nn.Module` because torchvision is not installed on this machine. `lls.loc
 `layer1`-`layer4` (the stem joins the first block), and `lls.fit` trains it with the same data,
 optimizer, augmentation and evaluation as `lls train` (`--limit`, `--holdout` mean what they mean
 there). `--lr` takes one number or one per block and the head (`0.005,0.005,0.005,0.005,0.005`),
-which `lls train` cannot. The last line is a JSON summary, as `lls train --json` prints.
+which `lls train` cannot. `--zoo NAME` trains a zoo model instead, built as `lls train` builds it
+(the same seed, initial weights and batches), and `--latent-pool` sets each block's LLS latent pool
+(the side of the adaptive average pool; 1: the global average the head reads), which `lls train`
+chooses itself. The last line is a JSON summary, as `lls train --json` prints.
 """
 
 from __future__ import annotations
@@ -81,6 +85,10 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def pools(text: str) -> list[int | None]:
+    return [None if v == "none" else int(v) for v in text.split(",")]
+
+
 def learning_rate(text: str) -> float | list[float]:
     values = [float(v) for v in text.split(",")]
     return values[0] if len(values) == 1 else values
@@ -93,6 +101,9 @@ def main() -> None:
     parser.add_argument(
         "--rule", default="lls", help="bp or lls (square basis), or any rule `lls list` names"
     )
+    parser.add_argument("--zoo", default=None, help="a zoo model instead (resnet20, ...; `lls list`)")
+    parser.add_argument("--granularity", default="block", help="--zoo residual networks: block or stage")
+    parser.add_argument("--latent-pool", type=pools, default=None, help="each block's latent pool: 8,8,1")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--limit", type=int, default=12_000, help="first N training (and test) images")
     parser.add_argument(
@@ -117,11 +128,24 @@ def main() -> None:
     if args.temperature is not None:
         options["temperature"] = args.temperature
     rule = lls.create_rule(args.rule, **seeded_options(args.rule, options, args.seed))
-    torch.manual_seed(args.seed)
-    model = ResNet18(in_channels=data.input_shape[0], num_classes=data.num_classes)
-    net = lls.localize(model, list(STAGES), input_shape=data.input_shape).to(
-        memory_format=torch.channels_last
-    )
+    torch.manual_seed(args.seed)  # as lls.build_trainer: the rule first, then the initial weights
+    if args.zoo:
+        net = lls.create_model(
+            args.zoo,
+            in_channels=data.input_shape[0],
+            input_size=data.input_shape[1:],
+            num_classes=data.num_classes,
+            activation=rule.activation,
+            block_granularity=args.granularity,
+        )
+    else:
+        model = ResNet18(in_channels=data.input_shape[0], num_classes=data.num_classes)
+        net = lls.localize(model, list(STAGES), input_shape=data.input_shape)
+    net = net.to(memory_format=torch.channels_last)
+    if args.latent_pool is not None:
+        if len(args.latent_pool) != len(net.latent_pool):
+            parser.error(f"--latent-pool needs {len(net.latent_pool)} values, one per block")
+        net.latent_pool = args.latent_pool
     trainer = lls.Trainer(net, rule, input_shape=data.input_shape, lr=args.lr)
     loaders = lls.Loaders.for_dataset(data, 128, seed=args.seed, limit=args.limit, channels_last=True)
     split = "holdout" if args.holdout else "test"
@@ -135,7 +159,9 @@ def main() -> None:
     start = time.perf_counter()
     history = lls.fit(trainer, loaders, args.epochs, progress=False, on_epoch=report)
     summary = {
-        "model": "torchvision-layout resnet18 (by stage)",
+        "model": f"{args.zoo} (by {args.granularity})"
+        if args.zoo
+        else "torchvision-layout resnet18 (by stage)",
         "rule": args.rule,
         "options": options,
         "lr": args.lr,
