@@ -119,6 +119,12 @@ def main() -> None:
     parser.add_argument(
         "--augment", default=None, help="the dataset's augmentation preset (default: its default)"
     )
+    parser.add_argument(
+        "--block-accuracy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each block's own accuracy every epoch (for bp: ridge probes, slow on a CPU)",
+    )
     args = parser.parse_args()
     lls.tune_malloc()
     data = lls.load_dataset("fashion-mnist", augment=args.augment)
@@ -157,7 +163,9 @@ def main() -> None:
         )
 
     start = time.perf_counter()
-    history = lls.fit(trainer, loaders, args.epochs, progress=False, on_epoch=report)
+    history = lls.fit(
+        trainer, loaders, args.epochs, progress=False, on_epoch=report, block_accuracy=args.block_accuracy
+    )
     summary = {
         "model": f"{args.zoo} (by {args.granularity})"
         if args.zoo
