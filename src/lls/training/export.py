@@ -6,6 +6,11 @@
 - ``torchscript``: ``torch.jit.trace`` (the model is a fixed chain of layers: tracing records all
   of it), loaded back with ``torch.jit.load`` and no ``lls``.
 
+Every file carries what a runtime needs to feed it and read it (:func:`run_metadata`): the input
+normalisation, the class names where the dataset has them, the rule and the ``lls`` version, as
+strings (JSON for lists and objects): ONNX's ``metadata_props``, TorchScript's ``_extra_files``
+(``torch.jit.load(path, _extra_files={"lls_version": ""})`` reads one back).
+
 The file appears complete or not at all: it is written next to its destination and renamed.
 """
 
@@ -13,22 +18,25 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from .. import __version__
 from ..errors import LLSError
 from ..registry import Registry
-from .files import atomic_replace, atomic_write
+from .files import atomic_replace, atomic_write, check_output
 
 EXAMPLE_BATCH = 2  # the traced batch; ONNX's batch dimension stays free (torch.export specialises 0 and 1)
 INSTALL_EXPORT = "pip install 'lls[export]'"
 
-Exporter = Callable[[nn.Module, torch.Tensor, Path], None]
+Exporter = Callable[[nn.Module, torch.Tensor, Path, dict[str, str]], None]
 FORMATS: Registry[Exporter] = Registry("format")
 NEEDS: dict[str, tuple[str, ...]] = {"onnx": ("onnx", "onnxscript"), "torchscript": ()}
 
@@ -41,29 +49,76 @@ def check_format(name: str) -> None:
         raise LLSError(f"exporting to {name} needs {' and '.join(missing)}: {INSTALL_EXPORT}")
 
 
-def export_model(model: nn.Module, input_shape: Sequence[int], out: str | Path, format: str) -> Path:
-    """Write ``model`` (eval mode; inputs of ``input_shape`` without the batch) to ``out``."""
+def run_metadata(
+    *,
+    rule: dict[str, Any],
+    mean: Sequence[float],
+    std: Sequence[float],
+    input_shape: Sequence[int],
+    classes: Sequence[str] = (),
+    num_classes: int,
+    model: str | None = None,
+    dataset: str | None = None,
+) -> dict[str, str]:
+    """What an exported file records about the model it holds, every value a string: how inputs are
+    normalised (``(pixels / 255 - input_mean) / input_std``, per channel), the class names (when
+    the dataset names every class), the rule with its options, the model's and dataset's names and
+    the ``lls`` version."""
+    metadata = {
+        "lls_version": __version__,
+        "rule": json.dumps(rule, sort_keys=True),
+        "input_shape": json.dumps(list(input_shape)),
+        "input_mean": json.dumps(list(mean)),
+        "input_std": json.dumps(list(std)),
+        "input_normalization": "(pixels / 255 - input_mean) / input_std, per channel",
+        "num_classes": str(num_classes),
+    }
+    if len(classes) == num_classes:
+        metadata["class_names"] = json.dumps(list(classes))
+    if model is not None:
+        metadata["model"] = model
+    if dataset is not None:
+        metadata["dataset"] = dataset
+    return metadata
+
+
+def export_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    out: str | Path,
+    format: str,
+    metadata: dict[str, str] | None = None,
+    inputs: Sequence[Path] = (),
+) -> Path:
+    """Write ``model`` (eval mode; inputs of ``input_shape`` without the batch) to ``out``, with
+    ``metadata`` (:func:`run_metadata`; string keys and values) in the file. ``out`` must be a file a
+    command may write (``files.check_output``: never a run's own file, one of ``inputs``, a link, a
+    FIFO or a device)."""
     check_format(format)
     out = Path(out)
-    if out.is_dir():
+    if out.is_dir() and not out.is_symlink():
         raise LLSError(f"{out} is a directory; give the file to write, e.g. {out / ('model.' + format)}")
+    check_output(out, inputs=inputs)
+    metadata = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise LLSError("export metadata must map strings to strings")
     param = next(model.parameters())
     example = torch.zeros(EXAMPLE_BATCH, *input_shape, device=param.device, dtype=param.dtype)
     with torch.no_grad():
-        FORMATS.get(format)(model.eval(), example, out)
+        FORMATS.get(format)(model.eval(), example, out, metadata)
     return out
 
 
 @FORMATS.register("torchscript")
-def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> None:
+def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, str]) -> None:
     traced = torch.jit.trace(model, example)
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
+    torch.jit.save(traced, buffer, _extra_files=metadata)
     atomic_write(out, buffer.getvalue())
 
 
 @FORMATS.register("onnx")
-def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> None:
+def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, str]) -> None:
     quiet = logging.getLogger("torch.onnx")  # the exporter logs every optional op it skips
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -82,4 +137,5 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> None:
             )
     finally:
         quiet.setLevel(level)
+    program.model.metadata_props.update(metadata)
     atomic_replace(out, lambda path: program.save(str(path), external_data=False))
