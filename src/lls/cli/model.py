@@ -11,9 +11,9 @@ import torch
 
 from ..data.inputs import read_images
 from ..errors import LLSError
-from ..training.export import FORMATS, check_format, export_model
+from ..training.export import EXECUTORCH_MAX_BATCH, FORMATS, check_format, export_model
 from ..training.run import open_trained
-from ..training.trained import Inputs, batches, dataset_inputs, evaluated_model
+from ..training.trained import Inputs, batches, dataset_inputs, evaluated_model, run_metadata
 from .common import add_data_options, add_device, resolve_device
 
 PROBABILITY_DIGITS = 6  # significant digits of the probabilities in CSV
@@ -38,9 +38,12 @@ def add(commands) -> None:
 
     export = commands.add_parser(
         "export",
-        help="write a run's trained model as ONNX or TorchScript",
+        help="write a run's trained model as ONNX, TorchScript or an ExecuTorch program",
         description="Write the model a run evaluated to a file: ONNX (input 'input' with a dynamic "
-        "batch dimension, output 'logits'; needs pip install 'lls[export]') or TorchScript (traced).",
+        "batch dimension, output 'logits'; needs pip install 'lls[export]'), TorchScript (traced) or "
+        "an ExecuTorch inference program (.pte: method 'forward', batches of 1 to "
+        f"{EXECUTORCH_MAX_BATCH}, with the input normalisation and class names as constant methods; "
+        "needs executorch, see docs/edge.md).",
     )
     export.add_argument("run", help="run directory")
     export.add_argument("--format", required=True, choices=FORMATS.names(), help="file format")
@@ -101,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.run, device=device, data_dir=args.data_dir, download=not args.no_download
     )
     model = evaluated_model(session, state).to(memory_format=torch.contiguous_format)
-    out = export_model(model, session.data.input_shape, args.out, args.format)
+    out = export_model(model, session.data.input_shape, args.out, args.format, run_metadata(session))
     print(
         f"wrote {out} ({args.format}): input (N, {', '.join(map(str, session.data.input_shape))}), "
         f"{session.data.num_classes} logits"

@@ -1,10 +1,17 @@
-"""A trained model to a file other runtimes read: ONNX or TorchScript (``lls export``).
+"""A trained model to a file other runtimes read: ONNX, TorchScript or ExecuTorch (``lls export``).
 
 - ``onnx``: ``torch.onnx.export`` with the ``torch.export``-based exporter (PyTorch's default and
   maintained one; it needs the ``onnx`` and ``onnxscript`` packages, ``pip install 'lls[export]'``),
   input ``input`` (N, C, H, W) with a dynamic batch dimension, output ``logits`` (N, K).
 - ``torchscript``: ``torch.jit.trace`` (the model is a fixed chain of layers: tracing records all
   of it), loaded back with ``torch.jit.load`` and no ``lls``.
+- ``executorch``: an ExecuTorch inference program (``.pte``: ``torch.export`` -> ``to_edge`` ->
+  ``to_executorch``, portable kernels, no delegate) for PyTorch's on-device runtime; method
+  ``forward`` takes (N, C, H, W) normalised images, N from 1 to ``EXECUTORCH_MAX_BATCH`` (the
+  memory planner sizes the arena for the largest), and returns the (N, K) logits. The program also
+  holds what an app needs to feed it, as constant methods (no inputs; see ``METADATA_METHODS``):
+  ``lls_metadata`` (all of it, one JSON string), ``input_shape``, ``input_mean``, ``input_std``,
+  ``class_names``. It needs the ``executorch`` package (``INSTALL_EDGE``; docs/edge.md).
 
 The file appears complete or not at all: it is written next to its destination and renamed.
 """
@@ -13,10 +20,13 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,35 +37,70 @@ from .files import atomic_replace, atomic_write
 
 EXAMPLE_BATCH = 2  # the traced batch; ONNX's batch dimension stays free (torch.export specialises 0 and 1)
 INSTALL_EXPORT = "pip install 'lls[export]'"
+# executorch's own requirements pull coremltools, pandas, torchao, hydra...: its export, runtime and
+# training need three small packages beside torch (pyproject's `edge` extra), the wheel without its list
+INSTALL_EDGE = "pip install 'lls[edge]' && pip install --no-deps executorch==1.5.1"
+EXECUTORCH_MAX_BATCH = 64  # the largest batch an exported inference program takes
 
-Exporter = Callable[[nn.Module, torch.Tensor, Path], None]
+Exporter = Callable[[nn.Module, torch.Tensor, Path, dict[str, Any]], None]
 FORMATS: Registry[Exporter] = Registry("format")
-NEEDS: dict[str, tuple[str, ...]] = {"onnx": ("onnx", "onnxscript"), "torchscript": ()}
+NEEDS: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnx", "onnxscript"),
+    "torchscript": (),
+    "executorch": ("executorch",),
+}
+INSTALLS = {"onnx": INSTALL_EXPORT, "executorch": INSTALL_EDGE}
+EXTENSIONS = {"onnx": "onnx", "torchscript": "pt", "executorch": "pte"}
+# the constant methods of an ExecuTorch program besides lls_metadata, and the metadata key each returns
+METADATA_METHODS = {
+    "input_shape": "input_shape",
+    "input_mean": "mean",
+    "input_std": "std",
+    "class_names": "classes",
+}
+
+
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported (False also where a test hides it: ``sys.modules[p] = None``)."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
 
 
 def check_format(name: str) -> None:
     """Refuses, in one line, an unknown format or one whose packages are not installed."""
     FORMATS.get(name)
-    missing = [package for package in NEEDS.get(name, ()) if importlib.util.find_spec(package) is None]
+    missing = [package for package in NEEDS.get(name, ()) if not installed(package)]
     if missing:
-        raise LLSError(f"exporting to {name} needs {' and '.join(missing)}: {INSTALL_EXPORT}")
+        raise LLSError(f"exporting to {name} needs {' and '.join(missing)}: {INSTALLS[name]}")
 
 
-def export_model(model: nn.Module, input_shape: Sequence[int], out: str | Path, format: str) -> Path:
-    """Write ``model`` (eval mode; inputs of ``input_shape`` without the batch) to ``out``."""
+def export_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    out: str | Path,
+    format: str,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (eval mode; inputs of ``input_shape`` without the batch) to ``out``.
+
+    ``metadata`` (JSON-serialisable: normalisation, class names, rule...) goes into the formats that
+    hold it (ExecuTorch's constant methods); ``input_shape`` is always part of it."""
     check_format(format)
     out = Path(out)
     if out.is_dir():
-        raise LLSError(f"{out} is a directory; give the file to write, e.g. {out / ('model.' + format)}")
+        example_name = "model." + EXTENSIONS[format]
+        raise LLSError(f"{out} is a directory; give the file to write, e.g. {out / example_name}")
     param = next(model.parameters())
     example = torch.zeros(EXAMPLE_BATCH, *input_shape, device=param.device, dtype=param.dtype)
+    metadata = {**(metadata or {}), "input_shape": list(input_shape)}
     with torch.no_grad():
-        FORMATS.get(format)(model.eval(), example, out)
+        FORMATS.get(format)(model.eval(), example, out, metadata)
     return out
 
 
 @FORMATS.register("torchscript")
-def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> None:
+def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, Any]) -> None:
     traced = torch.jit.trace(model, example)
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
@@ -63,7 +108,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> No
 
 
 @FORMATS.register("onnx")
-def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> None:
+def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, Any]) -> None:
     quiet = logging.getLogger("torch.onnx")  # the exporter logs every optional op it skips
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -83,3 +128,19 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> None:
     finally:
         quiet.setLevel(level)
     atomic_replace(out, lambda path: program.save(str(path), external_data=False))
+
+
+@FORMATS.register("executorch")
+def export_executorch(model: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, Any]) -> None:
+    from executorch.exir import to_edge  # an optional extra (check_format said so if it is missing)
+
+    batch = torch.export.Dim("batch", min=1, max=EXECUTORCH_MAX_BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's and exir's deprecation notices
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+        constants = {"lls_metadata": json.dumps(metadata, sort_keys=True)}
+        constants.update(
+            {method: metadata[key] for method, key in METADATA_METHODS.items() if key in metadata}
+        )
+        buffer = to_edge(program, constant_methods=constants).to_executorch().buffer
+    atomic_write(out, buffer)
