@@ -28,7 +28,7 @@ INSTALL_EDGE = "pip install 'lls[edge]'"
 def require_executorch(what: str = "on-device training programs") -> None:
     """Refuse, in one line naming the install, when ``executorch`` is not installed."""
     try:
-        import executorch.exir  # noqa: F401
+        import executorch.exir
         import executorch.extension.training  # noqa: F401
     except ImportError:
         raise LLSError(f"{what} need the executorch package: {INSTALL_EDGE}") from None

@@ -321,7 +321,7 @@ def build_program(
         warnings.simplefilter("ignore")
         try:
             manager = to_edge(programs, constant_methods=constants).to_executorch()
-        except Exception as error:  # noqa: BLE001 (any lowering failure is the model's, said in one line)
+        except Exception as error:  # any lowering failure is the model's, said in one line
             raise LLSError(f"the program cannot be lowered to ExecuTorch ({_first_line(error)})") from None
     built = BuiltProgram(manager, program_layout)
     check_operators(built, {layout.name: what for layout, _, _, what in steps})
@@ -354,7 +354,7 @@ def _export(step: nn.Module, example: tuple, what: str):
         try:
             program = torch.export.export(step, example, strict=False)
             return _export_forward_backward(program)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise LLSError(
                 f"{what} cannot be exported as a training method ({_first_line(error)}); train this "
                 "model with `lls train`, or use one made of conv, linear and BatchNorm blocks"

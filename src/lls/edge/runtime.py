@@ -47,7 +47,7 @@ class ProgramRunner:
         self.buffer = Path(program).read_bytes() if isinstance(program, (str, Path)) else bytes(program)
         try:
             self.module = _load_for_executorch_from_buffer(self.buffer)
-        except Exception as error:  # noqa: BLE001 (not a program: said in one line)
+        except Exception as error:  # not a program: said in one line
             raise LLSError(
                 f"not an ExecuTorch program ({str(error).strip()[:160] or type(error).__name__})"
             ) from None
