@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 
 import torch
@@ -14,7 +15,7 @@ from ..errors import LLSError
 from ..training.export import EXECUTORCH_MAX_BATCH, FORMATS, check_format, export_model
 from ..training.run import open_trained
 from ..training.trained import Inputs, batches, dataset_inputs, evaluated_model, run_metadata
-from .common import add_data_options, add_device, resolve_device
+from .common import add_data_options, add_device, counted, resolve_device
 
 PROBABILITY_DIGITS = 6  # significant digits of the probabilities in CSV
 
@@ -48,6 +49,24 @@ def add(commands) -> None:
     export.add_argument("run", help="run directory")
     export.add_argument("--format", required=True, choices=FORMATS.names(), help="file format")
     export.add_argument("--out", required=True, help="file to write")
+    training = export.add_argument_group(
+        "training programs (--format executorch --training: one method per block; see docs/edge.md)"
+    )
+    training.add_argument(
+        "--training",
+        action="store_true",
+        help="write the run's state as a training program for ExecuTorch's runtime (lls edge train)",
+    )
+    training.add_argument(
+        "--batch-size", type=counted("--batch-size", 2), help="the program's fixed batch (default: the run's)"
+    )
+    training.add_argument(
+        "--optimizer", help="the runtime's optimizer: sgd, the only one it has (default: the run's)"
+    )
+    training.add_argument("--lr", type=float, help="the runtime SGD's learning rate (default: the run's)")
+    training.add_argument(
+        "--max-memory", help="refuse a program whose training does not fit this size (e.g. 256KiB, 4MiB)"
+    )
     add_data_options(export)
     export.set_defaults(func=cmd_export)
 
@@ -98,6 +117,11 @@ def class_names(inputs: Inputs) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.training:
+        return cmd_export_training(args)
+    for name in ("batch_size", "optimizer", "lr", "max_memory"):
+        if getattr(args, name) is not None:
+            raise LLSError(f"--{name.replace('_', '-')} goes with --training")
     check_format(args.format)  # before the run is read: a missing package is said at once
     device = torch.device("cpu")
     _, state, session = open_trained(
@@ -108,5 +132,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"wrote {out} ({args.format}): input (N, {', '.join(map(str, session.data.input_shape))}), "
         f"{session.data.num_classes} logits"
+    )
+    return 0
+
+
+def cmd_export_training(args: argparse.Namespace) -> int:
+    from ..edge.session import check_optimizer, export_training
+    from ..step.lowmem import parse_memory, size_text
+
+    if args.format != "executorch":
+        raise LLSError(f"--training writes ExecuTorch programs: use --format executorch, not {args.format}")
+    check_format(args.format)  # before the run is read: a missing package is said at once
+    if args.optimizer is not None:
+        check_optimizer(args.optimizer)
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        raise LLSError(f"--lr must be a positive finite number, got {args.lr}")
+    max_memory = None
+    if args.max_memory is not None:
+        max_memory = parse_memory(args.max_memory)
+        if not isinstance(max_memory, int):
+            raise LLSError(f"--max-memory takes a size such as 256KiB or 4MiB, got {args.max_memory!r}")
+    built = export_training(
+        args.run,
+        args.out,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        max_memory=max_memory,
+        data_dir=args.data_dir,
+        download=not args.no_download,
+    )
+    layout, sgd = built.layout, built.layout.optimizer
+    names = ", ".join(m.name for m in layout.methods)
+    print(
+        f"wrote {args.out} (ExecuTorch training program, {size_text(len(built.buffer))}): methods {names}; "
+        f"batches of {layout.batch_size}, SGD lr {sgd['lr']} momentum {sgd['momentum']}"
     )
     return 0

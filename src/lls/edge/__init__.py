@@ -21,8 +21,7 @@ line saying ``pip install 'lls[edge]'``.
 from __future__ import annotations
 
 from ..errors import LLSError
-
-INSTALL_EDGE = "pip install 'lls[edge]'"
+from ..training.export import INSTALL_EDGE
 
 
 def require_executorch(what: str = "on-device training programs") -> None:

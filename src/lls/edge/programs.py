@@ -326,7 +326,11 @@ def build_program(
     built = BuiltProgram(manager, program_layout)
     check_operators(built, {layout.name: what for layout, _, _, what in steps})
     if max_memory is not None:
-        check_memory(built, max_memory)
+        parameters = sum(p.numel() * p.element_size() for _, step, _, _ in steps for p in step.parameters())
+        held = parameters + sum(
+            v.numel() * v.element_size() for values in statistics.values() for v in values
+        )
+        check_memory(built, max_memory, held, parameters if momentum else 0)
     return built
 
 
@@ -402,13 +406,19 @@ def planned_arenas(manager) -> dict[str, int]:
     }
 
 
-def check_memory(built: BuiltProgram, max_memory: int) -> None:
-    arenas = {
-        k: v for k, v in planned_arenas(built.manager).items() if k in {m.name for m in built.layout.methods}
-    }
+def check_memory(built: BuiltProgram, max_memory: int, weights: int, optimizer_state: int) -> None:
+    """Refuse a program whose training holds more than ``max_memory`` bytes: its ``weights``
+    (parameters and running statistics), the optimizer's state and the largest method's arena
+    (one method runs at a time; its arena holds its activations, gradients and outputs)."""
+    from ..step.lowmem import size_text
+
+    names = {m.name for m in built.layout.methods}
+    arenas = {k: v for k, v in planned_arenas(built.manager).items() if k in names}
     name, largest = max(arenas.items(), key=lambda kv: kv[1])
-    if largest > max_memory:
+    total = weights + optimizer_state + largest
+    if total > max_memory:
         raise LLSError(
-            f"method {name} plans a {largest / 2**20:.2f} MiB arena, over --max-memory "
-            f"({max_memory / 2**20:.2f} MiB); lower the batch size or split the model into smaller blocks"
+            f"training needs {size_text(total)} ({size_text(weights)} weights, {size_text(optimizer_state)} "
+            f"SGD momentum, {size_text(largest)} for method {name}'s arena), over --max-memory "
+            f"{size_text(max_memory)}; export with a smaller --batch-size, or use a smaller model"
         )
