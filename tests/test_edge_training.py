@@ -22,7 +22,6 @@ from lls.method.models import model_specs
 from lls.method.net import AvgPool, Conv, LocalNet
 from lls.method.rules import comparison_rules
 
-
 EXACT = 1e-5  # issue 30's goal: the largest relative difference of any parameter after the steps
 EDGE_SPECS = (Conv(4, pool=2), AvgPool(1))  # one conv block (BatchNorm, LeakyReLU) and the head
 EDGE_INPUT, EDGE_CLASSES, EDGE_BATCH = (1, 4, 4), 3, 4
@@ -298,3 +297,32 @@ def test_every_rule_steps_in_the_runtime_as_in_lls(rule, options):
     built = build_program(trainer, EDGE_BATCH, lr=0.05)
     result = check_program(ProgramRunner(built.buffer), trainer, edge_batches(3, (1, 8, 8)), 3)
     assert result.largest <= EXACT, result
+
+
+@pytest.mark.slow
+def test_export_train_and_check_a_run_from_the_command_line(digits, tmp_path, capsys):
+    """A run to a training program, checked against lls, trained in the runtime into a run
+    directory that lls eval reads with the accuracy edge train reported; refusals write nothing."""
+    needs_executorch()
+    run, program = tmp_path / "run", tmp_path / "train.pte"
+    common = ["--dataset", "digits", "--limit", "64"]
+    argv = ["train", *common, "--model", "smallconv", "--epochs", "1", "--batch-size", "16"]
+    assert main([*argv, "--optimizer", "sgd", "--lr", "0.05", "--out", str(run), "--quiet"]) == 0
+    export = ["export", str(run), "--format", "executorch", "--training", "--out", str(program)]
+    capsys.readouterr()
+    assert main([*export, "--max-memory", "64KiB"]) == 2  # the weights alone are more
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "over --max-memory 64 KiB" in err and not program.exists()
+    assert main([*export, "--batch-size", "8"]) == 0
+    assert "block0, block1, block2, block3, head; batches of 8" in capsys.readouterr().out
+    assert main(["edge", "check", str(program), "--steps", "3", "--json"]) == 0
+    check = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert check["steps"] == 3 and check["largest"] <= EXACT and check["rule"] == "lls"
+    trained = tmp_path / "device"
+    edge = ["edge", "train", str(program), "--steps", "5", "--out", str(trained), "--json", "--quiet"]
+    assert main(edge) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 5 and summary["epochs"] == 1  # 64 images: 8 full batches an epoch
+    assert main(["eval", str(trained), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["accuracy"] == summary["test_accuracy"]
