@@ -26,6 +26,7 @@ from .programs import METADATA_METHOD, MethodLayout, ProgramLayout
 GRADIENTS_INDEX = "__et_training_gradients_index_"  # ExecuTorch's joint-export getters
 PARAMETERS_INDEX = "__et_training_parameters_index_"
 PARAMETER_NAMES = "__et_training_fqn_"
+PROGRAM_MAGIC = b"ET"  # bytes 4-5 of every ExecuTorch program (its flatbuffer identifier, ET12...)
 
 
 @dataclass
@@ -45,15 +46,23 @@ class ProgramRunner:
         from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
 
         self.buffer = Path(program).read_bytes() if isinstance(program, (str, Path)) else bytes(program)
+        where = f"{program}" if isinstance(program, (str, Path)) else "the buffer"
+        if self.buffer[4:6] != PROGRAM_MAGIC:  # the runtime would log its complaint to stderr first
+            raise LLSError(
+                f"{where} is not an ExecuTorch program (no ET header); "
+                "export one with `lls export RUN --format executorch --training`"
+            )
         try:
             self.module = _load_for_executorch_from_buffer(self.buffer)
+            methods = self.module.method_names()
         except Exception as error:  # not a program: said in one line
             raise LLSError(
-                f"not an ExecuTorch program ({str(error).strip()[:160] or type(error).__name__})"
+                f"{where} is not an ExecuTorch program ({str(error).strip()[:160] or type(error).__name__}); "
+                "export one with `lls export RUN --format executorch --training`"
             ) from None
-        if METADATA_METHOD not in self.module.method_names():
+        if METADATA_METHOD not in methods:
             raise LLSError(
-                "this ExecuTorch program is not an lls training program (no lls_metadata); "
+                f"{where} is an ExecuTorch program but not an lls training program (no lls_metadata); "
                 "export one with `lls export RUN --format executorch --training`"
             )
         self.layout = ProgramLayout.from_dict(json.loads(self.module.run_method(METADATA_METHOD, ())[0]))
