@@ -113,7 +113,13 @@ def method_memory(program: Any) -> dict[str, MethodMemory]:
             sum(_tensor_bytes(plan.values[i].val) for i in gradients),
             constants,
         )
-    return out
+    return dict(sorted(out.items(), key=lambda item: _natural(item[0])))
+
+
+def _natural(name: str) -> tuple[str, int]:
+    """block2 before block10 (the program lists its methods by name)."""
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem) :] or -1)
 
 
 @dataclass
