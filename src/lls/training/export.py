@@ -62,8 +62,8 @@ METADATA_METHODS = {
 
 def installed(package: str) -> bool:
     """Whether ``package`` can be imported (False also where a test hides it: ``sys.modules[p] = None``)."""
-    if package in sys.modules:
-        return sys.modules[package] is not None
+    if package in sys.modules and sys.modules[package] is None:
+        return False
     return importlib.util.find_spec(package) is not None
 
 
