@@ -4,9 +4,11 @@ evaluation; bad batches in one line; torch.optim classes, per-block learning rat
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lls
@@ -109,7 +111,7 @@ def test_lr_per_block_as_a_list_or_a_function():
     "lr,match",
     [
         ([0.1, 0.2], "lr has 2 values for 3 blocks and the head; give 4"),
-        ("0.1", "lr must be a number, a list or a function"),
+        ("0.1", r"lr must be float \| Sequence\[float\] \| a function, got .0.1. \(str\)"),
         ([0.1, 0.1, -1.0, 0.1], "lr for block 2 is -1.0"),
         (lambda i: math.nan if i == 3 else 0.1, "the lr function's value for the head is nan"),
     ],
@@ -218,3 +220,66 @@ def test_a_trainer_before_its_first_batch_says_so_in_one_line():
     evaluated = lls.Trainer(hand_built("sequential"), "lls")
     assert evaluated.evaluate([tiny_batch(8)], refresh=[tiny_batch(8)]).accuracy >= 0  # and so does evaluate
     assert evaluated.input_shape == TINY_INPUT
+
+
+def mlp_loaders(n=40, batch=16, features=20, classes=3):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch), DataLoader(TensorDataset(x, y), batch_size=n)
+
+
+def mlp(features=20, classes=3):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(features, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, classes),
+    )
+
+
+@pytest.mark.parametrize("rule", lls.list_rules())
+def test_every_rule_trains_from_plain_dataloaders_with_or_without_probes(rule):
+    """bp, dfa and drtp have no readout of their own: without probe batches there is no block
+    accuracy, said once per fit (one warning for two epochs), and training goes on; with them each
+    block is read out by a ridge probe."""
+    train, test = mlp_loaders()
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = lls.Trainer(lls.localize(model, input_shape=(20,)), rule, optimizer="adam", lr=1e-2)
+    own_readout = lls.method.readout.readout_kind(trainer.signals) != "ridge probe"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = lls.fit(trainer, lls.Loaders(train=train, test=test), epochs=2, progress=False)
+    said = [w for w in caught if "no block accuracy" in str(w.message)]
+    assert len(said) == (0 if own_readout else 1)
+    for record in history.records:
+        assert math.isfinite(record.test_loss) and 0 <= record.test_accuracy <= 1
+        assert len(record.block_accuracy) == (2 if own_readout else 0)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with probe batches nothing is said
+        history = lls.fit(
+            trainer, lls.Loaders(train=train, test=test, probe=test), epochs=3, start_epoch=2, progress=False
+        )
+    (record,) = history.records
+    assert len(record.block_accuracy) == 2 and all(0 <= a <= 1 for a in record.block_accuracy)
+    assert record.readout == ("ridge probe" if not own_readout else record.readout)
+
+
+def test_a_dataloaders_last_batch_of_one_is_merged_into_the_one_before():
+    """33 samples in batches of 16: 16, 16, 1 -> two steps, of 16 and 17, as `lls train` merges a
+    last batch too small for BatchNorm; every sample is seen once."""
+    train, test = mlp_loaders(n=33)
+    trainer = lls.Trainer(lls.localize(mlp(), input_shape=(20,)), "lls")
+    sizes = []
+    step = trainer.train_step
+    trainer.train_step = lambda x, y: sizes.append(len(y)) or step(x, y)
+    history = lls.fit(trainer, train, epochs=1, test=test, progress=False)
+    assert sizes == [16, 17] and math.isfinite(history.records[0].train_loss)
+    assert len(lls.data.batches.IterableBatches(train, (20,), 3, torch.zeros(1), min_batch=2)) == 2
+    merged = list(lls.data.batches.IterableBatches(train, (20,), 3, torch.zeros(1), min_batch=2).epoch())
+    xs = torch.cat([x for x, _ in merged])
+    torch.testing.assert_close(xs, train.dataset.tensors[0], rtol=0, atol=0)

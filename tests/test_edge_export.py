@@ -55,15 +55,16 @@ def test_executorch_program_gives_load_runs_logits_and_says_what_it_needs(run, t
         torch.testing.assert_close(logits, expected[: len(batch)], rtol=0, atol=EXPORT_TOLERANCE)
     with pytest.raises(RuntimeError):  # the arena holds the largest batch planned, not one more
         run_method(program, "forward", torch.zeros(EXECUTORCH_MAX_BATCH + 1, 1, 8, 8))
-    # what an app needs to feed the program, read from the program alone
+    # what an app needs to feed the program, read from the program alone (strings, as in ONNX's file)
     meta = json.loads(run_method(program, "lls_metadata")[0])
-    assert meta["input_shape"] == [1, 8, 8] == list(run_method(program, "input_shape"))
-    assert meta["mean"] == pytest.approx(digits.mean) and meta["std"] == pytest.approx(digits.std)
+    assert json.loads(meta["input_shape"]) == [1, 8, 8] == list(run_method(program, "input_shape"))
+    assert json.loads(meta["input_mean"]) == pytest.approx(digits.mean)
     assert list(run_method(program, "input_mean")) == pytest.approx(digits.mean)
     assert list(run_method(program, "input_std")) == pytest.approx(digits.std)
-    assert list(run_method(program, "class_names")) == meta["classes"] == [str(k) for k in range(10)]
-    assert (meta["rule"], meta["model"], meta["dataset"]) == ("lls", "smallconv", "digits")
-    assert meta["lls_version"] == lls.__version__
+    assert meta["num_classes"] == "10" and list(run_method(program, "num_classes")) == [10]
+    assert list(run_method(program, "class_names")) == list(digits.classes)
+    assert json.loads(meta["rule"])["name"] == "lls"
+    assert (meta["model"], meta["dataset"], meta["lls_version"]) == ("smallconv", "digits", lls.__version__)
 
 
 def test_without_executorch_export_says_in_one_line_what_to_install(run, tmp_path, monkeypatch, capsys):
@@ -87,4 +88,4 @@ def test_every_zoo_model_runs_in_executorch_with_its_pytorch_logits(name, tmp_pa
     program = rt.load_program((tmp_path / "m.pte").read_bytes())
     (logits,) = run_method(program, "forward", x)
     torch.testing.assert_close(logits, expected, rtol=0, atol=EXPORT_TOLERANCE)
-    assert json.loads(run_method(program, "lls_metadata")[0]) == {"model": name, "input_shape": [3, 32, 32]}
+    assert json.loads(run_method(program, "lls_metadata")[0]) == {"model": name, "input_shape": "[3, 32, 32]"}

@@ -538,7 +538,22 @@ def test_fit_takes_lists_of_batches_and_refuses_a_batch_too_small_for_batchnorm(
     history = lls.fit(ScriptedTrainer(), batches(SIZES), 1, test=batches((5,)), progress=False)
     assert history.records[0].train_loss == pytest.approx(17 / 8)
     with pytest.raises(lls.LLSError, match=r"^a training batch of 1 sample\(s\): BatchNorm needs 2; "):
-        lls.fit(ScriptedTrainer(), batches((3, 1)), 1, test=batches((5,)), progress=False)
+        lls.fit(ScriptedTrainer(), batches((1,)), 1, test=batches((5,)), progress=False)
+
+
+def test_a_last_batch_of_one_is_merged_into_the_one_before_as_lls_train_does():
+    """(3, 3, 1) trains as (3, 4): the scripted batch 1 with the lone image of batch 2 appended."""
+    sizes = (3, 3, 1)
+    batches = [(torch.full((n, 1), float(s)), torch.zeros(n, dtype=torch.long)) for s, n in enumerate(sizes)]
+    trainer = ScriptedTrainer()
+    seen = []
+    step = trainer.train_step
+    trainer.train_step = lambda x, y: seen.append(x[:, 0].tolist()) or step(x, y)
+    history = lls.fit(trainer, batches, 1, test=batches[:1], progress=False)
+    assert seen == [[0.0] * 3, [1.0, 1.0, 1.0, 2.0]]
+    # batch 0's loss 3 times, then batch 1's (the script's, by its first image) 4 times: 7 images
+    loss = [SCRIPT[0]["loss"]] * 3 + [SCRIPT[1]["loss"]] * 4
+    assert history.records[0].train_loss == pytest.approx(sum(loss) / 7)
 
 
 def test_the_ridge_probes_get_the_first_2048_training_images_in_the_layout_asked_for():

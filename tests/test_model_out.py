@@ -284,3 +284,43 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, monkeyp
     )
     one_line(capsys, ["export", str(run), "--format", "onnx", "--out", str(out)], "pip install 'lls[export]'")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "junk.png"]
+
+
+def expected_metadata(digits) -> dict[str, str]:
+    """What an export of the README's digits run must record, written out from the run's options."""
+    return {
+        "lls_version": lls.__version__,
+        "input_mean": json.dumps(list(digits.mean)),
+        "input_std": json.dumps(list(digits.std)),
+        "input_shape": json.dumps([1, 8, 8]),
+        "class_names": json.dumps([str(d) for d in range(10)]),
+        "num_classes": "10",
+        "model": "smallconv",
+        "dataset": "digits",
+    }
+
+
+def check_metadata(found: dict[str, str], digits) -> None:
+    for key, value in expected_metadata(digits).items():
+        assert found[key] == value, key
+    rule = json.loads(found["rule"])
+    assert rule["name"] == "lls" and rule["basis"] == "square"  # the README's run: lls train's defaults
+    assert "input_mean" in found["input_normalization"]
+
+
+def test_torchscript_export_records_normalisation_classes_rule_and_version(run, tmp_path, capsys, digits):
+    out = tmp_path / "digits.pt"
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 0
+    wanted = {key: "" for key in [*expected_metadata(digits), "rule", "input_normalization"]}
+    torch.jit.load(str(out), _extra_files=wanted)
+    check_metadata({key: value.decode() for key, value in wanted.items()}, digits)
+
+
+@NEEDS_ONNX
+def test_onnx_export_records_normalisation_classes_rule_and_version(run, tmp_path, capsys, digits):
+    import onnx
+
+    out = tmp_path / "digits.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    check_metadata(props, digits)

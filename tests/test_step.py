@@ -95,10 +95,14 @@ def test_a_range_of_blocks_has_a_head_loss_only_when_it_ends_with_the_last_block
 
 def test_build_trainer_refuses_bad_arguments_in_one_line():
     with pytest.raises(
-        TypeError, match=r"^build_trainer needs a dataset, or an input shape and num_classes$"
+        lls.LLSError,
+        match=r"^build_trainer: data must be a dataset, or an input shape \(C, H, W\) given with "
+        r"num_classes; got \(1, 8, 8\) \(tuple\)$",
     ):
         lls.build_trainer(TINY_SPECS, "lls", TINY_INPUT)
-    with pytest.raises(TypeError, match=r"^rule_options go with a rule name, not a Rule object$"):
+    with pytest.raises(
+        lls.LLSError, match=r"^build_trainer: rule_options go with a rule name, not a Rule object$"
+    ):
         lls.build_trainer(
             TINY_SPECS, lls.create_rule("lls"), TINY_INPUT, NUM_CLASSES, rule_options={"seed": 1}
         )

@@ -272,8 +272,9 @@ def test_every_optimizer_gets_the_learning_rate_and_weight_decay():
     trainer = lls.Trainer(
         tiny_net(), "lls-m", input_shape=TINY_INPUT, optimizer=factory, lr=0.3, weight_decay=0.4
     )
+    # first tried on one throw-away parameter when the trainer is made (checks.py's probe), then
     # three blocks: weight, bias, two BatchNorm parameters and LLS-M's vector; head: weight, bias
-    assert made == [(5, 0.3, 0.4)] * 3 + [(2, 0.3, 0.4)]
+    assert made == [(1, 1e-3, 0.4)] + [(5, 0.3, 0.4)] * 3 + [(2, 0.3, 0.4)]
 
 
 def test_a_step_reports_the_heads_loss_on_its_training_mode_logits():
@@ -360,9 +361,9 @@ def test_build_trainer_from_a_dataset_or_a_shape():
         lls.build_trainer(TINY_SPECS, "lls-m", TINY_INPUT, NUM_CLASSES, seed=3).signals[0].modulation,
         lls.build_trainer(TINY_SPECS, "lls-m", TINY_INPUT, NUM_CLASSES, seed=3).signals[0].modulation,
     )
-    with pytest.raises(TypeError, match="needs a dataset, or an input shape and num_classes"):
+    with pytest.raises(lls.LLSError, match="data must be a dataset, or an input shape"):
         lls.build_trainer(TINY_SPECS, "lls", TINY_INPUT)
-    with pytest.raises(TypeError, match="rule_options go with a rule name"):
+    with pytest.raises(lls.LLSError, match="rule_options go with a rule name"):
         lls.build_trainer(
             TINY_SPECS, lls.create_rule("lls"), TINY_INPUT, NUM_CLASSES, rule_options={"basis": "square"}
         )

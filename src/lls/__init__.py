@@ -45,6 +45,7 @@ _API = {  # name -> module, imported on first use
     "register_basis": ".method.basis",
     "register_rule": ".method.rules",
     "Rule": ".method.rules",
+    "save_run": ".training.save",
     "Split": ".data",
     "StepResult": ".step.trainer",
     "TensorLoader": ".data",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -42,12 +43,28 @@ def build_parser() -> Parser:
     return parser
 
 
+def run_command(args) -> int:
+    """The command, with library warnings held back: shown after it succeeds, dropped when it
+    fails (its one error line then stands alone on stderr)."""
+    with warnings.catch_warnings(record=True) as caught:
+        code = args.func(args)
+    for warning in caught:
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()  # the largest single speed-up on CPU; see malloc.py
     args = None
     try:
-        args = build_parser().parse_args(argv)
-        code = args.func(args)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        files = [a for a in extra if not a.startswith("-")]
+        if extra and hasattr(args, "files") and files == extra:
+            args.files += files  # `lls predict RUN --json a.png`: files after an option are files too
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        code = run_command(args)
     except LLSError as error:
         print(f"lls: error: {error}", file=sys.stderr)
         code = EXIT_USER_ERROR

@@ -27,7 +27,8 @@ class Parser(argparse.ArgumentParser):
     """argparse, with its errors as one ``lls: error:`` line (exit status 2) like every other."""
 
     def error(self, message: str):
-        raise LLSError(f"{self.prog}: {message}; see `{self.prog} --help`")
+        where = "" if self.prog == "lls" else f"{self.prog.removeprefix('lls ')}: "  # "lls: error:" says lls
+        raise LLSError(f"{where}{message}; see `{self.prog} --help`")
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -15,6 +15,7 @@ from ..measure.fits import check_fits
 from ..measure.plots import FIGURE_FORMATS, figure_format
 from ..method.basis import BASIS_KINDS
 from ..method.rules import LLS
+from ..training.files import check_output
 from ..training.run import describe_rule, open_trained
 from .common import add_data_options, add_device, counted, resolve_device
 
@@ -79,6 +80,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     path = Path(args.out or f"basis-{args.kind}-{args.classes}x{args.dim}.png")
     figure_format(path)  # an unknown suffix is refused before anything is computed
+    check_output(path)  # and so is a path no command may write (a run's file, a FIFO, a link)
     what = f"a picture of a {args.classes} x {args.dim} basis"
     check_fits(
         plot_basis_bytes(args.classes, args.dim), torch.device("cpu"), what, "lower --dim or --classes"

@@ -12,9 +12,10 @@ import torch
 
 from ..data.inputs import read_images
 from ..errors import LLSError
-from ..training.export import EXECUTORCH_MAX_BATCH, FORMATS, check_format, export_model
+from ..training.export import EXECUTORCH_MAX_BATCH, FORMATS, check_format, export_model, run_metadata
+from ..training.files import check_output
 from ..training.run import open_trained
-from ..training.trained import Inputs, batches, dataset_inputs, evaluated_model, run_metadata
+from ..training.trained import Inputs, batches, dataset_inputs, evaluated_model
 from .common import add_data_options, add_device, counted, resolve_device
 
 PROBABILITY_DIGITS = 6  # significant digits of the probabilities in CSV
@@ -123,12 +124,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             raise LLSError(f"--{name.replace('_', '-')} goes with --training")
     check_format(args.format)  # before the run is read: a missing package is said at once
+    check_output(args.out)  # before the model is loaded: a path that may not be written is said at once
     device = torch.device("cpu")
-    _, state, session = open_trained(
+    run, state, session = open_trained(
         args.run, device=device, data_dir=args.data_dir, download=not args.no_download
     )
     model = evaluated_model(session, state).to(memory_format=torch.contiguous_format)
-    out = export_model(model, session.data.input_shape, args.out, args.format, run_metadata(session))
+    inputs = [run.checkpoint_path, run.config_path]
+    out = export_model(
+        model, session.data.input_shape, args.out, args.format, session_metadata(session), inputs=inputs
+    )
     print(
         f"wrote {out} ({args.format}): input (N, {', '.join(map(str, session.data.input_shape))}), "
         f"{session.data.num_classes} logits"
@@ -169,3 +174,18 @@ def cmd_export_training(args: argparse.Namespace) -> int:
         f"batches of {layout.batch_size}, SGD lr {sgd['lr']} momentum {sgd['momentum']}"
     )
     return 0
+
+
+def session_metadata(session) -> dict[str, str]:
+    """What an exported file records of the run it comes from (``run_metadata``)."""
+    data, config = session.data, session.config
+    return run_metadata(
+        rule=config.rule_config(),
+        mean=data.mean,
+        std=data.std,
+        input_shape=data.input_shape,
+        classes=list(data.classes),
+        num_classes=data.num_classes,
+        model=config.model,
+        dataset=config.dataset,
+    )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import checked
 from ..errors import LLSError
 from ..registry import Registry
 from .base import Augment, Dataset, FileSplit, Split, default_data_root, seeded_generator
@@ -36,6 +37,7 @@ def dataset_shape(name: str) -> tuple[tuple[int, int, int], int] | None:
     return DATASETS.get(name).shape()
 
 
+@checked
 def load_dataset(
     name: str,
     data_dir: str | Path | None = None,

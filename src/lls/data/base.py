@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_fields
 from ..errors import LLSError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,12 +39,14 @@ class Split:
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(
-                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            raise LLSError(
+                f"Split: images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
             )
         if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+            raise LLSError(f"Split: {len(self.images)} images but {len(self.labels)} labels")
         self.labels = self.labels.long()
 
     def __len__(self) -> int:
@@ -120,6 +123,9 @@ class Dataset:
     augment: Augment = field(default_factory=Augment)
     source: str = ""  # where the files were read from, for the run's record
     classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

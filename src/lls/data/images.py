@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -229,6 +230,8 @@ class VWWSource(FileSource):
 class ImageFolderSource(FileSource):
     """Any ``root/<class>/<image>`` tree; ``root/train`` + ``root/val`` (or ``test``) when present,
     else a fixed, stratified 10 % of every class is held out for testing."""
+
+    takes_image_size: ClassVar[bool] = True
 
     def _load(self, data_dir, *, download, quiet, augment, image_size) -> Dataset:
         if data_dir is None:

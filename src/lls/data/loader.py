@@ -11,6 +11,7 @@ epoch's batches are the same whenever it is replayed, on any device, including a
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..checks import checked
 from ..errors import LLSError
 from .augment import Draws, draw, erase, flip, pad_crop, seeded_generator
 from .base import Augment, FileSplit, Split
@@ -31,6 +33,7 @@ class BatchLoader:
 
     random_crop = False  # whether a batch needs crop draws
 
+    @checked
     def __init__(
         self,
         split: Split | FileSplit,
@@ -46,7 +49,7 @@ class BatchLoader:
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise LLSError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.labels = split.labels.to(self.device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -120,6 +123,7 @@ class BatchLoader:
 class TensorLoader(BatchLoader):
     """Batches of an in-memory :class:`Split`; ``loader.epoch(e)`` yields normalised ``(x, y)``."""
 
+    @checked
     def __init__(self, split: Split, batch_size: int, **options) -> None:
         super().__init__(split, batch_size, **options)
         self.images = split.images.to(self.device)
@@ -173,6 +177,9 @@ def decode_image(path, resize: int | None, size: int, crop: list[float] | None) 
     """Read one image file as a (3, size, size) uint8 array: RGB, resize shorter side, crop."""
     from PIL import Image, UnidentifiedImageError
 
+    # Images past PIL's warning size (89 Mpixels) are shrunk here like any other; past twice that
+    # PIL refuses them (DecompressionBombError, below). Its warning would print before that line.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")

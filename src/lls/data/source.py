@@ -6,6 +6,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from tqdm import tqdm
 
@@ -18,6 +19,8 @@ from .loader import decode_image
 @dataclass
 class Source:
     """Base of every registered dataset. Subclasses implement ``_load`` and, if public, ``fetch``."""
+
+    takes_image_size: ClassVar[bool] = False  # image_size applies: the user's images, cropped to it
 
     name: str
     augmentations: dict[str, Augment] = field(default_factory=lambda: {"none": Augment()})
@@ -54,9 +57,19 @@ class Source:
         augment: str | None = None,
         image_size: int | None = None,
     ) -> Dataset:
+        self.check_options(augment, image_size)
         dataset = self._load(data_dir, download=download, quiet=quiet, augment=augment, image_size=image_size)
         dataset.augment = self.augment(augment)
         return dataset
+
+    def check_options(self, augment: str | None, image_size: int | None) -> None:
+        """Refuse options this dataset has no use for (known without its files)."""
+        self.augment(augment)
+        if image_size is not None and not self.takes_image_size:
+            raise LLSError(
+                f"image_size (--image-size) sets the crops of the user's own images; {self.name} has "
+                "images of a fixed size: drop it"
+            )
 
     def _load(self, data_dir, *, download, quiet, augment, image_size) -> Dataset:
         raise NotImplementedError

@@ -48,7 +48,7 @@ def estimated_bytes(trainer: Trainer, batch: int) -> int:
         activations = batch * sum(p.input + p.work for p in blocks)
     else:  # a block-local step holds one block's at a time
         activations = max(batch * (p.input + p.output + p.latent + p.work) for p in blocks)
-    rows = max([net.head.out_features, *(getattr(s, "rows", 0) for s in trainer.signals)])
+    rows = max([trainer.num_classes, *(getattr(s, "rows", 0) for s in trainer.signals)])
     scores = SCORE_COPIES * batch * rows * element
     return STATE_COPIES * trainable + fixed + activations + scores
 

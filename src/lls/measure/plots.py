@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import LLSError
-from ..training.files import atomic_write, describe_os_error
+from ..training.files import atomic_write, check_output, describe_os_error
 
 FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}  # a figure's file suffix -> format
 
@@ -21,11 +21,14 @@ def figure_format(path: Path) -> str:
     return kind
 
 
-def save_figure(figure, path: Path, *, tight: bool = True) -> None:
+def save_figure(figure, path: Path, *, tight: bool = True, run_file: bool = False) -> None:
     """Write a matplotlib figure, atomically, so a reader never sees half a picture; the format
     follows the suffix (PNG, PDF or SVG). ``tight`` crops to the drawn area (one more layout pass;
-    figures laid out by matplotlib's constrained layout need none)."""
+    figures laid out by matplotlib's constrained layout need none). Anywhere but a run's own
+    curves (``run_file``), the path must be one a command may write (``files.check_output``)."""
     kind = figure_format(path)
+    if not run_file:
+        check_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -77,4 +80,4 @@ def plot_curves(records: Sequence[dict], path: Path, title: str = "") -> None:
         ax.legend(fontsize=8, loc=corner)
     if title:
         figure.suptitle(title, fontsize=10)
-    save_figure(figure, path, tight=False)
+    save_figure(figure, path, tight=False, run_file=True)

@@ -16,7 +16,7 @@ from ..errors import LLSError
 from ..method.models import model_options
 from ..method.rules import RULES, create_rule
 from ..training.config import DISTINGUISHING, TrainConfig
-from ..training.files import atomic_write, check_folder
+from ..training.files import atomic_write, check_folder, check_output
 from ..training.rundir import RunDir
 from .cost import count_costs
 from .memory import measure_memory
@@ -282,9 +282,10 @@ def write_report(paths: list[Path], folder: Path, with_costs: bool = True) -> tu
     if folder.exists() and not folder.is_dir():
         raise LLSError(f"--out {folder} is a file; give a folder for the report")
     folder.mkdir(parents=True, exist_ok=True)
+    page_path, json_path = (check_output(folder / name) for name in ("report.md", "report.json"))
     text = markdown(rows)
     figures = plot(rows, folder)
     page = text + "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
-    atomic_write(folder / "report.md", page.encode())
-    atomic_write(folder / "report.json", json.dumps(rows, indent=1).encode())
+    atomic_write(page_path, page.encode())
+    atomic_write(json_path, json.dumps(rows, indent=1).encode())
     return text, [r.path for r in runs if not r.finished]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import checked
 from ..errors import LLSError
 from ..registry import Registry
 
@@ -69,6 +70,7 @@ class BasisKind:
 BASIS_KINDS: Registry[BasisKind] = Registry("basis", plural="bases")
 
 
+@checked
 def register_basis(name: str, help: str, **properties) -> Callable[[Values], Values]:
     """Register ``values(num_classes, dim, seed, width)`` as basis kind ``name``."""
 
@@ -140,6 +142,7 @@ def hadamard(num_classes: int, dim: int, seed: int, width: int | None) -> torch.
     return (1 - 2 * parity).to(torch.float64)
 
 
+@checked
 def basis(
     num_classes: int,
     dim: int,

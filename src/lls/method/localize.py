@@ -20,8 +20,10 @@ training it trains the model.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
+import re
 from collections.abc import Sequence
 from operator import attrgetter
 
@@ -30,8 +32,11 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..checks import checked
 from ..errors import LLSError
+from . import replay
 from .net import LocalNet
+from .replay import Picker, logits_of
 
 MAX_LATENT = 2048  # the largest LLS latent d_l of the paper's presets (VGG8's first block, VGG11's fc)
 PROBE_BATCH = 2  # samples of the probe batch (BatchNorm1d in train mode needs 2)
@@ -66,11 +71,14 @@ def choose_pool(shape: Sequence[int], max_latent: int = MAX_LATENT) -> int | Non
     return p
 
 
+@checked
 def localize(
     model: nn.Module,
     blocks: int | Sequence[int] | Sequence[str] | None = None,
     *,
-    input_shape: Sequence[int],
+    input_shape: Sequence[int] | None = None,
+    example: torch.Tensor | None = None,
+    output: Picker | None = None,
     max_latent: int = MAX_LATENT,
 ) -> LocalNet:
     """``model`` as blocks LLS trains one at a time, for inputs of ``input_shape`` (one sample).
@@ -78,12 +86,33 @@ def localize(
     ``blocks``: for an ``nn.Sequential``, None (one block per layer with weights), a number of
     blocks balanced by multiply-adds, or the layer indices where blocks start; for any model, the
     names (or ``fnmatch`` patterns, matched part by part between dots) of the submodules that are
-    the blocks, in the order the forward runs them. ``max_latent`` bounds each block's LLS latent
-    (:func:`choose_pool`).
+    the blocks, in the order the forward runs them. A forward ``torch.fx`` cannot follow (Python
+    checks, loops, a ``ModelOutput``) is followed at run time instead (replay.py); a model
+    returning a ``ModelOutput`` or a dict is read by its ``logits``. ``example``: a batch of real
+    inputs (needed for integer inputs, e.g. token ids; ``input_shape`` is then its samples' shape).
+    ``output(name, returned)``: the tensor a block that returns several hands on (default: its
+    first). ``max_latent`` bounds each block's LLS latent (:func:`choose_pool`).
     """
     if isinstance(model, LocalNet):
         return model
+    _check_not_shared(model)
+    if isinstance(blocks, int) and blocks < 1:
+        raise LLSError(f"localize: blocks must be at least 1 block, got {blocks}")
+    if example is not None:
+        if not isinstance(example, torch.Tensor) or example.dim() < 1:
+            raise LLSError("example= must be a batch of inputs (a tensor whose first dimension is the batch)")
+        if input_shape is not None and tuple(input_shape) != tuple(example.shape[1:]):
+            given, samples = tuple(input_shape), tuple(example.shape[1:])
+            raise LLSError(f"input_shape={given} but example= has samples of shape {samples}")
+        input_shape = example.shape[1:]
+    if input_shape is None:
+        raise LLSError("localize needs input_shape=(one sample's shape), or example=a batch of inputs")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in input_shape):
+        raise LLSError(f"localize: input_shape must be positive whole numbers, got {tuple(input_shape)}")
     input_shape = tuple(int(s) for s in input_shape)
+    if example is not None and not example.is_floating_point() and not _names(blocks):
+        raise LLSError("a model with integer inputs is split by names: blocks=['name', ...] with example=")
+    probe = _probe(model, input_shape, example)
     if isinstance(model, nn.Sequential) and not _names(blocks):
         parts = _split_sequential(model, blocks, input_shape)
     else:
@@ -92,14 +121,97 @@ def localize(
                 f"{type(model).__name__} is not an nn.Sequential: name its blocks, "
                 "e.g. localize(model, blocks=['layer1', 'layer2'], input_shape=...)"
             )
-        parts = _split_traced(model, list(blocks), input_shape)
+        names = _resolve(model, list(blocks))
+        try:
+            if output is not None or not _blocks_return_tensors(model, names, probe):
+                raise _NotTraceable("blocks hand on one of several tensors: followed at run time")
+            parts = _split_traced(model, names, input_shape)
+        except _NotTraceable:
+            *parts, _ = replay.split(model, names, probe, output)
     body, between, head = parts
     net = LocalNet(body, head, between)
+    net.input_dtype = probe.dtype if not probe.is_floating_point() else None
     shapes = net.block_output_shapes(input_shape)
     net.latent_pool = [choose_pool(shape, max_latent) for shape in shapes]
-    _check_same(model, net, input_shape)
+    _check_same(model, net, probe)
     net.input_shape = input_shape
+    net._localized_from = (model,)
     return net
+
+
+def _check_not_shared(model: nn.Module) -> None:
+    """Refuse a model that uses one module (or parameter) in two places: its parameters would sit
+    in two blocks' optimizers, and the traced path refuses such a model too."""
+    seen: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            where = f"{name}.{pname}" if name else pname
+            if id(param) in seen and seen[id(param)] != where:
+                raise LLSError(
+                    f"the model uses one parameter in two places ({seen[id(param)]} and {where}): each "
+                    "block needs its own layers; use a copy (copy.deepcopy) for the second use"
+                )
+            seen.setdefault(id(param), where)
+
+
+class _NotTraceable(LLSError):
+    """torch.fx cannot follow the forward: it is followed at run time instead."""
+
+
+def _blocks_return_tensors(model: nn.Module, names: list[str], x: torch.Tensor) -> bool:
+    """Whether every block returns one tensor on the probe batch (a GRU returns a tuple)."""
+    returned = []
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda m, a, out: returned.append(out))
+        for name in names
+    ]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes:
+            m.train(mode)
+    return all(isinstance(out, torch.Tensor) for out in returned)
+
+
+def _probe(model: nn.Module, input_shape: tuple[int, ...], example: torch.Tensor | None) -> torch.Tensor:
+    """The batch the split is checked on: ``example`` (its first PROBE_BATCH samples, repeated if
+    fewer), else random normal inputs; on the model's device, floats in its dtype."""
+    param = next(model.parameters(), None)
+    if param is None:
+        raise LLSError("the model has no parameters: nothing to train")
+    if example is None:
+        x = torch.randn(PROBE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
+    else:
+        x = example[:PROBE_BATCH]
+        if len(x) < PROBE_BATCH:
+            x = x.repeat(PROBE_BATCH, *([1] * (x.dim() - 1)))[:PROBE_BATCH]
+    x = x.to(param.device)
+    x = x.to(param.dtype) if x.is_floating_point() else x
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as error:  # the model's own error, whatever its kind
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = (
+            ""
+            if example is not None
+            else "; give one sample's shape, or example=a batch of real inputs (token ids)"
+        )
+        what = "example=" if example is not None else "random normal inputs"
+        raise LLSError(
+            f"the model does not accept inputs of shape {input_shape} ({what}: {first[:160]}){hint}"
+        ) from None
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    return x
 
 
 def _names(blocks) -> bool:
@@ -227,14 +339,34 @@ def _resolve(model: nn.Module, patterns: list[str]) -> list[str]:
         parts = pattern.split(".")
         matched = [n for n in names if _matches(n.split("."), parts)]
         if not matched:
-            children = ", ".join(name for name, _ in model.named_children())
-            raise LLSError(f"the model has no submodule {pattern!r}; its children: {children}")
+            raise LLSError(f"the model has no submodule {pattern!r}; {_known_names(names, pattern)}")
         found += [n for n in matched if n not in found]
     for a in found:
         for b in found:
             if b.startswith(a + "."):
                 raise LLSError(f"block {b!r} lies inside block {a!r}; name blocks that do not nest")
     return found
+
+
+NAMES_PER_DEPTH = 8  # submodule names listed at each depth when a block's name matches none
+
+
+def _known_names(names: list[str], pattern: str) -> str:
+    """The closest names to ``pattern`` first (difflib), then the names at every depth."""
+    close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.6)
+    # the names with their numbers as "*" (layer1.0 -> layer*.*): patterns for stacks of layers
+    generalized = sorted({re.sub(r"\d+", "*", n) for n in names} - set(names))
+    patterns = difflib.get_close_matches(pattern, generalized, n=3, cutoff=0.6)
+    close = patterns + close if any(c in pattern for c in "*?[") else close + patterns
+    text = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    depths: dict[int, list[str]] = {}
+    for name in names:
+        depths.setdefault(name.count("."), []).append(name)
+    listed = []
+    for depth, at in sorted(depths.items()):
+        more = f" (+{len(at) - NAMES_PER_DEPTH} more)" if len(at) > NAMES_PER_DEPTH else ""
+        listed.append(f"depth {depth + 1}: {', '.join(at[:NAMES_PER_DEPTH])}{more}")
+    return text + "its submodules by depth: " + "; ".join(listed)
 
 
 def _matches(name: list[str], pattern: list[str]) -> bool:
@@ -250,23 +382,19 @@ class _BlockTracer(fx.Tracer):
         return qualified_name in self.block_names or super().is_leaf_module(m, qualified_name)
 
 
-def _split_traced(model: nn.Module, patterns: list[str], input_shape: tuple[int, ...]):
-    names = _resolve(model, patterns)
+def _split_traced(model: nn.Module, names: list[str], input_shape: tuple[int, ...]):
     tracer = _BlockTracer(set(names))
     try:
         graph = tracer.trace(model)
     except Exception as error:  # fx raises many kinds on forwards it cannot follow
-        raise LLSError(
-            f"cannot follow {type(model).__name__}'s forward with torch.fx ({str(error).splitlines()[0]}); "
-            "write the model as an nn.Sequential of its blocks"
-        ) from None
+        raise _NotTraceable(f"torch.fx cannot follow the forward: {error}") from None
     traced = fx.GraphModule(tracer.root, graph)
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise LLSError(f"the model's forward takes {len(inputs)} inputs; localize needs one (the batch)")
     (output,) = [n for n in graph.nodes if n.op == "output"]
-    if not isinstance(output.args[0], fx.Node):
-        raise LLSError("the model returns more than one tensor; localize needs a model that returns logits")
+    if not isinstance(output.args[0], fx.Node):  # a tuple, a dict, a ModelOutput: read at run time
+        raise _NotTraceable("the model returns more than one tensor")
     # every node's segment: -1 the input, 0 the stem, 2k+1 block k, 2k+2 what runs after block k
     segment, order, calls, current = {}, {name: k for k, name in enumerate(names)}, [], 0
     for node in graph.nodes:
@@ -352,17 +480,13 @@ def _split_traced(model: nn.Module, patterns: list[str], input_shape: tuple[int,
     return blocks_out, between, build(last_segment)
 
 
-def _check_same(model: nn.Module, net: LocalNet, input_shape: tuple[int, ...]) -> None:
-    """The chained blocks must compute the model's forward (in eval mode, on a probe batch)."""
-    param = next(net.parameters())
-    x = torch.randn(PROBE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0)).to(
-        param.device, param.dtype
-    )
+def _check_same(model: nn.Module, net: LocalNet, x: torch.Tensor) -> None:
+    """The chained blocks must compute the model's forward (in eval mode, on the probe batch)."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            expected, got = model(x), net(x)
+            expected, got = logits_of(model(x)), net(x)
     finally:
         for m, mode in modes:
             m.train(mode)

@@ -10,14 +10,59 @@ number of input channels, input size and classes, with the options of :class:`Mo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from torch import nn
+
+from ..checks import checked
 from ..errors import LLSError
 from ..registry import Registry
 from .net import AvgPool, Conv, Dense, DWSeparable, LocalNet, MaxPool, ModelOptions, Spec, build
 from .zoo import ResNet, Stage, ViT
 
-MODELS: Registry[tuple[Spec, ...]] = Registry("model")
+FACTORY_SEPARATOR = ":"  # "package.module:function": a model built by an importable factory
+
+
+class ModelRegistry(Registry):
+    """The zoo's models by name, and any model an importable factory builds: a name
+    ``"package.module:function"`` is the function, called as ``function(input_shape=(C, H, W),
+    num_classes=K, **model_options)``; it returns the network (an ``lls.LocalNet``, e.g. from
+    ``lls.localize``). This is how a run of your own model records it (``lls.save_run``)."""
+
+    def get(self, name: str):
+        if isinstance(name, str) and FACTORY_SEPARATOR in name:
+            return model_factory(name)
+        return super().get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return (isinstance(name, str) and FACTORY_SEPARATOR in name) or super().__contains__(name)
+
+
+def is_factory(name: object) -> bool:
+    return isinstance(name, str) and FACTORY_SEPARATOR in name
+
+
+def model_factory(path: str) -> Callable[..., nn.Module]:
+    """The function ``"package.module:function"`` names (a dotted path after the colon: a class's
+    method), or one line saying why it cannot be imported."""
+    module_name, _, qualname = path.partition(FACTORY_SEPARATOR)
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise LLSError(
+            f"cannot import the model factory {path!r} ({error}); a model is recorded as "
+            "'package.module:function', importable where the run is read"
+        ) from None
+    if not callable(target):
+        raise LLSError(f"the model factory {path!r} is a {type(target).__name__}, not a function")
+    return target
+
+
+MODELS: Registry[tuple[Spec, ...]] = ModelRegistry("model")
 
 MODELS.register("smallconv")(
     (
@@ -117,6 +162,7 @@ def model_specs(name: str) -> tuple[Spec, ...]:
     return MODELS.get(name)
 
 
+@checked
 def create_model(
     name: str | Sequence[Spec],
     *,
@@ -130,9 +176,63 @@ def create_model(
     one given as its list of block specs.
 
     ``options`` are :class:`ModelOptions` fields, e.g. ``dense_latent="output"``."""
+    if is_factory(name):
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        net = model_factory(name)(input_shape=(in_channels, *size), num_classes=num_classes, **options)
+        if not isinstance(net, LocalNet):
+            raise LLSError(
+                f"the model factory {name!r} returned a {type(net).__name__}; it must return the "
+                "network as trained: an lls.LocalNet (e.g. lls.localize(model, ...))"
+            )
+        return net
     h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     specs, label = (MODELS.get(name), name) if isinstance(name, str) else (tuple(name), "model")
-    return build(specs, (in_channels, h, w), num_classes, activation, name=label, **model_options(options))
+    options = model_options(options)
+    check_options_apply(label, specs, options)
+    return build(specs, (in_channels, h, w), num_classes, activation, name=label, **options)
+
+
+# Why a model has no use for an option, when it has none (taken_options)
+NO_USE = {
+    "dense_latent": "none of its dense blocks pools its latent to another length",
+    "depthwise_padding": "it has no strided depthwise convolution",
+    "block_granularity": "it has no residual stages",
+}
+
+
+def taken_options(specs: Sequence[Spec]) -> set[str]:
+    """The :class:`ModelOptions` that change what ``specs`` build (the others would be ignored)."""
+    taken = set()
+    for spec in specs:
+        if isinstance(spec, Dense) and spec.pool is not None and spec.pool != spec.width:
+            taken.add("dense_latent")
+        if isinstance(spec, DWSeparable) and spec.stride != 1:
+            taken.add("depthwise_padding")
+        if hasattr(spec, "count") and spec.count("block") != spec.count("stage"):
+            taken.add("block_granularity")
+    return taken
+
+
+def check_options_apply(name: str, specs: Sequence[Spec], options: dict, given: Sequence[str] = ()) -> None:
+    """Refuse a model option ``specs`` have no use for: one ``given`` (typed), or set away from its
+    default; one line naming it, why, and the models that take it."""
+    defaults, taken = ModelOptions().as_dict(), taken_options(specs)
+    for key, value in options.items():
+        if key not in taken and (key in given or value != defaults[key]):
+            users = [m for m in MODELS.names() if key in taken_options(MODELS.get(m))]
+            raise LLSError(
+                f"model {name!r} has no use for {key} (--{key.replace('_', '-')}): {NO_USE[key]}; "
+                f"drop it (models that take it: {', '.join(users)})"
+            )
+
+
+def applicable_options(name: str, options: dict) -> dict:
+    """``options`` without those the model ``name`` has no use for (a run recorded before they were
+    refused: it trained without them)."""
+    if is_factory(name):  # a factory's options are its own keyword arguments
+        return dict(options)
+    taken = taken_options(MODELS.get(name))
+    return {k: v for k, v in model_options(options).items() if k in taken}
 
 
 def model_options(options: dict | None) -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import checked
 from ..errors import LLSError
 from ..options import check, option
 from .activation import LEAKY_SLOPE, LeakyReLU
@@ -36,6 +37,7 @@ class LocalNet(nn.Module):
     (the reference code's ``adaptive_avg_pool1d``); ``None`` uses the flattened output as it is.
     """
 
+    @checked
     def __init__(
         self,
         blocks: Sequence[nn.Module],
@@ -58,6 +60,15 @@ class LocalNet(nn.Module):
         self.head = head
         self.latent_pool: list[int | None] = latent_pool
         self.input_shape: tuple[int, ...] | None = None  # one sample's, where the builder knows it
+        self.input_dtype: torch.dtype | None = None  # integer inputs (token ids); None: floats
+        # the model localize() split, in a tuple: as an attribute it would be a submodule, its
+        # parameters counted twice
+        self._localized_from: tuple[nn.Module, ...] = ()
+
+    @property
+    def localized_from(self) -> nn.Module | None:
+        """The model :func:`~lls.localize` split into this network (they share parameters), or None."""
+        return self._localized_from[0] if self._localized_from else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
@@ -110,7 +121,7 @@ class LocalNet(nn.Module):
         was_training = self.training
         self.eval()  # BatchNorm must not update its statistics on the dummy batch
         try:
-            h = torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype)
+            h = torch.zeros(2, *input_shape, device=param.device, dtype=self.input_dtype or param.dtype)
             shapes = []
             for index in range(len(self.blocks)):
                 (_, a), (_, after) = self.walk(h, range(index, index + 1))

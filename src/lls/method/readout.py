@@ -64,6 +64,8 @@ def fit_probes(net, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classe
         for i, a in outputs:
             features[i].append(latent(a, net.latent_pool[i]))
         labels.append(y)
+    if not labels:  # no probe batch: no probes (the caller reports no block accuracy)
+        return []
     y = torch.cat(labels)
     return [RidgeProbe(torch.cat(f), y, classes) for f in features]
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from ..checks import checked
 from ..errors import LLSError
 from ..options import check, option, options_of
 from ..registry import Registry
@@ -75,6 +76,7 @@ def readout_width_option(what: str) -> Any:
     )
 
 
+@checked
 def register_rule(name: str):
     def add(cls: type[Rule]) -> type[Rule]:
         cls.name = name
@@ -257,6 +259,7 @@ def seeded_options(name: str, options: dict[str, Any], seed: int) -> dict[str, A
     return {"seed": seed, **options} if "seed" in fields else dict(options)
 
 
+@checked
 def create_rule(name: str, **options: Any) -> Rule:
     """``create_rule("lls", basis="periodic")``; unknown names or options fail with the valid ones."""
     cls = RULES.get(name)

@@ -7,13 +7,16 @@ from typing import Any, Protocol
 
 import torch
 
+from ..checks import checked, shown
+from ..errors import LLSError
 from ..method.models import create_model
 from ..method.net import Spec
 from ..method.rules import Rule, create_rule, seeded_options
 from ..training.config import DEFAULTS
 from .lowmem import MemorySpec
 from .optim import LearningRate, OptimizerSpec
-from .schedules import SCHEDULES, ScheduleFactory
+from .schedules import ScheduleFactory
+from .schedules import lr_schedule as named_schedule
 from .trainer import Trainer
 
 
@@ -22,6 +25,7 @@ class HasShape(Protocol):
     num_classes: int
 
 
+@checked
 def build_trainer(
     model: str | Sequence[Spec],
     rule: Rule | str,
@@ -57,16 +61,20 @@ def build_trainer(
 
     ``build_trainer("smallconv", "lls", (1, 28, 28), 10, rule_options={"basis": "periodic"})``
     """
+    shaped = num_classes is not None and isinstance(data, Sequence) and not isinstance(data, str)
+    if not (shaped or (num_classes is None and hasattr(data, "input_shape"))):
+        raise LLSError(
+            "build_trainer: data must be a dataset, or an input shape (C, H, W) given with "
+            f"num_classes; got {shown(data)}"
+        )
     if num_classes is None:
-        if not hasattr(data, "input_shape"):
-            raise TypeError("build_trainer needs a dataset, or an input shape and num_classes")
         input_shape, num_classes = tuple(data.input_shape), data.num_classes
     else:
         input_shape = tuple(data)
     if isinstance(rule, str):
         rule = create_rule(rule, **seeded_options(rule, rule_options or {}, seed))
     elif rule_options:
-        raise TypeError("rule_options go with a rule name, not a Rule object")
+        raise LLSError("build_trainer: rule_options go with a rule name, not a Rule object")
     torch.manual_seed(seed)  # the network's (and the rule's extra parameters') initial weights
     net = create_model(
         model,
@@ -87,6 +95,6 @@ def build_trainer(
         weight_decay=weight_decay,
         engine=engine,
         memory=memory,
-        lr_schedule=SCHEDULES.get(lr_schedule)(epochs) if isinstance(lr_schedule, str) else lr_schedule,
+        lr_schedule=named_schedule(lr_schedule, epochs) if isinstance(lr_schedule, str) else lr_schedule,
         precision=precision,
     )

@@ -111,6 +111,29 @@ def make_optimizer(
     )
 
 
+def check_optimizer(spec: OptimizerSpec, weight_decay: float) -> None:
+    """Refuse, when a trainer is made, an optimizer that is not a name, an Optimizer class or a
+    factory giving an Optimizer: it builds one over a throw-away parameter, not at the first step."""
+    if isinstance(spec, str):
+        return  # a name: checked against the registry with the run's options
+    try:
+        made = make_optimizer(spec, [torch.nn.Parameter(torch.zeros(1))], 1e-3, weight_decay)
+    except LLSError:
+        raise
+    except Exception as error:
+        raise LLSError(
+            f"optimizer {getattr(spec, '__name__', type(spec).__name__)} failed on a parameter "
+            f"({type(error).__name__}: {error}); give a name, a torch.optim class or a factory "
+            "(params, lr, weight_decay) -> Optimizer"
+        ) from None
+    if not isinstance(made, torch.optim.Optimizer):
+        raise LLSError(
+            f"optimizer {getattr(spec, '__name__', type(spec).__name__)} returned {type(made).__name__}, "
+            "not a torch.optim.Optimizer; give a name, a torch.optim class or a factory "
+            "(params, lr, weight_decay) -> Optimizer"
+        )
+
+
 def block_lrs(lr: LearningRate, blocks: int) -> list[float]:
     """The learning rate of each block's optimizer, then the head's: ``lr`` is one number for all,
     a list of ``blocks + 1`` numbers, or a function of the index (``blocks`` for the head)."""

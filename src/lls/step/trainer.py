@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import checked
 from ..data.batches import check_batch
 from ..errors import LLSError
 from ..method.localize import as_local_net
@@ -26,9 +27,9 @@ from . import evaluation as evaluation_
 from .engine import GraphEngine, check_capturable, is_capturable, optimizer_engine
 from .evaluation import Batch, Evaluation
 from .lowmem import LowMemory, MemorySpec, memory_plan
-from .optim import LearningRate, OptimizerSpec, block_lrs, is_schedule_free, make_optimizer
+from .optim import LearningRate, OptimizerSpec, block_lrs, check_optimizer, is_schedule_free, make_optimizer
 from .precision import Precision
-from .schedules import ScheduleFactory
+from .schedules import ScheduleFactory, check_schedule
 from .step import SERIAL, LocalPass, Schedule, Step, StepResult
 
 NOT_SET_UP = "the trainer has not seen a batch yet: give input_shape=... or train one step first"
@@ -56,9 +57,10 @@ class Trainer:
     ``precision``: "fp32", or "bf16" / "fp16" mixed precision (``precision.py``).
     """
 
+    @checked
     def __init__(
         self,
-        net: LocalNet,
+        net: nn.Module,
         rule: Rule | str = DEFAULTS.rule,
         *,
         input_shape: Sequence[int] | None = None,
@@ -80,7 +82,12 @@ class Trainer:
             memory=memory,
             precision=precision,
         )
+        check_optimizer(optimizer, weight_decay)  # factories tried now, not at the first step
+        check_schedule(lr_schedule)
         self.net, self.lr, self.memory, self.batch_size_in_step = net, lr, memory, 0
+        # training steps taken, and that count when BatchNorm's statistics were last refreshed for
+        # the weights (an evaluation, a loaded checkpoint): evaluated_state_dict() needs them current
+        self.steps_taken, self._statistics_at = 0, 0
         self.input_shape: tuple[int, ...] | None = None  # set by _build, from the first batch if not given
         self._options = dict(
             optimizer=optimizer,
@@ -217,8 +224,15 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One minibatch: every block updated from its own signal, the head from cross-entropy."""
         self.build_for(x)
-        x, y = check_batch((x, y), self.input_shape, self.num_classes, next(self.net.parameters()))
+        x, y = check_batch(
+            (x, y),
+            self.input_shape,
+            self.num_classes,
+            next(self.net.parameters()),
+            integer_inputs=self._integer,
+        )
         self.batch_size_in_step = len(y)  # read by data parallelism to weight this process's gradients
+        self.steps_taken += 1
         # Checked here, on the host, for every engine: a replayed graph runs no optimizer's own check
         if not self.net.training or any(
             is_schedule_free(o) and not o.param_groups[0]["train_mode"] for o in self.optimizers
@@ -246,15 +260,40 @@ class Trainer:
 
     def update(self, index: int, loss: torch.Tensor) -> torch.Tensor:
         """Backward of block ``index``'s loss (L: the head's) and a step of that block's optimizer."""
+        self.steps_taken += 1
         return self.step.update(index, loss)
 
     # --- evaluation ----------------------------------------------------------------------------
 
     def evaluation(self, refresh: Iterable[Batch] = ()) -> AbstractContextManager[LocalNet]:
-        """The paper's evaluation procedure (evaluation.py), undone on exit; yields the network."""
+        """The paper's evaluation procedure (evaluation.py); yields the network. Everything it
+        changes (parameters, BatchNorm statistics, modes) is put back on exit, bit for bit."""
         refresh = self._first_built(refresh)
         self._built()  # no refresh batch to set up from
         return evaluation_.evaluation(self.net, self.optimizers, self.checked(refresh))
+
+    def evaluated_state_dict(self, refresh: Iterable[Batch] | None = None) -> dict[str, torch.Tensor]:
+        """The state of the model the evaluation measures: the averaged weights of schedule-free
+        optimizers (the training weights otherwise) and BatchNorm statistics refreshed for them,
+        keyed as the model given to :func:`~lls.localize` (else as the network). After ``lls.fit``,
+        ``model.load_state_dict(trainer.evaluated_state_dict())`` makes ``model`` the one whose
+        test accuracy fit reported. The statistics are those of the last evaluation (``fit``'s,
+        ``evaluate``'s, or a loaded checkpoint's); after training steps since, give ``refresh``
+        batches (``fit`` uses 50 training batches). The trainer itself is left as it was."""
+        self._built()
+        stale = self.steps_taken - self._statistics_at
+        if refresh is None and stale and _has_statistics(self.net):
+            raise LLSError(
+                f"the network trained {stale} step(s) since its BatchNorm statistics were last "
+                "refreshed: give refresh=training batches, or evaluate first"
+            )
+        source = getattr(self.net, "localized_from", None) or self.net
+        with evaluation_.evaluation(self.net, self.optimizers, self.checked(refresh or ())) as net:
+            values = {id(t): t for t in itertools.chain(net.parameters(), net.buffers())}
+            return {
+                name: values.get(id(t), t).detach().clone()
+                for name, t in source.state_dict(keep_vars=True).items()
+            }
 
     def evaluate(
         self,
@@ -270,6 +309,7 @@ class Trainer:
         batches = self._first_built(batches)
         if self.input_shape is None:  # neither gave a batch to set up from
             raise LLSError("evaluation got no batches")
+        self._statistics_at = self.steps_taken  # the statistics it refreshes stay (evaluation.py)
         return evaluation_.evaluate(
             self.net,
             self.optimizers,
@@ -284,7 +324,15 @@ class Trainer:
     def checked(self, batches: Iterable[Batch]) -> Iterable[Batch]:
         """``batches`` checked and moved to the network's device (:func:`~lls.data.batches.check_batch`)."""
         like = next(self.net.parameters())
-        return (check_batch(b, self.input_shape, self.num_classes, like) for b in batches)
+        return (
+            check_batch(b, self.input_shape, self.num_classes, like, integer_inputs=self._integer)
+            for b in batches
+        )
+
+    @property
+    def _integer(self) -> bool:
+        """Whether the network takes integer inputs (token ids: ``lls.localize(..., example=...)``)."""
+        return getattr(self.net, "input_dtype", None) is not None
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -317,11 +365,17 @@ class Trainer:
         self.precision.load_state_dict(state.get("scalers"))
         for scheduler, scheduler_state in zip(self.schedulers, state.get("schedulers", []), strict=True):
             scheduler.load_state_dict(scheduler_state)
+        self._statistics_at = self.steps_taken  # a checkpoint holds its last evaluation's statistics
 
     def end_epoch(self) -> None:
         """Step every learning-rate schedule (once per epoch)."""
         for scheduler in self.schedulers:
             scheduler.step()
+
+
+def _has_statistics(net: nn.Module) -> bool:
+    """Whether ``net`` keeps running statistics that training steps change (BatchNorm's)."""
+    return any(getattr(m, "track_running_stats", False) for m in net.modules())
 
 
 def _num_classes(head: nn.Module) -> int:

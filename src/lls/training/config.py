@@ -18,7 +18,7 @@ from typing import Any
 
 from ..data import DATASETS
 from ..errors import LLSError
-from ..method.models import MODELS, model_options
+from ..method.models import MODELS, check_options_apply, is_factory, model_options
 from ..method.net import ModelOptions
 from ..method.rules import RULES, Rule, create_rule, rule_options, seeded_options
 from ..options import check, check_values, flag, option, options_of
@@ -121,7 +121,8 @@ class TrainConfig:
         # Resolved: every option with the value the run uses, so that config.json records it and a
         # run re-read later keeps it whatever today's defaults are.
         self.rule_options = dataclasses.asdict(rule)
-        self.model_options = model_options(self.model_options)  # checked, defaults filled in
+        if not is_factory(self.model):  # a factory's options are its keyword arguments, its own
+            self.model_options = model_options(self.model_options)  # checked, defaults filled in
         check_memory(self.memory, rule, self.precision)
 
     def as_dict(self) -> dict[str, Any]:
@@ -162,7 +163,8 @@ class TrainConfig:
         given_model = given_model or {}
         check_values(ModelOptions, given_model, name=flag)
         conflicts = []
-        saved_rule, saved_model = self.rule_config(), model_options(self.model_options)
+        saved_rule = self.rule_config()
+        saved_model = self.model_options if is_factory(self.model) else model_options(self.model_options)
         for name, value in {**given, **given_rule, **given_model}.items():
             if name in given_model:
                 old = saved_model[name]
@@ -177,6 +179,8 @@ class TrainConfig:
                 f"{where} was made with another configuration: {'; '.join(conflicts)}; "
                 "resume without those options, or start a new run with --out"
             )
+        if given.get("memory") is not None:  # named as the run recorded it, not as a flag not typed
+            check_resumed_memory(self, where)
         return dataclasses.replace(self, **{k: v for k, v in given.items() if k in RESUMABLE})
 
 
@@ -200,6 +204,18 @@ def check_memory(memory: MemorySpec, rule: Rule, precision: str = "fp32") -> Non
             f"--memory slices one block's step at a time and {rule.name} back-propagates "
             "through every block at once; drop --memory or pick a local rule"
         )
+
+
+def check_resumed_memory(config: TrainConfig, where: str) -> None:
+    """Refuse --memory on resuming a run it cannot apply to, naming what the run recorded."""
+    rule = create_rule(config.rule, **config.rule_options)
+    if is_mixed(config.precision):
+        why = f"trains in {config.precision} (its config.json's precision) and --memory runs in float32"
+    elif rule.timing == "end-to-end":
+        why = f"trains with {config.rule}, which back-propagates through every block at once"
+    else:
+        return
+    raise LLSError(f"{where} {why}; resume without --memory")
 
 
 def check_step(
@@ -244,5 +260,7 @@ def config_from_options(
             takes = ", ".join(fields[name][2]) if name in fields else "no rule"
             raise LLSError(f"rule {config.rule!r} has no option {flag(name)} ({takes} take it)")
     check_values(cls, given_rule, f"rule {config.rule!r}: ", name=flag)
+    check_options_apply(config.model, MODELS.get(config.model), config.model_options, list(given_model or {}))
+    DATASETS.get(config.dataset).check_options(config.augment, config.image_size)
     options = seeded_options(config.rule, given_rule, config.seed)
     return dataclasses.replace(config, rule_options=options)

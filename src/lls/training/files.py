@@ -8,17 +8,28 @@ killed process left behind. :class:`Lock` keeps two processes from writing one r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import socket
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..errors import LLSError
 
 TEMP_SUFFIX = ".tmp"
+# What a run directory holds (training/rundir.py names its files from here): an output elsewhere
+# never replaces one of them. A folder holding CONFIG_FILE and one of the others is a run directory.
+CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILES = ("metrics.jsonl", "metrics.csv")
+CURVES_FILE = "curves.png"
+LOCK_FILE = ".lock"
+TENSORBOARD_FOLDER = "tensorboard"
+RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, *METRICS_FILES, CURVES_FILE, LOCK_FILE, TENSORBOARD_FOLDER)
 
 
 def _file_mode() -> int:
@@ -84,6 +95,68 @@ def describe_os_error(error: OSError, path: Path | str) -> str:
     return f"cannot write {path}: {reason}; {fix}"
 
 
+def is_run_directory(folder: Path) -> bool:
+    """Whether ``folder`` is an lls run directory: its config.json and a file only a run writes."""
+    return (folder / CONFIG_FILE).is_file() and any(
+        (folder / name).exists() for name in (CHECKPOINT_FILE, LOCK_FILE, *METRICS_FILES)
+    )
+
+
+def _kind(mode: int) -> str | None:
+    """What a file of ``mode`` is, when it is not a regular file or a folder."""
+    kinds = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device"}
+    kinds |= {stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), None)
+
+
+def check_output(path: Path | str, what: str = "--out", inputs: Iterable[Path | str] = ()) -> Path:
+    """``path`` if a command may write its output there; otherwise one line saying why not.
+
+    Refused: a symbolic link (renaming a new file over it would replace the link, and writing
+    through it could reach anything: give the real path), anything that is not a regular file (a
+    FIFO, a device such as /dev/null, a socket: replacing it would break whatever uses it), a file
+    of a run directory (its checkpoint, config.json, metrics, curves: the run would be lost), and
+    any of the command's ``inputs`` (the same file, by inode or by its real path)."""
+    path = Path(path)
+    problem = name_too_long(path)
+    if problem is not None:
+        raise LLSError(f"{what}: {problem}")
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as error:
+        raise LLSError(describe_os_error(error, path)) from None
+    if mode is not None and stat.S_ISLNK(mode):
+        raise LLSError(
+            f"{what} {path} is a symbolic link (to {os.readlink(path)}); give the real path of the file "
+            "to write (lls never writes through a link)"
+        )
+    if mode is not None and stat.S_ISDIR(mode):
+        raise LLSError(f"{what} {path} is a folder; give the file to write")
+    kind = None if mode is None else _kind(mode)
+    if kind is not None:
+        raise LLSError(
+            f"{what} {path} is {kind}, not a file; lls writes only regular files: give a file path"
+        )
+    real = Path(os.path.realpath(path))
+    for folder in (real.parent, real.parent.parent):
+        relative = real.relative_to(folder).parts
+        if relative[0] in RUN_FILES and is_run_directory(folder):
+            raise LLSError(
+                f"{what} {path} is a file of the run directory {folder}; writing it would destroy the "
+                "run: choose another file name"
+            )
+    for given in inputs:
+        given = Path(given)
+        same = os.path.realpath(given) == str(real)
+        with contextlib.suppress(OSError):
+            same = same or (mode is not None and os.path.samefile(given, path))
+        if same:
+            raise LLSError(f"{what} {path} is one of the command's inputs ({given}); write to another file")
+    return path
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically (temp file, fsync, rename); raises LLSError naming
     the path on a filesystem failure (a full disk, a read-only mount), leaving the old file."""
@@ -105,12 +178,24 @@ def atomic_replace(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        _check_replaceable(path)
         os.replace(tmp, path)
     except OSError as error:
         raise LLSError(describe_os_error(error, path)) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse, at the last moment, to rename a file over something that is not a regular file or
+    a link (a FIFO or a device put there since the command was checked)."""
+    try:
+        kind = _kind(path.lstat().st_mode)
+    except FileNotFoundError:
+        return
+    if kind is not None:
+        raise LLSError(f"{path} is {kind}, not a file; lls writes only regular files: give a file path")
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
@@ -131,7 +216,7 @@ class Lock:
     dies: a lock file left by a killed process is stale and simply taken over.
     """
 
-    NAME = ".lock"
+    NAME = LOCK_FILE
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / self.NAME

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -20,10 +21,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..checks import check_fields, checked
 from ..data import BatchLoader, Dataset, FileSplit, make_loader
-from ..data.batches import checked_loaders
+from ..data.batches import IterableBatches, checked_loaders
 from ..errors import LLSError
-from ..method.readout import PROBE_IMAGES
+from ..method.readout import PROBE_IMAGES, RIDGE_PROBE, readout_kind
 from ..step.step import StepResult
 from ..step.trainer import Evaluation, Trainer
 from .config import DEFAULTS
@@ -63,6 +65,9 @@ class EpochRecord:
     readout: str | None = None  # how blocks are read out: "basis", "learned classifier", "ridge probe"
     stage_busy: list[float] = field(default_factory=list)  # pipeline: each stage's busy fraction
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -101,6 +106,9 @@ class EpochProgress:
 class History:
     records: list[EpochRecord] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
     @property
     def best_test_accuracy(self) -> float:
         return max((r.test_accuracy for r in self.records), default=float("nan"))
@@ -122,7 +130,11 @@ class Loaders:
     test: BatchLoader | Iterable
     probe: BatchLoader | Iterable | None = None  # unaugmented training images for the ridge probes
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
     @classmethod
+    @checked
     def for_dataset(
         cls,
         data: Dataset,
@@ -185,9 +197,10 @@ def loss_names(trainer: Trainer, blocks: range) -> list[str]:
     return [*local, "the head's loss"]
 
 
+@checked
 def train_epoch(
     trainer: Trainer,
-    loader: BatchLoader,
+    loader: BatchLoader | IterableBatches,
     epoch: int,
     *,
     progress: bool = True,
@@ -265,6 +278,7 @@ def _postfix(loss: float, accuracy: float, blocks: list[float]) -> str:
     return text
 
 
+@checked
 def evaluate(trainer: Trainer, loaders: Loaders, epoch: int, blocks: bool = True) -> tuple[Evaluation, float]:
     """The paper's evaluation (averaged weights, BN refresh on 50 training batches, test set),
     with each block's own accuracy when ``blocks``; returns it with the seconds it took."""
@@ -273,6 +287,23 @@ def evaluate(trainer: Trainer, loaders: Loaders, epoch: int, blocks: bool = True
     probes = loaders.probe.epoch() if blocks and loaders.probe is not None else ()
     result = trainer.evaluate(loaders.test.epoch(), refresh=refresh, blocks=blocks, probe_batches=probes)
     return result, time.perf_counter() - start
+
+
+NO_PROBES = (
+    "no block accuracy: {rule}'s blocks have no readout of their own and fit got no probe batches "
+    "(Loaders(..., probe=unaugmented training batches) fits a ridge probe per block)"
+)
+
+
+def has_block_readout(trainer: Trainer, loaders: Loaders) -> bool:
+    """Whether each block's own accuracy can be measured: the rule's blocks have a readout of
+    their own, or ``loaders.probe`` gives the batches their ridge probes are fitted on. Says once
+    (a warning) when neither."""
+    signals = getattr(trainer, "signals", None)  # None: a stand-in trainer that reads out nothing
+    if signals is None or loaders.probe is not None or readout_kind(signals) != RIDGE_PROBE:
+        return True
+    warnings.warn(NO_PROBES.format(rule=trainer.rule.name), stacklevel=3)
+    return False
 
 
 class Strategy:
@@ -336,6 +367,15 @@ class Strategy:
         """Leave whatever the strategy joined; called however the run ends."""
 
 
+def check_epochs(epochs: int, start_epoch: int) -> None:
+    """fit's epochs: at least 1, and not fewer than the epochs already trained."""
+    if epochs < 1:
+        raise LLSError(f"fit: epochs must be at least 1 (the epochs to train up to), got {epochs}")
+    if not 0 <= start_epoch <= epochs:
+        raise LLSError(f"fit: start_epoch must be from 0 to epochs ({epochs}), got {start_epoch}")
+
+
+@checked
 def fit(
     trainer: Trainer,
     loaders: Loaders | Iterable,
@@ -354,7 +394,9 @@ def fit(
     """Train from ``start_epoch`` (or ``resume``'s epoch and step) to ``epochs``, evaluating after
     each epoch with the paper's procedure; ``strategy`` says how (default: in this process).
     ``loaders``: :class:`Loaders`, or any re-iterable of training batches with ``test`` batches."""
+    check_epochs(epochs, start_epoch)
     loaders = checked_loaders(Loaders, trainer, loaders, test, min_batch=BATCHNORM_MIN_BATCH)
+    block_accuracy = block_accuracy and has_block_readout(trainer, loaders)
     strategy = strategy or Strategy()
     history = history or History()
     should_stop = strategy.agree(should_stop)

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from ..data import Dataset, drawn_on, load_dataset
+from ..data import DATASETS, Dataset, drawn_on, load_dataset
 from ..errors import LLSError
 from ..measure.fits import check_training_fits
+from ..method.models import applicable_options
 from ..step.factory import build_trainer
 from ..step.trainer import Trainer
 from . import pipeline  # noqa: F401 (registers --parallel pipeline)
@@ -62,7 +63,8 @@ def build_session(
         download=download,
         quiet=quiet,
         augment=config.augment,
-        image_size=config.image_size,
+        # a run recorded before options that do not apply were refused trained without them
+        image_size=config.image_size if DATASETS.get(config.dataset).takes_image_size else None,
     )
     if config.holdout:
         data = data.hold_out(config.holdout)
@@ -71,7 +73,7 @@ def build_session(
         config.rule,
         data,
         rule_options=config.rule_options,
-        model_options=config.model_options,
+        model_options=applicable_options(config.model, config.model_options),
         seed=config.seed,
         device=device,
         channels_last=config.channels_last,

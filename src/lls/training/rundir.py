@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,18 @@ from ..errors import LLSError
 from ..measure.plots import plot_curves
 from ..options import flag
 from .config import RESUMABLE, TrainConfig
-from .files import Lock, atomic_write, check_folder, describe_os_error, name_too_long, remove_stale_temp_files
+from .files import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    CURVES_FILE,
+    METRICS_FILES,
+    Lock,
+    atomic_write,
+    check_folder,
+    describe_os_error,
+    name_too_long,
+    remove_stale_temp_files,
+)
 from .fit import EpochProgress, EpochRecord, History
 
 CHECKPOINT_FORMAT = "lls-checkpoint"
@@ -43,11 +55,10 @@ CHECKPOINT_VERSION = 2  # 2: the state is a payload with its SHA-256; 1 (still r
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.config_path = self.path / "config.json"
-        self.checkpoint_path = self.path / "checkpoint.pt"
-        self.metrics_jsonl = self.path / "metrics.jsonl"
-        self.metrics_csv = self.path / "metrics.csv"
-        self.curves = self.path / "curves.png"
+        self.config_path = self.path / CONFIG_FILE
+        self.checkpoint_path = self.path / CHECKPOINT_FILE
+        self.metrics_jsonl, self.metrics_csv = (self.path / name for name in METRICS_FILES)
+        self.curves = self.path / CURVES_FILE
         self._lock = Lock(self.path)
 
     @classmethod
@@ -95,7 +106,10 @@ class RunDir:
         try:
             record = json.loads(self.config_path.read_text())
         except (OSError, ValueError) as error:
-            raise LLSError(f"{self.config_path} is not readable JSON ({error}); restore it") from None
+            raise LLSError(
+                f"{self.config_path} is damaged (not readable JSON: {' '.join(str(error).split())[:100]}); "
+                "restore it from a copy"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
             raise LLSError(f'{self.config_path} has no "config" object; restore it')
         return record
@@ -224,33 +238,38 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     """A checkpoint's state, after checking its format marker and its payload's SHA-256."""
     outer = _torch_load(path, path.read_bytes() if path.is_file() else b"")
     if not isinstance(outer, dict) or outer.get("format") != CHECKPOINT_FORMAT:
-        raise LLSError(
-            f"{path} is not an lls checkpoint (no lls format marker); it cannot be resumed or evaluated"
-        )
+        raise LLSError(f"{path} is damaged or not an lls checkpoint (no lls format marker); {DAMAGED_FIX}")
     version = outer.get("version")
     if version == 1:
         state = outer  # written before checksums: nothing to verify
     elif version == CHECKPOINT_VERSION:
         payload = outer.get("payload")
         if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
-            raise LLSError(
-                f"{path} is damaged (its checksum does not match); resume from a copy, or delete it "
-                "to start the run over"
-            )
+            raise LLSError(f"{path} is damaged (its checksum does not match); {DAMAGED_FIX}")
         state = _torch_load(path, payload)
     else:
-        raise LLSError(f"{path} is an lls checkpoint of format version {version}, not {CHECKPOINT_VERSION}")
+        raise LLSError(
+            f"{path} is damaged or from another lls (checkpoint format version {version!r}, not "
+            f"{CHECKPOINT_VERSION}); {DAMAGED_FIX}"
+        )
     if not isinstance(state, dict):
-        raise LLSError(f"{path} holds no checkpoint state")
+        raise LLSError(f"{path} is damaged (it holds no checkpoint state); {DAMAGED_FIX}")
     return state
 
 
+DAMAGED_FIX = "resume from a copy, or delete it to start the run over"
+
+
 def _torch_load(path: Path, data: bytes) -> Any:
+    if not data:
+        raise LLSError(f"{path} is damaged (it is empty); {DAMAGED_FIX}")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # any failure means "not a checkpoint we can read"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LLSError(f"{path} is not a readable lls checkpoint ({first[:160]})") from None
+        with warnings.catch_warnings():  # torch's warnings about a bad file would print before the line
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # any failure means the bytes are not the checkpoint lls wrote
+        first = " ".join(str(error).split()) or type(error).__name__
+        raise LLSError(f"{path} is damaged (unreadable: {first[:100]}); {DAMAGED_FIX}") from None
 
 
 # --- what a checkpoint holds ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import checked, device_of
 from ..data import Dataset, load_dataset, make_loader
 from ..data.base import FileSplit, Split
 from ..errors import LLSError
@@ -74,6 +75,7 @@ def evaluated_model(session: Session, state: dict[str, Any]) -> nn.Sequential:
         return plain_model(net).eval()
 
 
+@checked
 def load_run(
     path: str | Path,
     *,
@@ -92,7 +94,7 @@ def load_run(
         model = lls.load_run("runs/my-run")
         predicted = model(x).argmax(1)
     """
-    _, state, session = open_trained(path, device=torch.device(device), data_dir=data_dir, download=download)
+    _, state, session = open_trained(path, device=device_of(device), data_dir=data_dir, download=download)
     return evaluated_model(session, state)
 
 
