@@ -326,3 +326,33 @@ def test_export_train_and_check_a_run_from_the_command_line(digits, tmp_path, ca
     assert main(["eval", str(trained), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["accuracy"] == summary["test_accuracy"]
+
+
+class FunctionalBatchNorm(nn.Module):
+    """A conv with BatchNorm called as a function in training mode, updating running statistics
+    (no nn.BatchNorm for the builder to rewrite): it lowers to an operator outside ExecuTorch's
+    core set (issue 30's finding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.weight, self.bias = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        a = self.conv(x)
+        return nn.functional.batch_norm(a, self.mean, self.var, self.weight, self.bias, training=True)
+
+
+def test_a_layer_outside_the_core_operators_is_named_with_its_operator():
+    needs_executorch()
+    from lls.edge.programs import build_program
+
+    net = LocalNet([FunctionalBatchNorm()], nn.Linear(4 * 16, EDGE_CLASSES), [nn.Flatten()], [1])
+    trainer = lls.Trainer(net, "lls", input_shape=EDGE_INPUT, optimizer="sgd", lr=0.1)
+    with pytest.raises(
+        LLSError, match=r"^block 0 \(FunctionalBatchNorm\) cannot be lowered .*batch_norm"
+    ) as error:
+        build_program(trainer, EDGE_BATCH, lr=0.1)
+    assert len(str(error.value).splitlines()) == 1

@@ -203,12 +203,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     batches = (batch for epoch in range(epochs) for batch in loader.epoch(epoch))
     result = check_program(runner, session.trainer, batches, args.steps)
     config = session.config
+    shown = sorted({s for s in (1, 5, 10) if s < result.steps} | {result.steps})
+    figures = "; ".join(
+        f"{a['step']}: {a['largest']:.1e} ({a['float64']:.1e})" for a in result.after if a["step"] in shown
+    )
     print(
         f"{args.program}: {result.steps} steps of {runner.batch_size} {config.dataset} images, "
-        f"{config.model} with {config.rule}, SGD lr {runner.optimizer['lr']}: largest relative "
-        f"difference runtime vs lls {result.largest:.2e} ({result.where}), losses within "
-        f"{result.losses:.1e}; lls float32 vs float64 on the same steps {result.float64:.2e} "
-        f"({result.float64_where})"
+        f"{config.model} with {config.rule}, SGD lr {runner.optimizer['lr']}\n"
+        f"largest relative difference of any parameter or statistic, runtime vs lls (lls float32 vs "
+        f"float64) after step {figures}\n"
+        f"after the last step: {result.largest:.2e} in {result.where} ({result.float64:.2e} in "
+        f"{result.float64_where}); losses within {result.losses:.1e}"
     )
     if args.json:
         print(

@@ -322,7 +322,9 @@ def build_program(
         try:
             manager = to_edge(programs, constant_methods=constants).to_executorch()
         except Exception as error:  # any lowering failure is the model's, said in one line
-            raise LLSError(f"the program cannot be lowered to ExecuTorch ({_first_line(error)})") from None
+            raise _lowering_error(
+                programs, {layout.name: what for layout, _, _, what in steps}, error
+            ) from None
     built = BuiltProgram(manager, program_layout)
     check_operators(built, {layout.name: what for layout, _, _, what in steps})
     if max_memory is not None:
@@ -342,6 +344,25 @@ def training_program(trainer, batch_size: int, **options: Any):
 def _after_shape(between: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
     with torch.no_grad():
         return tuple(between.eval()(torch.zeros(2, *shape)).shape[1:])
+
+
+def _lowering_error(programs: dict, what: dict[str, str], error: Exception) -> LLSError:
+    """The one-line refusal of a program ExecuTorch could not lower, naming the first method that
+    fails on its own (each is lowered apart to find it: the failure path only) and the reason,
+    which names the operator (e.g. one outside the core ATen set)."""
+    from executorch.exir import to_edge
+
+    culprit = "the program"
+    for name, program in programs.items():
+        try:
+            to_edge({name: program}).to_executorch()
+        except Exception as single:  # this method is one that cannot be lowered
+            culprit, error = what.get(name, name), single
+            break
+    return LLSError(
+        f"{culprit} cannot be lowered to ExecuTorch ({_first_line(error)}); train this model with "
+        "`lls train`, or write the layer with core operators (see lls/edge/layers.py)"
+    )
 
 
 def _first_line(error: BaseException) -> str:

@@ -241,6 +241,7 @@ class CheckResult:
     float64: float  # lls's float32 trainer against the same in float64: float32's own rounding
     float64_where: str
     tensors: int
+    after: list[dict[str, float]] = dataclasses.field(default_factory=list)  # both figures after each step
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -263,6 +264,7 @@ def check_program(
     trainer64 = double_trainer(trainer)
     losses = 0.0
     done = 0
+    after: list[dict[str, float]] = []
     for x, y in islice(full_batches(batches, runner.batch_size), steps):
         outcome = runner.step(x, y)
         result = trainer.train_step(x, y)
@@ -271,6 +273,10 @@ def check_program(
         theirs = torch.cat([result.block_losses.double(), result.loss.double().view(1)])
         losses = max(losses, float((mine - theirs).abs().max()))
         done += 1
+        expected = run_state(trainer)
+        runtime = max(relative_differences(runner.state(), expected).values())
+        rounding = max(relative_differences(run_state(trainer64), expected).values())
+        after.append({"step": done, "largest": runtime, "float64": rounding})
     if done < steps:
         raise LLSError(
             f"the dataset gives {done} full batches of {runner.batch_size}, fewer than --steps {steps}"
@@ -279,7 +285,7 @@ def check_program(
     runtime = relative_differences(runner.state(), expected)
     rounding = relative_differences(run_state(trainer64), expected)
     worst, worst64 = max(runtime, key=runtime.get), max(rounding, key=rounding.get)
-    return CheckResult(done, runtime[worst], worst, losses, rounding[worst64], worst64, len(expected))
+    return CheckResult(done, runtime[worst], worst, losses, rounding[worst64], worst64, len(expected), after)
 
 
 def double_trainer(trainer: Trainer) -> Trainer:
