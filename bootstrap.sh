@@ -7,13 +7,15 @@
 #   ./bootstrap.sh lls ARGS...                 any lls command inside the environment
 #
 # Environment: PYTHON (default python3), LLS_VENV (default .venv), LLS_TORCH (default torch==2.13.0;
-# set it to your own build, e.g. a CUDA wheel, on other machines).
+# set it to your own build, e.g. a CUDA wheel, on other machines), LLS_EXECUTORCH (default
+# executorch==1.5.1: the on-device runtime the edge tests use; empty to leave it out).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
 VENV=${LLS_VENV:-.venv}
 TORCH_SPEC=${LLS_TORCH:-torch==2.13.0}
+EXECUTORCH_SPEC=${LLS_EXECUTORCH-executorch==1.5.1}
 FASHION_DIR=/usr/share/datasets/fashion-mnist
 
 as_root() {
@@ -31,12 +33,17 @@ setup_venv() {
         fi
     fi
     local stamp="$VENV/.lls-installed" want
-    want="$(sha256sum <pyproject.toml | cut -c1-16) $TORCH_SPEC"
+    want="$(sha256sum <pyproject.toml | cut -c1-16) $TORCH_SPEC $EXECUTORCH_SPEC"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "bootstrap: installing $TORCH_SPEC and lls into $VENV" >&2
         # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
         "$VENV/bin/pip" install --disable-pip-version-check -q "$TORCH_SPEC"
         "$VENV/bin/pip" install --disable-pip-version-check -q -e ".[dev]"
+        if [ -n "$EXECUTORCH_SPEC" ]; then
+            # without its declared requirements (coremltools, pandas, torchao...): what its export,
+            # runtime and training import is in the dev extra (pyproject.toml, `edge`); torch stays
+            "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps "$EXECUTORCH_SPEC"
+        fi
         echo "$want" >"$stamp"
     fi
 }

@@ -175,6 +175,37 @@ def test_mobilenet_depthwise_padding_as_the_authors():
     assert [d.padding for d in depthwise] == [d.stride for d in depthwise]
 
 
+# MLPerf Tiny's Visual Wake Words model (training/visual_wake_words/vww_model.py): MobileNetV1 at
+# alpha 0.25 on 96 x 96 images, 2 classes: a strided 3x3 convolution of 8 filters, then 13 depthwise-
+# separable blocks whose pointwise convolutions have these filters, strided where the layout doubles
+VWW_POINTWISE = [16, 32, 32, 64, 64, 128, 128, 128, 128, 128, 128, 256, 256]
+VWW_SIDES = [48, 48, 24, 24, 12, 12, 6, 6, 6, 6, 6, 6, 3, 3]  # each block's output side, from 96 px
+
+
+def test_width_scales_mobilenetv1_as_mlperf_tinys_visual_wake_words_model():
+    net = lls.create_model("mobilenetv1", input_size=96, num_classes=2, width=0.25)
+    shapes = net.block_output_shapes((3, 96, 96))
+    assert [s[0] for s in shapes] == [8, *VWW_POINTWISE]
+    assert [s[-1] for s in shapes] == VWW_SIDES
+    depthwise = [block[0] for block in net.blocks[1:]]
+    assert [d.in_channels for d in depthwise] == [d.groups for d in depthwise] == [8, *VWW_POINTWISE[:-1]]
+    assert (net.head.in_features, net.head.out_features) == (256, 2)
+
+
+def test_width_rounds_down_as_keras_and_scales_every_kind_of_block():
+    net = uninitialised("mobilenetv1", input_size=32, width=0.3)
+    assert [s[0] for s in net.block_output_shapes((3, 32, 32))][:3] == [9, 19, 38]  # int(32 * 0.3) ...
+    vgg = uninitialised("vgg8", input_size=32, width=0.5)
+    assert [s[0] for s in vgg.block_output_shapes((3, 32, 32))] == [64, 128, 128, 128, 256, 256, 512]
+    assert vgg.latent_pool[-1] is None  # the dense block's latent (its own 512 units) scales with it
+    resnet = uninitialised("resnet20", input_size=32, width=0.5)
+    assert [s[0] for s in resnet.block_output_shapes((3, 32, 32))] == [8] * 3 + [16] * 3 + [32] * 3
+    vit = uninitialised("vit", input_size=32, width=0.3)  # 64 * 0.3 = 19.2: 16, four heads of 4
+    assert vit.blocks[-1][-1].normalized_shape == (16,)
+    with pytest.raises(lls.LLSError, match="width"):
+        lls.create_model("smallconv", width=0)
+
+
 def test_dense_latent_output_scores_dense_outputs_as_they_are():
     """The layouts above are the default ('pooled', the authors' lengths); 'output' keeps the units."""
     from lls.method.signals import latent_dim

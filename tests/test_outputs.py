@@ -115,8 +115,9 @@ def model_option_cases():
     from lls.options import choices_of, options_of
 
     defaults = ModelOptions().as_dict()
+    numeric = {"width": [0.5]}  # options without choices: a value away from the default
     for field in options_of(ModelOptions):
-        for value in choices_of(field):
+        for value in choices_of(field) or numeric[field.name]:
             if value != defaults[field.name]:
                 for model in MODELS.names():
                     yield pytest.param(model, field.name, value, id=f"{model}-{field.name}={value}")

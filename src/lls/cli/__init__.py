@@ -4,6 +4,7 @@ Each module of this package holds one family of commands and adds them with ``ad
 
 - ``train``: ``lls train`` (options generated from ``TrainConfig`` and the rules) and ``lls eval``;
 - ``model``: ``lls predict`` and ``lls export`` (the trained model out of a run);
+- ``edge``: ``lls edge train|check`` (a training program in ExecuTorch's runtime);
 - ``data``: ``lls data fetch|check`` and ``lls list``;
 - ``measure``: ``lls cost`` and ``lls bench``;
 - ``experiments``: ``lls reproduce`` and ``lls report``;
@@ -27,10 +28,10 @@ from .. import __version__
 from ..errors import LLSError
 from ..files import describe_os_error
 from ..malloc import tune_malloc
-from . import data, experiments, inspect, measure, model, train
+from . import data, edge, experiments, inspect, measure, model, train
 from .common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser
 
-FAMILIES = (train, model, data, measure, experiments, inspect)
+FAMILIES = (train, model, edge, data, measure, experiments, inspect)
 
 
 def build_parser() -> Parser:

@@ -115,15 +115,16 @@ def input_shape(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
-def add_problem(parser: argparse.ArgumentParser) -> None:
-    """--model and the shape it is measured on: a dataset's, or --input with --classes."""
+def add_problem(parser: argparse.ArgumentParser, min_batch: int = MIN_TRAINING_BATCH) -> None:
+    """--model and the shape it is measured on: a dataset's, or --input with --classes. A command
+    that takes batches under ``MIN_TRAINING_BATCH`` (``min_batch``) checks them itself."""
     parser.add_argument("--model", default="smallconv", help="model to measure (default smallconv)")
     parser.add_argument("--dataset", help="take the input shape and class count from this dataset")
     parser.add_argument("--input", type=input_shape, help="input shape C,H,W (with --classes), e.g. 3,32,32")
     parser.add_argument(
         "--classes", type=counted("--classes", 2, MAX_CLASSES), help="number of classes (with --input)"
     )
-    batch = counted("--batch", MIN_TRAINING_BATCH, why=" (BatchNorm needs 2 images per batch in training)")
+    batch = counted("--batch", min_batch, why=" (BatchNorm needs 2 images per batch in training)")
     default = DEFAULTS.batch_size
     parser.add_argument("--batch", type=batch, default=default, help=f"batch size (default {default})")
 

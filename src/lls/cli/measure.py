@@ -10,6 +10,7 @@ import torch
 from ..errors import LLSError
 from ..measure.bench import bench_text, run_bench, split_engine, split_rules, summarize
 from ..measure.cost import compare_text, cost_text, count_costs
+from ..measure.edge_memory import edge_compare_text, edge_cost_text, training_footprint
 from ..measure.fits import check_fits, estimated_bytes, meta_trainer
 from ..measure.memory import measure_memory
 from ..method.models import model_options
@@ -18,7 +19,9 @@ from ..method.rules import RULES, comparison_rules, create_rule, parse_rule_spec
 from ..options import add_arguments, given, options_of
 from ..step.config import StepConfig
 from ..step.lowmem import memory_plan
+from ..training.export import INSTALL_EDGE, installed
 from .common import (
+    MIN_TRAINING_BATCH,
     add_config_options,
     add_device,
     add_problem,
@@ -30,19 +33,32 @@ from .common import (
 )
 
 RULE_SPEC = "name, optionally with options: lls:basis=periodic,temperature=0.25"
+RUNTIMES = ("torch", "executorch")
+EDGE_RULES = "lls,bp"  # --runtime executorch --compare's default: a block-local rule against BP
 
 
 def add(commands) -> None:
     cost = commands.add_parser(
         "cost",
         help="multiply-adds, parameters and memory of a training step",
-        description="Count multiply-adds per training sample, block by block, and measure memory.",
+        description="Count multiply-adds per training sample, block by block, and measure memory; "
+        "or, with --runtime executorch, read the memory of the ExecuTorch training programs (one method "
+        "per block and one for the head; one for BP) from their memory plans.",
     )
-    add_problem(cost)
+    add_problem(cost, min_batch=1)  # batch 1 for the runtime's conv-only models; checked in cost_of
     cost.add_argument("--rule", default="lls", help=f"rule ({RULE_SPEC}; default lls)")
     cost.add_argument("--compare", action="store_true", help="every rule side by side, with ratios to bp")
     cost.add_argument(
-        "--rules", help=f"comma-separated rules for --compare (default {','.join(compare_rules())})"
+        "--rules",
+        help=f"comma-separated rules for --compare (default {','.join(compare_rules())}; "
+        f"with --runtime executorch {EDGE_RULES})",
+    )
+    cost.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="torch: count and measure a PyTorch step (default); executorch: the planned memory of the "
+        "on-device training programs (weights, gradients, optimizer state, largest arena; needs executorch)",
     )
     model = cost.add_argument_group("the model's options (as on lls train)")
     add_arguments(model, options_of(ModelOptions), lambda field: ModelOptions)
@@ -126,6 +142,16 @@ FIX = "lower --batch (or --classes, or the input size)"
 def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
     name, options = parse_rule_spec(spec)
     built = model_options(given(args, options_of(ModelOptions)))  # checked, defaults filled in
+    if args.runtime == "executorch":
+        footprint = training_footprint(
+            args.model, name, shape, classes, args.batch, rule_options=options, model_options=built
+        )
+        return footprint.as_dict()
+    if args.batch < MIN_TRAINING_BATCH:
+        raise LLSError(
+            f"--batch must be at least {MIN_TRAINING_BATCH} (BatchNorm needs 2 images per batch in "
+            f"training), got {args.batch}"
+        )
     rule = create_rule(name, **options)
     memory = args.memory
     if args.compare and rule.timing == "end-to-end":
@@ -154,16 +180,24 @@ def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
+    edge = args.runtime == "executorch"
+    if edge and not installed("executorch"):
+        raise LLSError(f"--runtime executorch needs the executorch package: {INSTALL_EDGE}")
     shape, classes = problem_shape(args)
     where = f"{args.model}, input {'x'.join(map(str, shape))}, {classes} classes"
+    if edge:
+        where += f", batch {args.batch}"
     if args.compare:
-        specs = split_rules(args.rules) if args.rules else compare_rules()
+        default = split_rules(EDGE_RULES) if edge else compare_rules()
+        specs = split_rules(args.rules) if args.rules else default
         results = {spec: cost_of(args, spec, shape, classes) for spec in specs}
-        print(compare_text(results, where, args.batch))
+        print(edge_compare_text(results, where) if edge else compare_text(results, where, args.batch))
         output = {**problem_record(args, shape, classes), "rules": results}
+        if edge:
+            output["runtime"] = "executorch"
     else:
         output = cost_of(args, args.rule, shape, classes)
-        print(cost_text(output, where))
+        print(edge_cost_text(output, where) if edge else cost_text(output, where))
     if args.json:
         print(json.dumps(output))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 
 import torch
@@ -12,10 +13,10 @@ import torch
 from ..data.inputs import read_images
 from ..errors import LLSError
 from ..files import check_output
-from ..training.export import FORMATS, check_format, export_model, run_metadata
+from ..training.export import EXECUTORCH_MAX_BATCH, FORMATS, check_format, export_model, run_metadata
 from ..training.run import open_trained
 from ..training.trained import Inputs, batches, dataset_inputs, evaluated_model
-from .common import add_data_options, add_device, resolve_device
+from .common import add_data_options, add_device, counted, resolve_device
 
 PROBABILITY_DIGITS = 6  # significant digits of the probabilities in CSV
 
@@ -39,13 +40,34 @@ def add(commands) -> None:
 
     export = commands.add_parser(
         "export",
-        help="write a run's trained model as ONNX or TorchScript",
+        help="write a run's trained model as ONNX, TorchScript or an ExecuTorch program",
         description="Write the model a run evaluated to a file: ONNX (input 'input' with a dynamic "
-        "batch dimension, output 'logits'; needs pip install 'lls[export]') or TorchScript (traced).",
+        "batch dimension, output 'logits'; needs pip install 'lls[export]'), TorchScript (traced) or "
+        "an ExecuTorch inference program (.pte: method 'forward', batches of 1 to "
+        f"{EXECUTORCH_MAX_BATCH}, with the input normalisation and class names as constant methods; "
+        "needs executorch, see docs/edge.md).",
     )
     export.add_argument("run", help="run directory")
     export.add_argument("--format", required=True, choices=FORMATS.names(), help="file format")
     export.add_argument("--out", required=True, help="file to write")
+    training = export.add_argument_group(
+        "training programs (--format executorch --training: one method per block; see docs/edge.md)"
+    )
+    training.add_argument(
+        "--training",
+        action="store_true",
+        help="write the run's state as a training program for ExecuTorch's runtime (lls edge train)",
+    )
+    training.add_argument(
+        "--batch-size", type=counted("--batch-size", 2), help="the program's fixed batch (default: the run's)"
+    )
+    training.add_argument(
+        "--optimizer", help="the runtime's optimizer: sgd, the only one it has (default: the run's)"
+    )
+    training.add_argument("--lr", type=float, help="the runtime SGD's learning rate (default: the run's)")
+    training.add_argument(
+        "--max-memory", help="refuse a program whose training does not fit this size (e.g. 256KiB, 4MiB)"
+    )
     add_data_options(export)
     export.set_defaults(func=cmd_export)
 
@@ -96,6 +118,11 @@ def class_names(inputs: Inputs) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.training:
+        return cmd_export_training(args)
+    for name in ("batch_size", "optimizer", "lr", "max_memory"):
+        if getattr(args, name) is not None:
+            raise LLSError(f"--{name.replace('_', '-')} goes with --training")
     check_format(args.format)  # before the run is read: a missing package is said at once
     check_output(args.out)  # before the model is loaded: a path that may not be written is said at once
     device = torch.device("cpu")
@@ -110,6 +137,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"wrote {out} ({args.format}): input (N, {', '.join(map(str, session.data.input_shape))}), "
         f"{session.data.num_classes} logits"
+    )
+    return 0
+
+
+def cmd_export_training(args: argparse.Namespace) -> int:
+    from ..edge.session import check_optimizer, export_training
+    from ..step.lowmem import parse_memory, size_text
+
+    if args.format != "executorch":
+        raise LLSError(f"--training writes ExecuTorch programs: use --format executorch, not {args.format}")
+    check_format(args.format)  # before the run is read: a missing package is said at once
+    if args.optimizer is not None:
+        check_optimizer(args.optimizer)
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        raise LLSError(f"--lr must be a positive finite number, got {args.lr}")
+    max_memory = None
+    if args.max_memory is not None:
+        max_memory = parse_memory(args.max_memory)
+        if not isinstance(max_memory, int):
+            raise LLSError(f"--max-memory takes a size such as 256KiB or 4MiB, got {args.max_memory!r}")
+    built = export_training(
+        args.run,
+        args.out,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        max_memory=max_memory,
+        data_dir=args.data_dir,
+        download=not args.no_download,
+    )
+    layout, sgd = built.layout, built.layout.optimizer
+    names = ", ".join(m.name for m in layout.methods)
+    print(
+        f"wrote {args.out} (ExecuTorch training program, {size_text(len(built.buffer))}): methods {names}; "
+        f"batches of {layout.batch_size}, SGD lr {sgd['lr']} momentum {sgd['momentum']}"
     )
     return 0
 

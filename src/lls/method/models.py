@@ -197,6 +197,7 @@ NO_USE = {
     "dense_latent": "none of its dense blocks pools its latent to another length",
     "depthwise_padding": "it has no strided depthwise convolution",
     "block_granularity": "it has no residual stages",
+    "width": "it has no block whose channels scale",
 }
 
 
@@ -210,6 +211,8 @@ def taken_options(specs: Sequence[Spec]) -> set[str]:
             taken.add("depthwise_padding")
         if hasattr(spec, "count") and spec.count("block") != spec.count("stage"):
             taken.add("block_granularity")
+        if isinstance(spec, (Conv, DWSeparable, Dense)) or hasattr(spec, "widen"):
+            taken.add("width")
     return taken
 
 

@@ -328,6 +328,29 @@ class Expanding:
 DENSE_LATENTS = ("pooled", "output")
 DEPTHWISE_PADDINGS = ("1", "stride")
 GRANULARITIES = ("block", "stage")  # residual networks: a LocalNet block per residual block, or per stage
+MAX_WIDTH = 16.0  # the largest width multiplier (a 16x wider VGG8 already has 8192-channel layers)
+
+
+def scaled(channels: int, width: float) -> int:
+    """``channels`` times the width multiplier, rounded down, at least 1 (Keras's MobileNet ``alpha``:
+    ``int(filters * alpha)``; MLPerf Tiny's VWW model at 0.25 has 8, 16, 32, ... 256 channels)."""
+    return max(1, int(channels * width))
+
+
+def widen(spec: Spec, width: float) -> Spec:
+    """``spec`` with its channels scaled by ``width`` (the fixed ops and latent pool sides unchanged;
+    a dense block's latent length scales with its units)."""
+    if width == 1:
+        return spec
+    if isinstance(spec, (Conv, DWSeparable)):
+        return dataclasses.replace(spec, channels=scaled(spec.channels, width))
+    if isinstance(spec, Dense):
+        return dataclasses.replace(
+            spec, width=scaled(spec.width, width), pool=spec.pool and scaled(spec.pool, width)
+        )
+    if hasattr(spec, "widen"):  # the zoo's residual networks and transformers scale themselves
+        return spec.widen(width)
+    return spec
 
 
 @dataclass(frozen=True)
@@ -358,6 +381,13 @@ class ModelOptions:
         choices=GRANULARITIES,
         known="granularities",
     )
+    width: float = option(
+        1.0,
+        help="width multiplier: every block's channels (units, embedding size) times this, rounded "
+        "down as Keras's and MLPerf Tiny's MobileNetV1 alpha (0.25: the Visual Wake Words model)",
+        positive=True,
+        maximum=MAX_WIDTH,
+    )
 
     def __post_init__(self) -> None:
         check(self)
@@ -376,15 +406,18 @@ def build(
     dense_latent: str = "pooled",
     depthwise_padding: str = "1",
     block_granularity: str = "block",
+    width: float = 1.0,
 ) -> LocalNet:
     """Turn block specs into a :class:`LocalNet` for inputs of ``input_shape`` (C, H, W): each spec
     adds itself (``spec.add_to``), then the last activation is flattened into a linear head.
 
     ``dense_latent``: "pooled" takes each :class:`Dense` spec's ``pool`` as its latent length,
     "output" scores dense outputs as they are. ``depthwise_padding``: "1", or "stride" to pad each
-    depthwise convolution by its stride (see :class:`DWSeparable`).
+    depthwise convolution by its stride (see :class:`DWSeparable`). ``width``: the width multiplier
+    (:func:`widen`).
     """
-    options = ModelOptions(dense_latent, depthwise_padding, block_granularity)  # checks them
+    options = ModelOptions(dense_latent, depthwise_padding, block_granularity, width)  # checks them
+    specs = [widen(spec, width) for spec in specs]
     if activation not in ACTIVATIONS:
         raise LLSError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
     if num_classes < 2:

@@ -13,6 +13,7 @@ block's output is (tokens, dim); its latent is the mean over tokens (``signals.l
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -67,6 +68,11 @@ class ResNet(Expanding):
 
     stem: int
     stages: tuple[Stage, ...]
+
+    def widen(self, width: float) -> ResNet:
+        """Every stage's channels and the stem's times ``width`` (rounded down, at least 1)."""
+        stages = tuple(dataclasses.replace(s, channels=max(1, int(s.channels * width))) for s in self.stages)
+        return ResNet(max(1, int(self.stem * width)), stages)
 
     def count(self, granularity: str) -> int:
         """How many LocalNet blocks this spec expands into."""
@@ -147,6 +153,12 @@ class ViT(Expanding):
     heads: int
     patch: int
     mlp_ratio: int = 2
+
+    def widen(self, width: float) -> ViT:
+        """The embedding size times ``width``, rounded down to a multiple of the heads (at least one
+        channel per head)."""
+        per_head = max(1, int(self.dim * width) // self.heads)
+        return dataclasses.replace(self, dim=per_head * self.heads)
 
     def count(self, granularity: str) -> int:
         return self.depth

@@ -98,6 +98,32 @@ def load_run(
     return evaluated_model(session, state)
 
 
+def run_metadata(session: Session) -> dict[str, Any]:
+    """What a program exported from a run says about itself (``export.py`` stores it where the format
+    can): the input shape (C, H, W) and its normalisation ``(x - mean) / std`` per channel, the class
+    names, the model, its rule and options, the dataset and the ``lls`` version that wrote it."""
+    from .. import __version__
+
+    config, data = session.config, session.data
+    names = (
+        list(data.classes)
+        if len(data.classes) == data.num_classes
+        else [str(k) for k in range(data.num_classes)]
+    )
+    return {
+        "input_shape": list(data.input_shape),
+        "mean": [float(v) for v in data.mean],
+        "std": [float(v) for v in data.std],
+        "classes": names,
+        "model": config.model,
+        "model_options": dict(config.model_options or {}),
+        "rule": config.rule,
+        "rule_options": dict(config.rule_options or {}),
+        "dataset": config.dataset,
+        "lls_version": __version__,
+    }
+
+
 @dataclass
 class Inputs:
     """The images a trained model is asked about: normalised batches, their names and labels."""

@@ -1,0 +1,445 @@
+"""The training program of a trainer's current state: one ExecuTorch method per block, one for the head.
+
+:func:`training_program` is the builder (``lls export --format executorch --training``, and what
+``lls cost --runtime executorch`` reads memory plans from). For a local rule the program holds:
+
+``block{i}``  inputs ``x`` (the block's input, N x ...), ``y`` (labels, int64, N), for rules that
+              wait for the head (DFA) ``logits`` (N x K, the head's output), then the running mean
+              and variance of each of the block's BatchNorm layers; outputs ``loss`` (its local
+              loss, a scalar), ``h`` (the next block's input: the fixed ops after the block applied
+              to its output, detached), then the updated running statistics in the same order,
+              then (ExecuTorch's joint export) the gradients of the block's own parameters and the
+              parameters themselves. The rule's fixed tensors (basis, feedback matrix) are
+              constants of the method; its learned ones (LLS-M's m, LLS-MxM's M, a local
+              classifier's matrix) are parameters of the method.
+``head``      inputs ``h`` (the last block's ``h``), ``y``; outputs ``loss`` (cross-entropy) and
+              ``logits`` (computed before the update), then gradients and parameters.
+``network``   BP only, instead of all of the above: inputs ``x``, ``y``, every BatchNorm's running
+              statistics; outputs ``loss``, ``logits``, the updated statistics.
+
+Constant methods: ``lls_metadata`` (one JSON string: what the program is and the layout of every
+method, :class:`ProgramLayout`), ``{method}_statistics`` (the initial running statistics that
+method takes, a list of tensors), ``batch_size``, ``num_classes``, ``learning_rate``, ``momentum``,
+``weight_decay`` and ``rule``. Shapes are fixed: every batch has ``batch_size`` samples.
+
+The loop (``runtime.py``; the same in C++): for each batch, ``h = x``; for each block, call
+``block{i}`` with ``(h, y, stats_i)``, step its SGD optimizer with the gradients, keep the new
+statistics and take the next ``h``; then call ``head`` and step it. DFA first runs every block
+for its ``h`` only (no step, statistics dropped), then the head, then each block again with the
+head's logits, stepping it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LLSError
+from ..method.signals import ProjectionSignal
+from . import require_executorch
+from .layers import BatchStatsNorm, FixedPool, exportable, norms
+
+PROGRAM_FORMAT = "lls-training-program"
+PROGRAM_VERSION = 1
+METADATA_METHOD = "lls_metadata"
+RUNTIME_OPTIMIZER = "sgd"  # the one optimizer ExecuTorch's training runtime has
+SGD_MOMENTUM = 0.9  # lls's "sgd" (lls.step.optim): momentum 0.9, no dampening, not Nesterov
+
+
+@dataclass
+class MethodLayout:
+    """What one method takes and gives (also in the program's metadata)."""
+
+    name: str
+    kind: str  # "block", "head" or "network"
+    index: int  # the block's index; the head's is the number of blocks; the network's 0
+    inputs: list[str]  # "x" / "h", "y", ("logits"), then the names of the running statistics
+    outputs: list[str]  # "loss", "h" / "logits", then the updated statistics (the same names)
+    statistics: list[str]  # the running statistics, in the order of inputs and outputs
+    parameters: dict[str, str] = field(default_factory=dict)  # the program's name -> the run's name
+
+
+@dataclass
+class ProgramLayout:
+    """Every method of a training program, in the order a step calls them, and what it is."""
+
+    methods: list[MethodLayout]
+    timing: str  # the rule's: "block", "head" or "end-to-end"
+    batch_size: int
+    input_shape: list[int]
+    num_classes: int
+    optimizer: dict[str, Any]  # the runtime's SGD: lr, momentum, dampening, weight_decay, nesterov
+    info: dict[str, Any]  # what the program was made from (rule, model, dataset, normalisation, ...)
+
+    def method(self, name: str) -> MethodLayout:
+        return next(m for m in self.methods if m.name == name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": PROGRAM_FORMAT, "version": PROGRAM_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> ProgramLayout:
+        if record.get("format") != PROGRAM_FORMAT:
+            raise LLSError("the program holds no lls training layout: export it with `lls export --training`")
+        if record.get("version") != PROGRAM_VERSION:
+            raise LLSError(
+                f"the program is an lls training program of version {record.get('version')}, "
+                f"this lls reads version {PROGRAM_VERSION}; export it again with this lls"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in record.items() if k in fields}
+        values["methods"] = [MethodLayout(**m) for m in values["methods"]]
+        return cls(**values)
+
+
+@dataclass
+class BuiltProgram:
+    """:func:`build_program`'s result: the ExecuTorch program and its layout."""
+
+    manager: Any  # executorch.exir.ExecutorchProgramManager
+    layout: ProgramLayout
+
+    @property
+    def buffer(self) -> bytes:
+        return self.manager.buffer
+
+
+# --- the steps as modules -------------------------------------------------------------------------
+
+
+class _WithStatistics(nn.Module):
+    """A module whose BatchNorm layers take their running statistics as inputs and give the
+    updated ones as outputs (:class:`~lls.edge.layers.BatchStatsNorm`)."""
+
+    def _set_norms(self, module: nn.Module) -> None:
+        self._norms: list[BatchStatsNorm] = [m for _, m in norms(module)]
+
+    def _take(self, stats: tuple[torch.Tensor, ...]) -> None:
+        if len(stats) != 2 * len(self._norms):
+            raise ValueError(f"expected {2 * len(self._norms)} running statistics, got {len(stats)}")
+        for i, norm in enumerate(self._norms):
+            norm.running, norm.updated = (stats[2 * i], stats[2 * i + 1]), None
+
+    def _give(self) -> list[torch.Tensor]:
+        out = []
+        for norm in self._norms:
+            out += list(norm.updated)
+            norm.running = norm.updated = None
+        return out
+
+
+class BlockStep(_WithStatistics):
+    """Block ``i``'s training step: ``(x, y, [logits], *stats) -> (loss, h, *new stats)``."""
+
+    def __init__(
+        self, block: nn.Module, between: nn.Module, signal: nn.Module, pool: nn.Module | None, logits: bool
+    ) -> None:
+        super().__init__()
+        self.block, self.between, self.signal, self.pool = block, between, signal, pool
+        self.takes_logits = logits
+        self._set_norms(block)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *rest: torch.Tensor):
+        logits, stats = (rest[0], rest[1:]) if self.takes_logits else (None, rest)
+        self._take(stats)
+        a = self.block(x)
+        z = self.pool(a) if self.pool is not None else self.signal.latent(a)
+        loss = self.signal.latent_loss(z, y, logits)  # the signal's own definition of the loss
+        h = self.between(a.detach())
+        return (loss, h, *self._give())
+
+
+class HeadStep(nn.Module):
+    """The head's step: ``(h, y) -> (loss, logits)``, the cross-entropy of lls's step."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor):
+        logits = self.head(h)
+        return F.cross_entropy(logits, y), logits.detach()
+
+
+class NetworkStep(_WithStatistics):
+    """BP's step: ``(x, y, *stats) -> (loss, logits, *new stats)``, one backward through it all."""
+
+    def __init__(self, blocks: list[nn.Module], between: list[nn.Module], head: nn.Module) -> None:
+        super().__init__()
+        self.blocks, self.between, self.head = nn.ModuleList(blocks), nn.ModuleList(between), head
+        self._set_norms(self.blocks)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *stats: torch.Tensor):
+        self._take(stats)
+        h = x
+        for block, between in zip(self.blocks, self.between, strict=True):
+            h = between(block(h))
+        logits = self.head(h)
+        return (F.cross_entropy(logits, y), logits.detach(), *self._give())
+
+
+# --- the builder ----------------------------------------------------------------------------------
+
+
+def _statistics(prefix: str, module: nn.Module, original: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """The run's names of the running statistics of ``module``'s BatchNorm layers and their values,
+    read from ``original`` (the trainer's module, whose names ``module`` keeps)."""
+    names, values = [], []
+    buffers = dict(original.named_buffers())
+    for name, _ in norms(module):
+        for stat in ("running_mean", "running_var"):
+            names.append(f"{prefix}{name}.{stat}")
+            values.append(buffers[f"{name}.{stat}"].detach().float().contiguous().clone())
+    return names, values
+
+
+def _parameters(step: nn.Module, names: dict[str, str]) -> dict[str, str]:
+    """The program's parameter names (the step module's) -> the run's, by the step's prefixes."""
+    out = {}
+    for name, _ in step.named_parameters():
+        prefix, _, rest = name.partition(".")
+        out[name] = names[prefix] + rest
+    return out
+
+
+def build_program(
+    trainer,
+    batch_size: int,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = SGD_MOMENTUM,
+    info: dict[str, Any] | None = None,
+    max_memory: int | None = None,
+) -> BuiltProgram:
+    """The training program of ``trainer``'s current state (weights, BatchNorm statistics, the
+    rule's tensors) for batches of ``batch_size``, with the runtime's SGD settings and ``info``
+    (what the program was made from) in its metadata. Refuses, in one line naming the block and the
+    fix, a layer that cannot be exported, an operator the runtime lacks, or (``max_memory``, bytes)
+    a program whose weights, optimizer state and largest method's arena do not fit."""
+    require_executorch()
+    from executorch.exir import to_edge
+
+    trainer._built()
+    if batch_size < 2:
+        raise LLSError("a training program needs batches of 2 or more (BatchNorm's batch statistics)")
+    net, rule = trainer.net, trainer.rule
+    input_shape, classes = tuple(trainer.input_shape), trainer.num_classes
+    ref = next(net.parameters())
+    if ref.dtype != torch.float32:
+        raise LLSError(f"training programs are float32; the trainer's network is {ref.dtype}")
+    x = torch.zeros(batch_size, *input_shape)
+    y = torch.zeros(batch_size, dtype=torch.long)
+    steps: list[tuple[MethodLayout, nn.Module, tuple, str]] = []  # layout, module, example inputs, what
+    statistics: dict[str, list[torch.Tensor]] = {}
+    block_shapes = net.block_shapes(input_shape)
+    if rule.timing == "end-to-end":
+        blocks = [exportable(b, tuple(s)) for b, (s, _) in zip(net.blocks, block_shapes, strict=True)]
+        between = [exportable(o, tuple(s)) for o, (_, s) in zip(net.between, block_shapes, strict=True)]
+        step = NetworkStep(blocks, between, exportable(net.head))
+        names, values = _statistics("blocks.", step.blocks, net.blocks)
+        names = [f"net.{n}" for n in names]
+        layout = MethodLayout("network", "network", 0, ["x", "y", *names], ["loss", "logits", *names], names)
+        layout.parameters = _parameters(
+            step, {"blocks": "net.blocks.", "between": "net.between.", "head": "net.head."}
+        )
+        statistics["network"] = values
+        steps.append((layout, step, (x, y, *values), "the network"))
+    else:
+        h = x
+        logits = torch.zeros(batch_size, classes)
+        for i, (block, between, signal) in enumerate(
+            zip(net.blocks, net.between, trainer.signals, strict=True)
+        ):
+            in_shape, out_shape = (tuple(s) for s in block_shapes[i])
+            signal_copy = exportable(signal)
+            pool = None
+            if isinstance(signal, ProjectionSignal):
+                pool = FixedPool(signal.pooling)
+                signal_copy.pooling = None  # the program pools with ``pool``
+            takes_logits = rule.timing == "head"
+            step = BlockStep(
+                exportable(block, in_shape), exportable(between, out_shape), signal_copy, pool, takes_logits
+            )
+            names, values = _statistics(f"net.blocks.{i}.", step.block, block)
+            extra = ["logits"] if takes_logits else []
+            layout = MethodLayout(
+                f"block{i}", "block", i, ["x", "y", *extra, *names], ["loss", "h", *names], names
+            )
+            layout.parameters = _parameters(
+                step, {"block": f"net.blocks.{i}.", "between": f"net.between.{i}.", "signal": f"signals.{i}."}
+            )
+            statistics[layout.name] = values
+            example = (h.new_zeros(batch_size, *in_shape), y, *([logits] if takes_logits else []), *values)
+            steps.append((layout, step, example, f"block {i} ({type(block).__name__})"))
+            h = torch.zeros(batch_size, *_after_shape(between, out_shape))
+        head = HeadStep(exportable(net.head))
+        layout = MethodLayout("head", "head", len(net.blocks), ["h", "y"], ["loss", "logits"], [])
+        layout.parameters = _parameters(head, {"head": "net.head."})
+        statistics["head"] = []
+        steps.append((layout, head, (h, y), "the head"))
+    programs = {}
+    for layout, step, example, what in steps:
+        programs[layout.name] = _export(step, example, what)
+    optimizer = {
+        "name": RUNTIME_OPTIMIZER,
+        "lr": lr,
+        "momentum": momentum,
+        "dampening": 0.0,
+        "weight_decay": weight_decay,
+        "nesterov": False,
+    }
+    program_layout = ProgramLayout(
+        [layout for layout, *_ in steps],
+        rule.timing,
+        batch_size,
+        list(input_shape),
+        classes,
+        optimizer,
+        {"rule": rule.config(), **(info or {})},
+    )
+    constants: dict[str, Any] = {
+        METADATA_METHOD: json.dumps(program_layout.as_dict()),
+        "batch_size": batch_size,
+        "num_classes": classes,
+        "learning_rate": float(lr),
+        "momentum": float(momentum),
+        "weight_decay": float(weight_decay),
+        "rule": rule.name,
+    }
+    for name, values in statistics.items():
+        if values:
+            constants[f"{name}_statistics"] = values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            manager = to_edge(programs, constant_methods=constants).to_executorch()
+        except Exception as error:  # any lowering failure is the model's, said in one line
+            raise _lowering_error(
+                programs, {layout.name: what for layout, _, _, what in steps}, error
+            ) from None
+    built = BuiltProgram(manager, program_layout)
+    check_operators(built, {layout.name: what for layout, _, _, what in steps})
+    if max_memory is not None:
+        parameters = sum(p.numel() * p.element_size() for _, step, _, _ in steps for p in step.parameters())
+        held = parameters + sum(
+            v.numel() * v.element_size() for values in statistics.values() for v in values
+        )
+        check_memory(built, max_memory, held, parameters if momentum else 0)
+    return built
+
+
+def training_program(trainer, batch_size: int, **options: Any):
+    """The ``executorch.exir.ExecutorchProgramManager`` of :func:`build_program` (same options)."""
+    return build_program(trainer, batch_size, **options).manager
+
+
+def _after_shape(between: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    with torch.no_grad():
+        return tuple(between.eval()(torch.zeros(2, *shape)).shape[1:])
+
+
+def _lowering_error(programs: dict, what: dict[str, str], error: Exception) -> LLSError:
+    """The one-line refusal of a program ExecuTorch could not lower, naming the first method that
+    fails on its own (each is lowered apart to find it: the failure path only) and the reason,
+    which names the operator (e.g. one outside the core ATen set)."""
+    from executorch.exir import to_edge
+
+    culprit = "the program"
+    for name, program in programs.items():
+        try:
+            to_edge({name: program}).to_executorch()
+        except Exception as single:  # this method is one that cannot be lowered
+            culprit, error = what.get(name, name), single
+            break
+    return LLSError(
+        f"{culprit} cannot be lowered to ExecuTorch ({_first_line(error)}); train this model with "
+        "`lls train`, or write the layer with core operators (see lls/edge/layers.py)"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def _export(step: nn.Module, example: tuple, what: str):
+    from torch.export.experimental import _export_forward_backward
+
+    step.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(step, example, strict=False)
+            return _export_forward_backward(program)
+        except Exception as error:
+            raise LLSError(
+                f"{what} cannot be exported as a training method ({_first_line(error)}); train this "
+                "model with `lls train`, or use one made of conv, linear and BatchNorm blocks"
+            ) from None
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def runtime_operators() -> set[str]:
+    """The operators ExecuTorch's runtime in this environment has kernels for (``name.overload``)."""
+    from executorch.extension.pybindings.portable_lib import _get_operator_names
+
+    return set(_get_operator_names())
+
+
+def program_operators(manager) -> dict[str, set[str]]:
+    """Each method's operators (``name.overload``), from the program itself."""
+    out = {}
+    for plan in manager.executorch_program.execution_plan:
+        out[plan.name] = {f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators}
+    return out
+
+
+def check_operators(built: BuiltProgram, what: dict[str, str], known: set[str] | None = None) -> None:
+    """Refuse a program that calls an operator the runtime has no kernel for, naming the first."""
+    known = runtime_operators() if known is None else known
+    for method, ops in program_operators(built.manager).items():
+        missing = sorted(op for op in ops if op not in known and not op.startswith("executorch_prim::"))
+        if missing:
+            raise LLSError(
+                f"{what.get(method, method)} needs the operator {missing[0]}, which this ExecuTorch "
+                "runtime has no kernel for; train this model with `lls train`, or build the runtime "
+                "with a kernel library that has it"
+            )
+
+
+def planned_arenas(manager) -> dict[str, int]:
+    """Bytes of each method's planned memory arena (activations, gradients, outputs), from the
+    program's memory plan (``non_const_buffer_sizes``; its first entry is reserved)."""
+    return {
+        plan.name: sum(plan.non_const_buffer_sizes[1:])
+        for plan in manager.executorch_program.execution_plan
+        if plan.non_const_buffer_sizes
+    }
+
+
+def check_memory(built: BuiltProgram, max_memory: int, weights: int, optimizer_state: int) -> None:
+    """Refuse a program whose training holds more than ``max_memory`` bytes: its ``weights``
+    (parameters and running statistics), the optimizer's state and the largest method's arena
+    (one method runs at a time; its arena holds its activations, gradients and outputs)."""
+    from ..step.lowmem import size_text
+
+    names = {m.name for m in built.layout.methods}
+    arenas = {k: v for k, v in planned_arenas(built.manager).items() if k in names}
+    name, largest = max(arenas.items(), key=lambda kv: kv[1])
+    total = weights + optimizer_state + largest
+    if total > max_memory:
+        raise LLSError(
+            f"training needs {size_text(total)} ({size_text(weights)} weights, {size_text(optimizer_state)} "
+            f"SGD momentum, {size_text(largest)} for method {name}'s arena), over --max-memory "
+            f"{size_text(max_memory)}; export with a smaller --batch-size, or use a smaller model"
+        )

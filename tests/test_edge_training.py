@@ -1,0 +1,358 @@
+"""On-device learning (lls/edge): training programs for ExecuTorch, run in its runtime and compared
+step for step with lls's own SGD trainer; their export-friendly layers against PyTorch's; bad input.
+
+Runtime tests are few and small (one conv block and the head, batches of 4): exporting a method
+takes seconds, so the fast suite builds one program per rule family (projection, feedback, BP);
+every rule and basis on the paper's models is in the slow suite."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lls
+from lls.cli import main
+from lls.errors import LLSError
+from lls.method.latent import LatentPool
+from lls.method.models import model_specs
+from lls.method.net import AvgPool, Conv, LocalNet
+from lls.method.rules import comparison_rules
+
+EXACT = 1e-5  # issue 30's goal: the largest relative difference of any parameter after the steps
+EDGE_SPECS = (Conv(4, pool=2), AvgPool(1))  # one conv block (BatchNorm, LeakyReLU) and the head
+EDGE_INPUT, EDGE_CLASSES, EDGE_BATCH = (1, 4, 4), 3, 4
+
+
+def needs_executorch():
+    pytest.importorskip("executorch", reason="needs executorch (pip install 'lls[edge]')")
+
+
+# --- the export-friendly layers, against PyTorch's (no executorch needed) ---------------------------
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 5, 4), (6, 7)])
+def test_batch_stats_norm_is_batchnorm_in_training_mode(shape):
+    from lls.edge.layers import BatchStatsNorm
+
+    torch.manual_seed(0)
+    features = shape[1]
+    reference = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(features, momentum=0.3)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+        reference.running_mean.uniform_(-1, 1)
+        reference.running_var.uniform_(0.5, 2)
+    ours = BatchStatsNorm(reference)
+    ours.weight = nn.Parameter(reference.weight.detach().clone())
+    ours.bias = nn.Parameter(reference.bias.detach().clone())
+    x = torch.randn(*shape) * 3 + 1
+    ours.running = (reference.running_mean.clone(), reference.running_var.clone())
+    out, expected = ours(x), reference.train()(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    mean, var = ours.updated  # the momentum update with the unbiased variance, as PyTorch's
+    torch.testing.assert_close(mean, reference.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(var, reference.running_var, rtol=0, atol=1e-6)
+    g = torch.randn_like(out)
+    mine = torch.autograd.grad((out * g).sum(), [ours.weight, ours.bias])
+    theirs = torch.autograd.grad((expected * g).sum(), [reference.weight, reference.bias])
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "pool"),
+    [((3, 8, 8), 2), ((3, 7, 5), 2), ((3, 4, 4), 4), ((3, 2, 2), 4), ((6,), 4), ((6,), 12), ((5,), None)],
+)
+def test_fixed_pool_is_the_latent_pool_in_values_and_gradients(shape, pool):
+    from lls.edge.layers import FixedPool
+
+    torch.manual_seed(0)
+    reference = LatentPool(shape, pool)
+    a = torch.randn(3, *shape, requires_grad=True)
+    ours, expected = FixedPool(reference)(a), reference(a)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    g = torch.randn_like(expected)
+    (mine,) = torch.autograd.grad((ours * g).sum(), a)
+    (theirs,) = torch.autograd.grad((expected * g).sum(), a)
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+
+
+# --- programs in the runtime: one per rule family in the fast suite --------------------------------
+
+
+def edge_trainer(rule: str, seed: int = 0, specs=EDGE_SPECS, input_shape=EDGE_INPUT, **options):
+    trainer = lls.build_trainer(
+        specs,
+        rule,
+        input_shape,
+        EDGE_CLASSES,
+        rule_options=options,
+        seed=seed,
+        optimizer="sgd",
+        lr=0.05,
+        channels_last=False,
+        engine="eager",
+    )
+    with torch.no_grad():  # BatchNorm statistics that are not 0 / 1, as a trained run's
+        for module in trainer.net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    return trainer
+
+
+def edge_batches(steps: int, input_shape=EDGE_INPUT, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(EDGE_BATCH, *input_shape, generator=g),
+            torch.randint(0, EDGE_CLASSES, (EDGE_BATCH,), generator=g),
+        )
+        for _ in range(steps)
+    ]
+
+
+@pytest.fixture(scope="module", params=["lls-mxm", "dfa", "bp"])
+def family(request):
+    """A program of each rule family: a projection with learned parameters (LLS-MxM), feedback that
+    waits for the head (DFA), one whole-network method (BP); with the trainer it was made from."""
+    needs_executorch()
+    from lls.edge.programs import build_program
+
+    trainer = edge_trainer(request.param)
+    return trainer, build_program(trainer, EDGE_BATCH, lr=0.05, info={"made_by": "test"})
+
+
+def test_runtime_steps_equal_lls_sgd_steps(family):
+    """The program in ExecuTorch's runtime takes the same SGD steps as lls's trainer: every
+    parameter (the rule's learned ones too) and every BatchNorm running statistic."""
+    from lls.edge.runtime import ProgramRunner
+    from lls.edge.session import check_program
+
+    trainer, built = family
+    result = check_program(ProgramRunner(built.buffer), trainer_copy(trainer), edge_batches(3), 3)
+    assert result.steps == 3 and result.tensors >= 6
+    assert result.largest <= EXACT, result
+    assert result.losses <= 1e-5
+
+
+def trainer_copy(trainer):
+    """A fresh trainer at ``trainer``'s state (the fixture's is shared by the tests)."""
+    twin = edge_trainer(trainer.rule.name)
+    twin.net.load_state_dict(trainer.net.state_dict())
+    for mine, theirs in zip(twin.signals, trainer.signals, strict=True):
+        mine.load_state_dict(theirs.state_dict())
+    return twin
+
+
+def test_each_method_trains_its_own_parameters_and_says_so_in_the_program(family):
+    """No gradient crosses a block: a block's method outputs gradients of that block's parameters
+    (and its signal's) only; the program holds what an app needs to call it."""
+    from lls.edge.runtime import ProgramRunner
+
+    trainer, built = family
+    runner = ProgramRunner(built.buffer)
+    layout = runner.layout
+    names = [m.name for m in layout.methods]
+    rule = trainer.rule.name
+    assert names == (["network"] if rule == "bp" else ["block0", "head"])
+    for method in layout.methods:
+        owners = {
+            name.split(".")[1] if name.startswith("signals") else ".".join(name.split(".")[:3])
+            for name in method.parameters.values()
+        }
+        if method.kind == "block":
+            assert owners <= {"net.blocks.0", "0"}
+        elif method.kind == "head":
+            assert owners == {"net.head.weight", "net.head.bias"}
+    assert ("logits" in layout.methods[0].inputs) == (rule == "dfa")
+    meta = json.loads(runner.module.run_method("lls_metadata", ())[0])
+    assert meta["batch_size"] == EDGE_BATCH == runner.module.run_method("batch_size", ())[0]
+    assert meta["input_shape"] == list(EDGE_INPUT) and meta["num_classes"] == EDGE_CLASSES
+    assert meta["optimizer"] == {
+        "name": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+    }
+    assert meta["info"]["rule"]["name"] == rule and meta["info"]["made_by"] == "test"
+    first = layout.methods[0]  # the running statistics the app starts from are the trainer's
+    norm = trainer.net.blocks[0][1]
+    start = runner.module.run_method(f"{first.name}_statistics", ())
+    torch.testing.assert_close(start[0], norm.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(start[1], norm.running_var, rtol=0, atol=0)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_an_operator_the_runtime_lacks_is_named_in_one_line(family):
+    from lls.edge.programs import check_operators, program_operators, runtime_operators
+
+    _, built = family
+    used = set().union(*program_operators(built.manager).values())
+    lacking = sorted(op for op in used if "convolution" in op)[0]
+    with pytest.raises(LLSError, match=f"needs the operator {lacking}, which this ExecuTorch") as error:
+        check_operators(built, {"block0": "block 0 (Sequential)"}, known=runtime_operators() - {lacking})
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_a_program_over_max_memory_is_refused_naming_the_method(family):
+    from lls.edge.programs import check_memory, planned_arenas
+
+    _, built = family
+    arena = max(v for k, v in planned_arenas(built.manager).items() if not k.startswith("_"))
+    check_memory(built, 1000 + arena, 1000, 0)  # fits: nothing said
+    with pytest.raises(LLSError, match=r"over --max-memory .*smaller --batch-size") as error:
+        check_memory(built, arena, 1000, 0)
+    assert "arena" in str(error.value) and len(str(error.value).splitlines()) == 1
+
+
+class DataDependent(nn.Module):
+    """A block whose control flow depends on its input's values: torch.export cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+
+def test_a_layer_that_cannot_be_exported_is_named_and_nothing_is_built():
+    needs_executorch()
+    from lls.edge.programs import build_program
+
+    net = LocalNet([DataDependent()], nn.Linear(4 * 16, EDGE_CLASSES), [nn.Flatten()], [1])
+    trainer = lls.Trainer(net, "lls", input_shape=EDGE_INPUT, optimizer="sgd", lr=0.1)
+    with pytest.raises(LLSError, match=r"^block 0 \(DataDependent\) cannot be exported") as error:
+        build_program(trainer, EDGE_BATCH, lr=0.1)
+    assert len(str(error.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw-sf", "adam"])
+def test_an_optimizer_the_runtime_lacks_is_refused_saying_what_to_use(optimizer, tmp_path, capsys):
+    needs_executorch()
+    out = tmp_path / "train.pte"
+    argv = ["export", str(tmp_path), "--format", "executorch", "--training", "--optimizer", optimizer]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        len(err.splitlines()) == 1
+        and f"no {optimizer} optimizer, only SGD" in err
+        and "--optimizer sgd" in err
+    )
+    assert not out.exists()
+
+
+def test_without_executorch_the_edge_commands_say_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "executorch", None)  # as if it were not installed
+    program = tmp_path / "train.pte"
+    program.write_bytes(b"not read")
+    out = tmp_path / "out.pte"
+    for argv in (
+        ["edge", "train", str(program), "--steps", "1"],
+        ["edge", "check", str(program)],
+        ["export", str(tmp_path), "--format", "executorch", "--training", "--out", str(out)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "pip install 'lls[edge]'" in err, argv
+    assert not out.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_file_that_is_not_a_training_program_is_refused_in_one_line(tmp_path, capsys):
+    needs_executorch()
+    program = tmp_path / "train.pte"
+    program.write_bytes(b"\0" * 64)
+    assert main(["edge", "check", str(program)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ExecuTorch program" in err
+
+
+# --- the slow suite: every rule on the paper's models; the commands end to end -----------------------
+
+
+RULE_CASES = [*comparison_rules(), ("lls-mxm", {"reduced": 2})]  # every rule, LLS with every basis
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("rule", "options"), RULE_CASES, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))
+)
+def test_every_rule_steps_in_the_runtime_as_in_lls(rule, options):
+    needs_executorch()
+    from lls.edge.programs import build_program
+    from lls.edge.runtime import ProgramRunner
+    from lls.edge.session import check_program
+
+    specs = model_specs("smallconv")
+    trainer = edge_trainer(rule, specs=specs, input_shape=(1, 8, 8), **options)
+    built = build_program(trainer, EDGE_BATCH, lr=0.05)
+    result = check_program(ProgramRunner(built.buffer), trainer, edge_batches(3, (1, 8, 8)), 3)
+    assert result.largest <= EXACT, result
+
+
+@pytest.mark.slow
+def test_export_train_and_check_a_run_from_the_command_line(digits, tmp_path, capsys):
+    """A run to a training program, checked against lls, trained in the runtime into a run
+    directory that lls eval reads with the accuracy edge train reported; refusals write nothing."""
+    needs_executorch()
+    run, program = tmp_path / "run", tmp_path / "train.pte"
+    common = ["--dataset", "digits", "--limit", "64"]
+    argv = ["train", *common, "--model", "smallconv", "--epochs", "1", "--batch-size", "16"]
+    assert main([*argv, "--optimizer", "sgd", "--lr", "0.05", "--out", str(run), "--quiet"]) == 0
+    export = ["export", str(run), "--format", "executorch", "--training", "--out", str(program)]
+    capsys.readouterr()
+    assert main([*export, "--max-memory", "64KiB"]) == 2  # the weights alone are more
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "over --max-memory 64 KiB" in err and not program.exists()
+    assert main([*export, "--batch-size", "8"]) == 0
+    assert "block0, block1, block2, block3, head; batches of 8" in capsys.readouterr().out
+    assert main(["edge", "check", str(program), "--steps", "3", "--json"]) == 0
+    check = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert check["steps"] == 3 and check["largest"] <= EXACT and check["rule"] == "lls"
+    trained = tmp_path / "device"
+    edge = ["edge", "train", str(program), "--steps", "5", "--out", str(trained), "--json", "--quiet"]
+    assert main(edge) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 5 and summary["epochs"] == 1  # 64 images: 8 full batches an epoch
+    assert main(["eval", str(trained), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["accuracy"] == summary["test_accuracy"]
+
+
+class FunctionalBatchNorm(nn.Module):
+    """A conv with BatchNorm called as a function in training mode, updating running statistics
+    (no nn.BatchNorm for the builder to rewrite): it lowers to an operator outside ExecuTorch's
+    core set (issue 30's finding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.weight, self.bias = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        a = self.conv(x)
+        return nn.functional.batch_norm(a, self.mean, self.var, self.weight, self.bias, training=True)
+
+
+def test_a_layer_outside_the_core_operators_is_named_with_its_operator():
+    needs_executorch()
+    from lls.edge.programs import build_program
+
+    net = LocalNet([FunctionalBatchNorm()], nn.Linear(4 * 16, EDGE_CLASSES), [nn.Flatten()], [1])
+    trainer = lls.Trainer(net, "lls", input_shape=EDGE_INPUT, optimizer="sgd", lr=0.1)
+    with pytest.raises(
+        LLSError, match=r"^block 0 \(FunctionalBatchNorm\) cannot be lowered .*batch_norm"
+    ) as error:
+        build_program(trainer, EDGE_BATCH, lr=0.1)
+    assert len(str(error.value).splitlines()) == 1
