@@ -217,6 +217,9 @@ COMMON = {
         # MobileNetV1 only (the authors pad by the stride, lls_layers.py:93); no preset builds it
         "depthwise_padding": "1",
         "block_granularity": "block",  # residual networks only; no preset builds one
+        # the channel counts as written in the model files (lls_smallconv.py, lls_vgg.py): no
+        # width multiplier anywhere in the authors' code
+        "width": 1.0,
     },
 }
 
