@@ -11,7 +11,7 @@ from torch import nn
 
 import lls
 from lls.cli import main
-from lls.measure.edge_memory import method_memory
+from lls.edge.memory import method_memory
 
 FLOAT = 4  # bytes
 # `lls cost`'s runtime test: SmallConv at width 1/8 (4, 8, 16 channels and 64 units) on 8 x 8 images

@@ -7,10 +7,10 @@ import json
 
 import torch
 
+from ..edge.memory import edge_compare_text, edge_cost_text, training_footprint
 from ..errors import LLSError
 from ..measure.bench import bench_text, run_bench, split_engine, split_rules, summarize
 from ..measure.cost import compare_text, cost_text, count_costs
-from ..measure.edge_memory import edge_compare_text, edge_cost_text, training_footprint
 from ..measure.fits import check_fits, estimated_bytes, meta_trainer
 from ..measure.memory import measure_memory
 from ..method.models import model_options

@@ -187,9 +187,9 @@ def training_footprint(
 ) -> TrainingFootprint:
     """Build ``rule``'s training programs of ``model`` (``lls.edge.programs.build_program``, the
     runtime's SGD) for batches of ``batch`` and read their footprint from the memory plans."""
-    from ..edge.programs import SGD_MOMENTUM, build_program
     from ..method.rules import create_rule
     from ..step.factory import build_trainer
+    from .programs import SGD_MOMENTUM, build_program
 
     momentum = SGD_MOMENTUM if momentum is None else momentum
     trainer = build_trainer(
@@ -208,7 +208,7 @@ def kb(n: int) -> str:
 
 def edge_compare_text(results: dict[str, dict[str, Any]], where: str) -> str:
     """Every rule's footprint side by side, with the ratio to BP's."""
-    from .report_format import ratio, table
+    from ..measure.report_format import ratio, table
 
     bp = results.get("bp")
     keys = (
@@ -250,7 +250,7 @@ def edge_compare_text(results: dict[str, dict[str, Any]], where: str) -> str:
 
 def edge_cost_text(result: dict[str, Any], where: str) -> str:
     """One rule's programs, method by method, and its footprint."""
-    from .report_format import table
+    from ..measure.report_format import table
 
     rows = [
         [m["name"], kb(m["arena"]), kb(m["parameters"]), kb(m["gradients"]), kb(m["working"])]
