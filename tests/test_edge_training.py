@@ -19,7 +19,7 @@ from lls.cli import main
 from lls.errors import LLSError
 from lls.method.latent import LatentPool
 from lls.method.models import model_specs
-from lls.method.net import AvgPool, Conv, LocalNet
+from lls.method.net import AvgPool, Conv, LocalNet, MaxPool
 from lls.method.rules import comparison_rules
 
 EXACT = 1e-5  # issue 30's goal: the largest relative difference of any parameter after the steps
@@ -356,3 +356,32 @@ def test_a_layer_outside_the_core_operators_is_named_with_its_operator():
     ) as error:
         build_program(trainer, EDGE_BATCH, lr=0.1)
     assert len(str(error.value).splitlines()) == 1
+
+
+def test_window_max_is_max_pooling_in_values_and_gradients():
+    from lls.edge.layers import WindowMax
+
+    x = torch.randn(2, 3, 7, 6, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    ours, expected = WindowMax(2)(x), nn.MaxPool2d(2)(x)
+    assert torch.equal(ours, expected)
+    g = torch.randn_like(expected)
+    (mine,) = torch.autograd.grad((ours * g).sum(), x)
+    (theirs,) = torch.autograd.grad((expected * g).sum(), x)
+    assert torch.equal(mine, theirs)
+
+
+def test_bp_through_a_max_pool_steps_as_lls_does():
+    """BP's one method back-propagates through the fixed ops between blocks: through a 2x2 max
+    pool (runtime's own max-pool backward is wrong: 500x off before WindowMax) it equals lls's step."""
+    needs_executorch()
+    from lls.edge.programs import build_program
+    from lls.edge.runtime import ProgramRunner
+    from lls.edge.session import check_program
+
+    specs, shape = (Conv(4, pool=2), MaxPool(), Conv(6, pool=1), AvgPool(1)), (1, 8, 8)
+    trainer = edge_trainer("bp", specs=specs, input_shape=shape)
+    twin = edge_trainer("bp", specs=specs, input_shape=shape)
+    twin.net.load_state_dict(trainer.net.state_dict())
+    built = build_program(trainer, EDGE_BATCH, lr=0.05)
+    result = check_program(ProgramRunner(built.buffer), twin, edge_batches(3, shape), 3)
+    assert result.largest <= EXACT, result

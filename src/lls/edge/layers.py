@@ -114,6 +114,33 @@ class FixedAdaptiveAvgPool2d(nn.Module):
         return self.pool(x).view(x.shape[0], x.shape[1], self.pool.pool, self.pool.pool)
 
 
+class WindowMax(nn.Module):
+    """``nn.MaxPool2d(k)`` (stride k, no padding) as a reshape and ``amax``. ExecuTorch's portable
+    kernel for max pooling's backward gives wrong gradients (BP's program through a 2x2 max-pool
+    differed from PyTorch's step by 500x in the first block), while ``amax``'s backward is right.
+    Where a window holds two equal maxima they share its gradient (max pooling gives it to one);
+    float activations rarely tie."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        k = self.k
+        x = x[:, :, : h // k * k, : w // k * k]
+        return x.reshape(n, c, h // k, k, w // k, k).amax(dim=(3, 5))
+
+
+def _window(pool: nn.MaxPool2d) -> int | None:
+    """The window of a max pool WindowMax can stand for (square, stride = window, no padding)."""
+    k, s = pool.kernel_size, pool.stride
+    square = isinstance(k, int) or len(set(k)) == 1
+    k = k if isinstance(k, int) else k[0]
+    plain = pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+    return k if square and s in (k, (k, k)) and plain and not pool.return_indices else None
+
+
 def exportable(module: nn.Module, in_shape: tuple[int, ...] | None = None) -> nn.Module:
     """A contiguous float copy of ``module`` with every BatchNorm a :class:`BatchStatsNorm`, every
     ``lls`` LeakyReLU an ``nn.LeakyReLU`` and every adaptive average pool (inputs of ``in_shape``,
@@ -125,6 +152,8 @@ def exportable(module: nn.Module, in_shape: tuple[int, ...] | None = None) -> nn
 def _swap(module: nn.Module, in_shape: tuple[int, ...] | None) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return BatchStatsNorm(module)
+    if isinstance(module, nn.MaxPool2d) and _window(module):
+        return WindowMax(_window(module))
     if type(module) is LeakyReLU:
         return nn.LeakyReLU(module.negative_slope)
     if isinstance(module, nn.AdaptiveAvgPool2d) and in_shape is not None and len(in_shape) == 3:
@@ -153,4 +182,4 @@ def norms(module: nn.Module) -> list[tuple[str, BatchStatsNorm]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, BatchStatsNorm)]
 
 
-__all__ = ["BatchStatsNorm", "FixedAdaptiveAvgPool2d", "FixedPool", "exportable", "norms"]
+__all__ = ["BatchStatsNorm", "FixedAdaptiveAvgPool2d", "FixedPool", "WindowMax", "exportable", "norms"]
