@@ -19,7 +19,7 @@ from lls.cli import main
 from lls.errors import LLSError
 from lls.method.latent import LatentPool
 from lls.method.models import model_specs
-from lls.method.net import AvgPool, Conv, LocalNet, MaxPool
+from lls.method.net import AvgPool, Conv, Dense, LocalNet, MaxPool
 from lls.method.rules import comparison_rules
 
 EXACT = 1e-5  # issue 30's goal: the largest relative difference of any parameter after the steps
@@ -385,3 +385,17 @@ def test_bp_through_a_max_pool_steps_as_lls_does():
     built = build_program(trainer, EDGE_BATCH, lr=0.05)
     result = check_program(ProgramRunner(built.buffer), twin, edge_batches(3, shape), 3)
     assert result.largest <= EXACT, result
+
+
+def test_batch_one_is_refused_only_where_a_batchnorm_would_see_one_value():
+    """At batch 1 a convolution's BatchNorm still has H x W values per channel (MLPerf Tiny trains
+    at batch 1); a dense block's BatchNorm1d has one: refused, naming it, before anything is built."""
+    needs_executorch()
+    from lls.edge.programs import _check_statistics
+
+    conv = edge_trainer("lls")
+    _check_statistics(conv.net, 1, EDGE_INPUT)  # 4 x 4 values per channel: fine
+    dense = edge_trainer("lls", specs=(Conv(4, pool=2), AvgPool(1), Dense(6)))
+    with pytest.raises(LLSError, match=r"at batch 1 BatchNorm blocks\.1\.\S+ sees one value per channel"):
+        _check_statistics(dense.net, 1, EDGE_INPUT)
+    _check_statistics(dense.net, 2, EDGE_INPUT)

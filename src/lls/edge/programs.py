@@ -228,10 +228,11 @@ def build_program(
     from executorch.exir import to_edge
 
     trainer._built()
-    if batch_size < 2:
-        raise LLSError("a training program needs batches of 2 or more (BatchNorm's batch statistics)")
+    if batch_size < 1:
+        raise LLSError(f"a training program needs batches of 1 or more, got {batch_size}")
     net, rule = trainer.net, trainer.rule
     input_shape, classes = tuple(trainer.input_shape), trainer.num_classes
+    _check_statistics(net, batch_size, input_shape)
     ref = next(net.parameters())
     if ref.dtype != torch.float32:
         raise LLSError(f"training programs are float32; the trainer's network is {ref.dtype}")
@@ -334,6 +335,36 @@ def build_program(
         )
         check_memory(built, max_memory, held, parameters if momentum else 0)
     return built
+
+
+def _check_statistics(net: nn.Module, batch_size: int, input_shape: tuple[int, ...]) -> None:
+    """Refuse a batch that leaves a BatchNorm one value per channel (a dense block's at batch 1):
+    its batch statistics would be that value and its unbiased variance 0/0. A convolution's
+    BatchNorm at batch 1 still has H x W values per channel (MLPerf Tiny's batch-1 models)."""
+    alone: list[str] = []
+    names = {m: n for n, m in net.named_modules()}
+
+    def hook(module, args, out):
+        if args[0].numel() // args[0].shape[1] < 2:
+            alone.append(names[module])
+
+    norms_ = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_hook(hook) for m in norms_]
+    modes = [(m, m.training) for m in net.modules()]
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(batch_size, *input_shape, device=next(net.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes:
+            module.train(mode)
+    if alone:
+        raise LLSError(
+            f"at batch {batch_size} BatchNorm {alone[0]} sees one value per channel (no batch "
+            "statistics): export with --batch-size 2 or more"
+        )
 
 
 def training_program(trainer, batch_size: int, **options: Any):
