@@ -32,6 +32,8 @@ ROUNDING_FACTOR = 4
 def close_to_lls(result) -> bool:
     """The runtime's steps equal lls's to EXACT, or to float32's own rounding (ROUNDING_FACTOR)."""
     return result["largest"] <= max(EXACT, ROUNDING_FACTOR * result["float64"])
+
+
 EDGE_SPECS = (Conv(4, pool=2), AvgPool(1))  # one conv block (BatchNorm, LeakyReLU) and the head
 EDGE_INPUT, EDGE_CLASSES, EDGE_BATCH = (1, 4, 4), 3, 4
 
