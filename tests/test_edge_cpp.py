@@ -9,24 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+
+from .test_edge_memory import ConvStep
 
 SOURCE = Path(__file__).resolve().parents[1] / "docs" / "edge" / "train_method.cpp"
 STEPS, LR = 5, 0.1
 TOLERANCE = 1e-5
-
-
-class ConvStep(nn.Module):
-    """A block's training step by hand: convolution, ReLU, a linear readout, cross-entropy."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.readout = nn.Linear(8 * 6 * 6, 5)
-
-    def forward(self, x, y):
-        logits = self.readout(torch.relu(self.conv(x)).flatten(1))
-        return nn.functional.cross_entropy(logits, y), logits.detach()
 
 
 def compile_app(folder: Path) -> Path:
