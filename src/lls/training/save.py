@@ -10,6 +10,7 @@ them. What cannot be recorded that way is refused before anything is written, in
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from ..checks import checked
 from ..data import DATASETS
 from ..errors import LLSError
 from ..method.models import is_factory
+from ..step.config import StepConfig
 from ..step.factory import build_trainer
 from ..step.trainer import Trainer
 from .config import DEFAULTS, TrainConfig
@@ -111,6 +113,13 @@ def _config(trainer, records, model, dataset, model_options, optimizer, seed, ba
         )
     rule = trainer.rule.config()
     rule.pop("name")
+    recorded = {f.name: getattr(step, f.name) for f in dataclasses.fields(StepConfig)}  # the step as run
+    recorded.update(
+        lr=float(step.lr),
+        weight_decay=float(step.weight_decay),
+        optimizer=optimizer,
+        memory=step.memory if step.memory is None else str(step.memory),
+    )
     return TrainConfig(
         dataset=dataset,
         model=model,
@@ -119,17 +128,12 @@ def _config(trainer, records, model, dataset, model_options, optimizer, seed, ba
         model_options=dict(model_options or {}),
         epochs=len(records),
         batch_size=batch_size,
-        lr=float(step.lr),
-        weight_decay=float(step.weight_decay),
-        optimizer=optimizer,
         seed=seed,
         limit=limit,
         holdout=holdout,
         augment=augment,
         channels_last=channels_last,
-        memory=step.memory if step.memory is None else str(step.memory),
-        engine=step.engine,
-        precision=step.precision,
+        **recorded,
     )
 
 
