@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LLSError
+from ..method.net import evaluating
 from ..method.signals import ProjectionSignal
 from . import require_executorch
 from .layers import BatchStatsNorm, FixedPool, exportable, norms
@@ -350,16 +351,12 @@ def _check_statistics(net: nn.Module, batch_size: int, input_shape: tuple[int, .
 
     norms_ = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     handles = [m.register_forward_hook(hook) for m in norms_]
-    modes = [(m, m.training) for m in net.modules()]
     try:
-        net.eval()
-        with torch.no_grad():
+        with evaluating(net):
             net(torch.zeros(batch_size, *input_shape, device=next(net.parameters()).device))
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes:
-            module.train(mode)
     if alone:
         raise LLSError(
             f"at batch {batch_size} BatchNorm {alone[0]} sees one value per channel (no batch "

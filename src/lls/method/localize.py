@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..checks import checked
 from ..errors import LLSError
 from . import replay
-from .net import LocalNet
+from .net import LocalNet, evaluating
 from .replay import Picker, logits_of
 
 MAX_LATENT = 2048  # the largest LLS latent d_l of the paper's presets (VGG8's first block, VGG11's fc)
@@ -165,16 +165,12 @@ def _blocks_return_tensors(model: nn.Module, names: list[str], x: torch.Tensor) 
         model.get_submodule(name).register_forward_hook(lambda m, a, out: returned.append(out))
         for name in names
     ]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model):
             model(x)
     finally:
         for handle in handles:
             handle.remove()
-        for m, mode in modes:
-            m.train(mode)
     return all(isinstance(out, torch.Tensor) for out in returned)
 
 
@@ -192,10 +188,8 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...], example: torch.Tensor
             x = x.repeat(PROBE_BATCH, *([1] * (x.dim() - 1)))[:PROBE_BATCH]
     x = x.to(param.device)
     x = x.to(param.dtype) if x.is_floating_point() else x
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model):
             model(x)
     except Exception as error:  # the model's own error, whatever its kind
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -208,9 +202,6 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...], example: torch.Tensor
         raise LLSError(
             f"the model does not accept inputs of shape {input_shape} ({what}: {first[:160]}){hint}"
         ) from None
-    finally:
-        for m, mode in modes:
-            m.train(mode)
     return x
 
 
@@ -482,14 +473,8 @@ def _split_traced(model: nn.Module, names: list[str], input_shape: tuple[int, ..
 
 def _check_same(model: nn.Module, net: LocalNet, x: torch.Tensor) -> None:
     """The chained blocks must compute the model's forward (in eval mode, on the probe batch)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            expected, got = logits_of(model(x)), net(x)
-    finally:
-        for m, mode in modes:
-            m.train(mode)
+    with evaluating(model):
+        expected, got = logits_of(model(x)), net(x)
     if expected.shape != got.shape or not torch.allclose(expected, got, rtol=PROBE_RTOL, atol=PROBE_ATOL):
         raise LLSError(
             "the blocks chained do not compute the model's forward on a probe batch: its forward does "

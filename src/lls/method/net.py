@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -351,6 +352,20 @@ def widen(spec: Spec, width: float) -> Spec:
     if hasattr(spec, "widen"):  # the zoo's residual networks and transformers scale themselves
         return spec.widen(width)
     return spec
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode without gradients, every submodule's mode put back on exit (a probe
+    forward that must change no BatchNorm statistics and leave the model as the user had it)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for m, mode in modes:
+            m.train(mode)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import LLSError
+from .net import evaluating
 
 Picker = Callable[[str, Any], torch.Tensor]  # (block name, what it returned) -> the tensor it hands on
 
@@ -141,15 +142,9 @@ class Plan:
         self, model: nn.Module, blocks: list[str], example: torch.Tensor, pick: Picker | None
     ) -> None:
         small, large = _two_batches(example)
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()  # the recording runs change no statistics
-        try:
-            with torch.no_grad():
-                first, _ = _record(model, blocks, small)
-                calls, _ = _record(model, blocks, large)
-        finally:
-            for module, mode in modes:
-                module.train(mode)
+        with evaluating(model):  # the recording runs change no statistics
+            first, _ = _record(model, blocks, small)
+            calls, _ = _record(model, blocks, large)
         if [(c.name, c.kind) for c in first] != [(c.name, c.kind) for c in calls]:
             raise LLSError(
                 "the model calls other modules for another batch size; localize needs a fixed order"
