@@ -220,6 +220,7 @@ COMMON = {
         # the channel counts as written in the model files (lls_smallconv.py, lls_vgg.py): no
         # width multiplier anywhere in the authors' code
         "width": 1.0,
+        "last_latent": "head",  # residual networks only; no preset builds one
     },
 }
 

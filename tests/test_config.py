@@ -118,9 +118,9 @@ def test_a_config_json_of_the_earlier_format_reads_and_writes_back_the_same_keys
     """The step's options are StepConfig's fields, and config.json keeps them flat: a run directory
     written before reads back, and writes the same keys and values."""
     config = lls.training.config.TrainConfig.from_dict(dict(OLD_CONFIG))
-    # a model option added since (the width multiplier) is written with its default, which the
-    # run was built with
-    model_options = {**OLD_CONFIG["model_options"], "width": 1.0}
+    # model options added since (the width multiplier, the last latent of a residual network) are
+    # written with their defaults, which the run was built with (smallconv takes neither)
+    model_options = {**OLD_CONFIG["model_options"], "width": 1.0, "last_latent": "head"}
     assert config.as_dict() == {**OLD_CONFIG, "model_options": model_options}
     assert isinstance(config, lls.StepConfig)
     step = config.step_config()

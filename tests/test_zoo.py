@@ -33,6 +33,9 @@ ZOO_LAYOUTS["resnet34"] = (
     None,
     [s for s, d in zip(RESNET18_STAGES, (3, 4, 6, 3), strict=True) for _ in range(d)],
 )
+for _name, (_n, _blocks) in ZOO_LAYOUTS.items():  # the last block's latent: the head's global average
+    (_c, _h, _w), _, _ = _blocks[-1]
+    _blocks[-1] = ((_c, _h, _w), 1, _c)
 ZOO_LAYOUTS["vit"] = (None, [((49, 64), None, 64)] * 6)  # 7 x 7 patches of 4 x 4, dim 64; latent: token mean
 
 
@@ -64,6 +67,48 @@ def test_layout_block_by_block(name):
     net = uninitialised(name, in_channels=1, input_size=28, num_classes=10)
     shapes = net.block_output_shapes((1, 28, 28))
     assert [(tuple(s), p, latent_dim(s, p)) for s, p in zip(shapes, net.latent_pool, strict=True)] == blocks
+
+
+@pytest.mark.parametrize("granularity", ["block", "stage"])
+def test_last_latent_is_what_the_head_reads_or_pooled_as_before(granularity):
+    """By default the last block's LLS latent is the global average of its output, the head's input
+    (computed here with mean over H, W); 'pooled' keeps the stage's own pool (4 x 4 of 64 channels at
+    7 x 7, as in CIFAR_STAGES), what runs made before the option trained with."""
+    from lls.method.signals import latent
+
+    torch.manual_seed(0)
+    net = lls.create_model("resnet20", in_channels=1, input_size=28, block_granularity=granularity)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        for block, between in zip(net.blocks, net.between, strict=True):
+            a = block(x)
+            x = between(a)
+    assert net.latent_pool[-1] == 1
+    torch.testing.assert_close(latent(a, net.latent_pool[-1]), a.mean((2, 3)))
+    torch.testing.assert_close(latent(a, net.latent_pool[-1]), x.flatten(1))  # what the head is given
+    pooled = lls.create_model(
+        "resnet20", in_channels=1, input_size=28, block_granularity=granularity, last_latent="pooled"
+    )
+    assert pooled.latent_pool[:-1] == net.latent_pool[:-1]
+    assert (pooled.latent_pool[-1], latent_dim((64, 7, 7), pooled.latent_pool[-1])) == (4, 1024)
+
+
+def test_a_resnet_run_recorded_before_last_latent_reads_back_pooled():
+    """A config.json written before the option existed trained with the pooled last latent: it
+    reads back (and so resumes and evaluates) with it; a new config records today's default; a
+    model the option does not concern gets nothing set away from the default."""
+    from lls.training.config import TrainConfig
+
+    old = {"dense_latent": "pooled", "depthwise_padding": "1", "block_granularity": "stage", "width": 1.0}
+    config = TrainConfig.from_dict({"model": "resnet20", "model_options": dict(old)})
+    assert config.model_options["last_latent"] == "pooled"
+    assert TrainConfig(model="resnet20").model_options["last_latent"] == "head"
+    assert (
+        TrainConfig.from_dict({"model": "smallconv", "model_options": {}}).model_options["last_latent"]
+        == "head"
+    )
+    recorded = TrainConfig.from_dict({"model": "resnet20", "model_options": {**old, "last_latent": "head"}})
+    assert recorded.model_options["last_latent"] == "head"
 
 
 @pytest.mark.parametrize("n", [3, 5, 9, 18])

@@ -198,6 +198,7 @@ NO_USE = {
     "depthwise_padding": "it has no strided depthwise convolution",
     "block_granularity": "it has no residual stages",
     "width": "it has no block whose channels scale",
+    "last_latent": "it is not a residual network (its last block's latent is fixed by its spec)",
 }
 
 
@@ -213,6 +214,8 @@ def taken_options(specs: Sequence[Spec]) -> set[str]:
             taken.add("block_granularity")
         if isinstance(spec, (Conv, DWSeparable, Dense)) or hasattr(spec, "widen"):
             taken.add("width")
+        if isinstance(spec, ResNet):
+            taken.add("last_latent")
     return taken
 
 

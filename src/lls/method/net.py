@@ -314,21 +314,23 @@ BlockPlan = tuple[nn.Module, list[nn.Module], "int | None", tuple[int, ...]]
 
 class Expanding:
     """A spec that expands into several blocks at once (zoo.py: residual nets, transformers): it
-    says how in ``expand(shape, make_act, granularity)``, an iterator of :data:`BlockPlan`."""
+    says how in ``expand(shape, make_act, options)``, an iterator of :data:`BlockPlan`, following
+    the model options that concern it (``options.block_granularity``, ``options.last_latent``)."""
 
     def expand(
-        self, shape: tuple[int, ...], make_act: Callable[[], nn.Module], granularity: str
+        self, shape: tuple[int, ...], make_act: Callable[[], nn.Module], options: ModelOptions
     ) -> Iterator[BlockPlan]:
         raise NotImplementedError
 
     def add_to(self, net: NetBuilder) -> None:
-        for block, ops, pool, shape in self.expand(net.shape, net.act, net.options.block_granularity):
+        for block, ops, pool, shape in self.expand(net.shape, net.act, net.options):
             net.add_block(block, pool, shape, ops)
 
 
 DENSE_LATENTS = ("pooled", "output")
 DEPTHWISE_PADDINGS = ("1", "stride")
 GRANULARITIES = ("block", "stage")  # residual networks: a LocalNet block per residual block, or per stage
+LAST_LATENTS = ("head", "pooled")  # residual networks' last block: the head's global average, or pooled
 MAX_WIDTH = 16.0  # the largest width multiplier (a 16x wider VGG8 already has 8192-channel layers)
 
 
@@ -403,6 +405,14 @@ class ModelOptions:
         positive=True,
         maximum=MAX_WIDTH,
     )
+    last_latent: str = option(
+        "head",
+        help="residual networks: the last block's LLS latent is what the 'head' reads (its global "
+        "average), or 'pooled' as the other blocks' (the largest pool of at most 2048 entries; "
+        "runs made before this option)",
+        choices=LAST_LATENTS,
+        known="last-block latents",
+    )
 
     def __post_init__(self) -> None:
         check(self)
@@ -422,6 +432,7 @@ def build(
     depthwise_padding: str = "1",
     block_granularity: str = "block",
     width: float = 1.0,
+    last_latent: str = "head",
 ) -> LocalNet:
     """Turn block specs into a :class:`LocalNet` for inputs of ``input_shape`` (C, H, W): each spec
     adds itself (``spec.add_to``), then the last activation is flattened into a linear head.
@@ -429,9 +440,9 @@ def build(
     ``dense_latent``: "pooled" takes each :class:`Dense` spec's ``pool`` as its latent length,
     "output" scores dense outputs as they are. ``depthwise_padding``: "1", or "stride" to pad each
     depthwise convolution by its stride (see :class:`DWSeparable`). ``width``: the width multiplier
-    (:func:`widen`).
+    (:func:`widen`). ``block_granularity`` and ``last_latent``: see :class:`ModelOptions`.
     """
-    options = ModelOptions(dense_latent, depthwise_padding, block_granularity, width)  # checks them
+    options = ModelOptions(dense_latent, depthwise_padding, block_granularity, width, last_latent)  # checked
     specs = [widen(spec, width) for spec in specs]
     if activation not in ACTIVATIONS:
         raise LLSError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")

@@ -7,7 +7,10 @@ the first block, so every block ends in a residual sum and no tensor skips from 
 to a later one: the shortcut of a residual block lives inside it.
 
 Each block's LLS latent follows :func:`~lls.method.localize.choose_pool`: the largest adaptive pool
-whose latent has at most ``MAX_LATENT`` entries (the largest d_l of the paper's presets). A ViT
+whose latent has at most ``MAX_LATENT`` entries (the largest d_l of the paper's presets), except a
+ResNet's last block, whose latent is by default the global average its head reads
+(``last_latent="head"``: LLS then trains the last block for the features the head is given; pooled
+to 4 x 4 instead, ResNet-20 by stage ended 17-21 points lower in docs/results.md's screening). A ViT
 block's output is (tokens, dim); its latent is the mean over tokens (``signals.latent``).
 """
 
@@ -21,10 +24,10 @@ import torch
 from torch import nn
 
 from .localize import MAX_LATENT, choose_pool
-from .net import BlockPlan, Expanding
+from .net import BlockPlan, Expanding, ModelOptions
 
-GRANULARITIES = ("block", "stage")
 LAYER_NORM_EPS = 1e-6  # the ViT paper's LayerNorm eps
+GLOBAL = 1  # a latent pool of 1 x 1: the global average
 POSITION_INIT_STD = 0.02  # N(0, 0.02^2) learned position embeddings (ViT, timm)
 
 
@@ -79,9 +82,10 @@ class ResNet(Expanding):
         return len(self.stages) if granularity == "stage" else sum(s.depth for s in self.stages)
 
     def expand(
-        self, shape: tuple[int, ...], make_act: Callable[[], nn.Module], granularity: str
+        self, shape: tuple[int, ...], make_act: Callable[[], nn.Module], options: ModelOptions
     ) -> Iterator[BlockPlan]:
         c, h, w = shape
+        granularity = options.block_granularity
         pending: list[nn.Module] = [
             nn.Conv2d(c, self.stem, 3, padding=1, bias=False),
             nn.BatchNorm2d(self.stem),
@@ -95,7 +99,13 @@ class ResNet(Expanding):
                 c, h, w = stage.channels, (h - 1) // stride + 1, (w - 1) // stride + 1
                 if granularity == "block" or i == stage.depth - 1:
                     block = pending[0] if len(pending) == 1 else nn.Sequential(*pending)
-                    yield block, [], choose_pool((c, h, w), MAX_LATENT), (c, h, w)
+                    last = stage is self.stages[-1] and i == stage.depth - 1
+                    pool = (
+                        GLOBAL
+                        if last and options.last_latent == "head"
+                        else choose_pool((c, h, w), MAX_LATENT)
+                    )
+                    yield block, [], pool, (c, h, w)
                     pending = []
 
 
@@ -164,7 +174,7 @@ class ViT(Expanding):
         return self.depth
 
     def expand(
-        self, shape: tuple[int, ...], make_act: Callable[[], nn.Module], granularity: str
+        self, shape: tuple[int, ...], make_act: Callable[[], nn.Module], options: ModelOptions
     ) -> Iterator[BlockPlan]:
         c, h, w = shape
         tokens = (h // self.patch) * (w // self.patch)

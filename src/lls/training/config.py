@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data import DATASETS
 from ..errors import LLSError
-from ..method.models import MODELS, check_options_apply, is_factory, model_options
+from ..method.models import MODELS, check_options_apply, is_factory, model_options, taken_options
 from ..method.net import ModelOptions
 from ..method.rules import RULES, create_rule, rule_options, seeded_options
 from ..options import check, check_values, flag, option, options_of
@@ -28,6 +28,8 @@ MAX_EPOCHS = 100_000
 MAX_BATCH = 2**24
 MAX_IMAGES = 2**40  # --limit / --holdout: above any dataset, so "all of them" stays expressible
 MAX_IMAGE_SIZE = 2**14
+# Model options added after runs were recorded without them: the value those runs trained with
+RECORDED_BEFORE = {"last_latent": "pooled"}
 
 
 @dataclass
@@ -106,7 +108,7 @@ class TrainConfig(StepConfig):
         if unknown:
             raise LLSError(f"{where}unknown keys {sorted(unknown)}; was it written by another version?")
         try:
-            return cls(**values)
+            return cls(**recorded_before(values))
         except LLSError as error:
             raise LLSError(f"{where}{error}") from None
 
@@ -200,3 +202,17 @@ def config_from_options(
     DATASETS.get(config.dataset).check_options(config.augment, config.image_size)
     options = seeded_options(config.rule, given_rule, config.seed)
     return dataclasses.replace(config, rule_options=options)
+
+
+def recorded_before(values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with each model option added since (:data:`RECORDED_BEFORE`) set to what
+    the run trained with, where its model takes the option: an older run reads back, resumes and
+    evaluates as it was trained, whatever today's default."""
+    model, options = values.get("model"), values.get("model_options")
+    if not isinstance(model, str) or is_factory(model) or model not in MODELS.names():
+        return values
+    if not isinstance(options, dict):
+        return values
+    taken = taken_options(MODELS.get(model))
+    missing = {k: v for k, v in RECORDED_BEFORE.items() if k in taken and k not in options}
+    return {**values, "model_options": {**options, **missing}} if missing else values
