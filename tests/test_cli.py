@@ -76,6 +76,18 @@ def test_feedback_kind_reaches_the_rule_and_the_run_config(digits, tmp_path, cap
     one_line_error(capsys, ["train", "--rule", "lls", "--feedback", "centred"], "no option --feedback")
 
 
+@pytest.mark.parametrize("rule", ["bp", "local-classifier", "lls"])
+def test_seed_is_the_runs_for_every_rule_with_or_without_random_tensors(rule, digits, tmp_path, capsys):
+    """--seed seeds the run (weights, shuffling); a rule that draws fixed tensors records it too,
+    and one that draws none (bp) takes the flag all the same."""
+    out = tmp_path / rule
+    args = ["train", "--dataset", "digits", "--rule", rule, "--limit", "64", "--quiet", "--out", str(out)]
+    assert main([*args, "--seed", "3", "--no-block-accuracy"]) == 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["seed"] == 3
+    assert config["rule_options"].get("seed", 3) == 3
+
+
 def test_json_summary_is_the_last_line(digits, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default run directory is ./runs/NAME
     assert (

@@ -36,7 +36,8 @@ RUNS_ROOT = Path("runs")
 
 
 def rule_fields():
-    return [field for field, _, _ in rule_options().values()]
+    """The rules' options a user types (a rule's seed is the run's --seed, not a flag of its own)."""
+    return [field for field, _, _ in rule_options().values() if field.metadata.get("cli", True)]
 
 
 def add(commands) -> None:
