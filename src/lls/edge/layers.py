@@ -56,9 +56,15 @@ class BatchStatsNorm(nn.Module):
         shape = [1, -1] + [1] * (x.dim() - 2)
         mean = x.mean(dims, keepdim=True)
         var = x.var(dims, correction=0, keepdim=True)
-        out = (x - mean) * torch.rsqrt(var + self.eps)
+        # One multiply-add of x by per-channel factors: the backward then keeps x alone at full
+        # size, where (x - mean) * rsqrt * weight + bias keeps three more full-size tensors
+        scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
+            scale = scale * self.weight.view(shape)
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.view(shape)
+        out = x * scale + shift
         if self.running is not None:
             count = math.prod(x.shape) // x.shape[1]
             m = self.momentum
