@@ -24,7 +24,8 @@ def metrics(run):
     return [[r["train_loss"], r["train_accuracy"], *r["block_losses"], r["test_accuracy"]] for r in rows]
 
 
-@pytest.mark.parametrize("rule", ["lls", "drtp"])
+# Each case starts three real processes: one rule in the fast suite, the other in the slow one
+@pytest.mark.parametrize("rule", ["lls", pytest.param("drtp", marks=pytest.mark.slow)])
 def test_two_stage_pipeline_is_the_same_algorithm(rule, tmp_path):
     reference, piped = tmp_path / "single", tmp_path / "pipeline"
     single = lls(*DIGITS, "--rule", rule, "--out", str(reference), env=ONE_THREAD)  # as each stage
@@ -100,6 +101,7 @@ def test_data_parallel_ctrl_c_mid_epoch_then_more_epochs_gives_the_same_metrics(
     assert metrics(out) == metrics(reference)
 
 
+@pytest.mark.slow  # two real processes, one killed
 def test_a_killed_rank_makes_the_others_stop_with_a_clear_error(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--dataset", "digits", "--epochs", "200", "--batch-size", "16", "--quiet"]
@@ -111,7 +113,7 @@ def test_a_killed_rank_makes_the_others_stop_with_a_clear_error(tmp_path):
     assert "lost contact with the other ranks" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("rule", ["bp", "dfa"])
+@pytest.mark.parametrize("rule", ["bp", pytest.param("dfa", marks=pytest.mark.slow)])
 def test_pipeline_refuses_rules_that_send_messages_backwards(rule, tmp_path):
     ranks = lls_torchrun(*DIGITS, "--rule", rule, "--out", str(tmp_path / "r"), "--parallel", "pipeline")
     results = finish(ranks)

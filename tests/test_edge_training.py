@@ -2,8 +2,8 @@
 step for step with lls's own SGD trainer; their export-friendly layers against PyTorch's; bad input.
 
 Runtime tests are few and small (one conv block and the head, batches of 4): exporting a method
-takes seconds, so the fast suite builds one program per rule family (projection, feedback, BP);
-every rule and basis on the paper's models is in the slow suite."""
+takes seconds, so the fast suite builds one program (the projection family); the feedback and BP
+families, every rule and basis, and the zoo's layouts are in the slow suite."""
 
 from __future__ import annotations
 
@@ -127,7 +127,16 @@ def edge_batches(steps: int, input_shape=EDGE_INPUT, seed: int = 3):
     ]
 
 
-@pytest.fixture(scope="module", params=["lls-mxm", "dfa", "bp"])
+# Each family's program costs seconds to export: the projection family in the fast suite, the
+# other two in the slow one
+@pytest.fixture(
+    scope="module",
+    params=[
+        "lls-mxm",
+        pytest.param("dfa", marks=pytest.mark.slow),
+        pytest.param("bp", marks=pytest.mark.slow),
+    ],
+)
 def family(request):
     """A program of each rule family: a projection with learned parameters (LLS-MxM), feedback that
     waits for the head (DFA), one whole-network method (BP); with the trainer it was made from."""
@@ -310,6 +319,30 @@ def test_every_rule_steps_in_the_runtime_as_in_lls(rule, options):
     assert close_to_lls(result.as_dict()), result
 
 
+# The layouts the equality goal names (VGG8, MobileNetV1, ResNet-20; SmallConv above), narrowed to a
+# 1/16 of their widths (the same kinds of blocks, poolings, strides and BatchNorms) so that a
+# program exports in seconds; full-width figures: benchmarks/edge_equality.py and docs/edge.md
+ZOO_EQUALITY = ["vgg8", "mobilenetv1", "resnet20"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["lls", "bp"])
+@pytest.mark.parametrize("name", ZOO_EQUALITY)
+def test_the_zoos_layouts_step_in_the_runtime_as_in_lls(name, rule):
+    needs_executorch()
+    from lls.edge.programs import build_program
+    from lls.edge.runtime import ProgramRunner
+    from lls.edge.session import check_program
+
+    from .test_lowmem import ZOO_INPUT, narrow
+
+    shape = ZOO_INPUT[name]
+    trainer = edge_trainer(rule, specs=narrow(name), input_shape=shape)
+    built = build_program(trainer, EDGE_BATCH, lr=0.05)
+    result = check_program(ProgramRunner(built.buffer), trainer, edge_batches(3, shape), 3)
+    assert close_to_lls(result.as_dict()), result
+
+
 @pytest.mark.slow
 def test_export_train_and_check_a_run_from_the_command_line(digits, tmp_path, capsys):
     """A run to a training program, checked against lls, trained in the runtime into a run
@@ -381,6 +414,7 @@ def test_window_max_is_max_pooling_in_values_and_gradients():
     assert torch.equal(mine, theirs)
 
 
+@pytest.mark.slow  # a whole-network program through a max pool: seconds to export
 def test_bp_through_a_max_pool_steps_as_lls_does():
     """BP's one method back-propagates through the fixed ops between blocks: through a 2x2 max
     pool (runtime's own max-pool backward is wrong: 500x off before WindowMax) it equals lls's step."""

@@ -178,8 +178,15 @@ def test_plain_model_computes_what_the_localnet_computes(name):
         assert torch.equal(model(x), net(x))
 
 
+# Exporting costs seconds a model: one of each kind (plain CNN, residual, transformer) in the fast
+# suite, every other model of the registry in the slow one
+FAST_EXPORTS = {"smallconv", "resnet20", "vit"}
+
+
 @NEEDS_ONNX
-@pytest.mark.parametrize("name", lls.list_models())
+@pytest.mark.parametrize(
+    "name", [n if n in FAST_EXPORTS else pytest.param(n, marks=pytest.mark.slow) for n in lls.list_models()]
+)
 def test_onnx_and_torchscript_exports_give_the_models_outputs(name, tmp_path):
     import onnxruntime
 

@@ -84,6 +84,7 @@ def test_kill_9_at_any_moment_then_resume(reference, tmp_path):
     assert metrics(out) == metrics(reference)
 
 
+@pytest.mark.slow  # a real process interrupted, then resumed (the in-process stop is tested below)
 def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(reference, tmp_path):
     out = tmp_path / "run"
     process = spawn(*DIGITS_RUN, "--epochs", "3", "--out", str(out))
