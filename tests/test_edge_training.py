@@ -92,6 +92,23 @@ def test_fixed_pool_is_the_latent_pool_in_values_and_gradients(shape, pool):
     torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
 
 
+def test_the_runtimes_cpu_probe_log_is_held_back_and_every_other_line_given_back(capfd, monkeypatch):
+    """The C++ runtime writes to file descriptor 2 directly: its CPU probe lines are dropped the
+    first time, anything else it writes reaches stderr, and once the probe was seen nothing is held."""
+    import os
+
+    from lls.edge import runtime
+
+    monkeypatch.setattr(runtime, "_cpu_probed", False)
+    probe = "[cpuinfo_utils.cpp:125] CPU info and manual query on # of cpus dont match.\n"
+    with runtime.without_cpu_probe_log():
+        os.write(2, probe.encode() + b"E 00:00:00 method.cpp:1] a real runtime error\n")
+    assert capfd.readouterr().err == "E 00:00:00 method.cpp:1] a real runtime error\n"
+    with runtime.without_cpu_probe_log():
+        os.write(2, probe.encode())
+    assert capfd.readouterr().err == probe
+
+
 # --- programs in the runtime: one per rule family in the fast suite --------------------------------
 
 

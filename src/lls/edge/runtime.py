@@ -14,6 +14,11 @@ those tensors are the runtime's own memory, which the optimizer updates in place
 from __future__ import annotations
 
 import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,36 @@ GRADIENTS_INDEX = "__et_training_gradients_index_"  # ExecuTorch's joint-export 
 PARAMETERS_INDEX = "__et_training_parameters_index_"
 PARAMETER_NAMES = "__et_training_fqn_"
 PROGRAM_MAGIC = b"ET"  # bytes 4-5 of every ExecuTorch program (its flatbuffer identifier, ET12...)
+# What the runtime's thread pool logs on stderr the first time a program computes, probing the CPU
+# ("[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version", "... dont match")
+CPU_PROBE_LOG = "[cpuinfo_utils.cpp:"
+_cpu_probed = False
+
+
+@contextmanager
+def without_cpu_probe_log() -> Iterator[None]:
+    """Run the block with the process's stderr (file descriptor 2, where the C++ runtime writes)
+    held in a file, and give back every line but the CPU probe's, until the probe has been seen
+    once: a user of ``lls edge`` sees lls's output, not the runtime's start-up diagnostics."""
+    global _cpu_probed
+    if _cpu_probed:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines()
+            _cpu_probed = _cpu_probed or any(line.startswith(CPU_PROBE_LOG) for line in lines)
+            kept = [line for line in lines if not line.startswith(CPU_PROBE_LOG)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -122,6 +157,10 @@ class ProgramRunner:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutcome:
         """One training step on a batch (``batch_size`` samples, float32 inputs, int64 labels)."""
+        with without_cpu_probe_log():
+            return self._step(x, y)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutcome:
         if len(y) != self.batch_size or len(x) != self.batch_size:
             raise LLSError(f"the program trains batches of {self.batch_size}; got {len(y)} samples")
         x = x.float().contiguous()
