@@ -109,6 +109,31 @@ def test_download_verifies_the_checksum_before_the_file_appears(tmp_path):
     assert dest.read_bytes() == source.read_bytes()
 
 
+def test_a_download_never_replaces_a_link_a_folder_or_a_device(tmp_path):
+    """Refused before a byte is fetched (the mirror here would answer): the link, the folder and
+    what they point to are left as they were."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"x" * 100)
+    good = hashlib.md5(source.read_bytes()).hexdigest()
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(b"mine")
+    link = tmp_path / "out" / "file.bin"
+    link.parent.mkdir()
+    link.symlink_to(kept)
+    with pytest.raises(lls.LLSError, match="is a symbolic link"):
+        download([source.as_uri()], link, md5=good, quiet=True)
+    assert link.is_symlink() and kept.read_bytes() == b"mine"
+    folder = tmp_path / "out" / "other.bin"
+    folder.mkdir()
+    with pytest.raises(lls.LLSError, match="is a folder"):
+        download([source.as_uri()], folder, md5=good, quiet=True)
+    part = tmp_path / "out" / "third.bin.part"
+    part.symlink_to(kept)  # the partial file a resume would append to
+    with pytest.raises(lls.LLSError, match="is a symbolic link"):
+        download([source.as_uri()], tmp_path / "out" / "third.bin", md5=good, quiet=True)
+    assert kept.read_bytes() == b"mine" and not (tmp_path / "out" / "third.bin").exists()
+
+
 def test_digits_dataset(digits):
     assert len(digits.train) + len(digits.test) == 1797
     assert digits.input_shape == (1, 8, 8) and digits.num_classes == 10

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import LLSError
+from ..files import check_output
 from .archive import extract
 
 CHUNK_BYTES = 1 << 20
@@ -39,8 +40,10 @@ def download(
     The checksum is verified before the file is renamed into place, so ``dest`` either does not
     exist or is complete and correct.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    for path in (dest, part):  # before any byte is fetched: a link, folder or device is not replaced
+        check_output(path, "the download of")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for url in urls:
         try:
