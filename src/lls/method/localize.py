@@ -386,8 +386,44 @@ def _split_traced(model: nn.Module, names: list[str], input_shape: tuple[int, ..
     (output,) = [n for n in graph.nodes if n.op == "output"]
     if not isinstance(output.args[0], fx.Node):  # a tuple, a dict, a ModelOutput: read at run time
         raise _NotTraceable("the model returns more than one tensor")
-    # every node's segment: -1 the input, 0 the stem, 2k+1 block k, 2k+2 what runs after block k
-    segment, order, calls, current = {}, {name: k for k, name in enumerate(names)}, [], 0
+    segment = _segments(graph, traced, names)
+    del segment[output]
+    last_segment = 2 * len(names)
+    pieces = _chain(segment, names)
+    head_nodes = [n for n, s in segment.items() if s == last_segment]
+    if not any(n.op == "call_module" and _has_weights(traced.get_submodule(n.target)) for n in head_nodes):
+        raise LLSError(
+            f"nothing with weights runs after the last block {names[-1]!r}: the head (a Linear) must be last"
+        )
+
+    def build(s: int) -> nn.Module | None:
+        """Segment ``s`` as a module of its own: its nodes copied into a graph of one input."""
+        nodes = [n for n, t in segment.items() if t == s]
+        if not nodes:
+            return None
+        g = fx.Graph()
+        env = {}
+        x = g.placeholder("x")
+        for node in nodes:
+            env[node] = g.node_copy(node, lambda a: env.get(a, x))
+        g.output(env[pieces.get(s, nodes[-1]) if s != last_segment else output.args[0]])
+        return fx.GraphModule(traced, g)
+
+    blocks_out, between = [], []
+    for k, name in enumerate(names):
+        module = model.get_submodule(name)
+        stem = build(0) if k == 0 else None
+        blocks_out.append(module if stem is None else nn.Sequential(stem, module))
+        between.append(build(2 * k + 2) if k < len(names) - 1 else None)
+    return blocks_out, between, build(last_segment)
+
+
+def _segments(graph: fx.Graph, traced: fx.GraphModule, names: list[str]) -> dict[fx.Node, int | None]:
+    """Every node's segment: -1 the input, 0 the stem, 2k+1 block k, 2k+2 what runs after block k
+    (None: the output). Refuses blocks that run twice or out of order, or never, and weights that
+    run between two blocks."""
+    segment: dict[fx.Node, int | None] = {}
+    order, calls, current = {name: k for k, name in enumerate(names)}, [], 0
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             segment[node] = -1 if node.op == "placeholder" else None
@@ -411,10 +447,15 @@ def _split_traced(model: nn.Module, names: list[str], input_shape: tuple[int, ..
                     f"{node.target!r} runs between blocks {names[current // 2 - 1]!r} and "
                     f"{names[current // 2]!r} and has weights; name it as a block or inside one"
                 )
-    del segment[output]
     if len(calls) != len(names):
         missing = [n for n in names if n not in calls]
         raise LLSError(f"the forward never runs {', '.join(map(repr, missing))}")
+    return segment
+
+
+def _chain(segment: dict[fx.Node, int], names: list[str]) -> dict[int, fx.Node]:
+    """Each segment's output node, checking that every segment reads only the value of the segment
+    before it (the chain LLS trains) and that the head gives the model's output."""
     last_segment = 2 * len(names)
     describe = {-1: "the input", 0: "the stem", last_segment: "the head"}
 
@@ -423,7 +464,6 @@ def _split_traced(model: nn.Module, names: list[str], input_shape: tuple[int, ..
             return describe[s]
         return f"block {names[s // 2]!r}" if s % 2 else f"the ops after block {names[s // 2 - 1]!r}"
 
-    # Every segment reads only the value of the segment before it (the chain LLS trains).
     pieces: dict[int, fx.Node] = {}  # segment -> its output node
     for node, s in segment.items():
         for user in list(node.users):
@@ -431,7 +471,6 @@ def _split_traced(model: nn.Module, names: list[str], input_shape: tuple[int, ..
             if t == s:
                 continue
             if t > last_segment:  # the model's output
-                t = last_segment
                 if s != last_segment:
                     raise LLSError(f"the model's output comes from {where(s)}; the head must run last")
                 continue
@@ -444,31 +483,7 @@ def _split_traced(model: nn.Module, names: list[str], input_shape: tuple[int, ..
                     f"a tensor skips from {where(s)} to {where(t)}: blocks must form a chain; name blocks "
                     "that contain the skip connection (e.g. a whole residual stage)"
                 )
-    head_nodes = [n for n, s in segment.items() if s == last_segment]
-    if not any(n.op == "call_module" and _has_weights(traced.get_submodule(n.target)) for n in head_nodes):
-        raise LLSError(
-            f"nothing with weights runs after the last block {names[-1]!r}: the head (a Linear) must be last"
-        )
-
-    def build(s: int) -> nn.Module | None:
-        nodes = [n for n, t in segment.items() if t == s]
-        if not nodes:
-            return None
-        g = fx.Graph()
-        env = {}
-        x = g.placeholder("x")
-        for node in nodes:
-            env[node] = g.node_copy(node, lambda a: env.get(a, x))
-        g.output(env[pieces.get(s, nodes[-1]) if s != last_segment else output.args[0]])
-        return fx.GraphModule(traced, g)
-
-    blocks_out, between = [], []
-    for k, name in enumerate(names):
-        module = model.get_submodule(name)
-        stem = build(0) if k == 0 else None
-        blocks_out.append(module if stem is None else nn.Sequential(stem, module))
-        between.append(build(2 * k + 2) if k < len(names) - 1 else None)
-    return blocks_out, between, build(last_segment)
+    return pieces
 
 
 def _check_same(model: nn.Module, net: LocalNet, x: torch.Tensor) -> None:
