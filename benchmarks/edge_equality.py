@@ -14,12 +14,12 @@ difference. The last line is a JSON list of the rows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import warnings
 
 import torch
+from edge_step import program_arguments  # the benchmarks folder is the script path
 from torch import nn
 
 from lls.edge.programs import build_program
@@ -52,15 +52,7 @@ def trainer_for(model: str, rule: str, shape: tuple[int, ...], classes: int, wid
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="smallconv")
-    parser.add_argument("--shape", default="1,28,28", help="input C,H,W")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--width", type=float, default=1.0, help="the model's width multiplier")
-    parser.add_argument("--rules", default="lls,bp")
-    parser.add_argument("--batch", type=int, default=8)
+    parser = program_arguments(__doc__, batch=8)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     warnings.simplefilter("ignore")

@@ -33,16 +33,20 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def program_arguments(doc: str, batch: int) -> argparse.ArgumentParser:
+    """The options saying which programs to build: model, input shape, classes, width, rules, batch."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smallconv")
     parser.add_argument("--shape", default="1,28,28", help="input C,H,W")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--width", type=float, default=1.0, help="the model's width multiplier")
     parser.add_argument("--rules", default="lls,bp")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=batch)
+    return parser
+
+
+def main() -> None:
+    parser = program_arguments(__doc__, batch=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="PyTorch's threads beside the runtime's one")
