@@ -98,6 +98,17 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cuda when there is one)")
 
 
+def add_block_accuracy(parser) -> None:
+    """``--block-accuracy / --no-block-accuracy``: each block's own test accuracy, logged every epoch
+    (a readout that never changes training)."""
+    parser.add_argument(
+        "--block-accuracy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log each block's own test accuracy every epoch (default on; never changes training)",
+    )
+
+
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
     parser.add_argument(

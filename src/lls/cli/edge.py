@@ -13,7 +13,7 @@ import torch
 from .. import __version__
 from ..errors import LLSError
 from ..training.config import MAX_EPOCHS, MAX_IMAGES
-from .common import add_data_options, counted
+from .common import add_block_accuracy, add_data_options, counted
 
 
 def add(commands) -> None:
@@ -37,12 +37,7 @@ def add(commands) -> None:
     length.add_argument("--epochs", type=counted("--epochs", maximum=MAX_EPOCHS), help="epochs (default 1)")
     length.add_argument("--steps", type=counted("--steps"), help="train this many batches instead")
     train.add_argument("--out", help="write a run directory with the trained weights here")
-    train.add_argument(
-        "--block-accuracy",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="log each block's own test accuracy every epoch (default on)",
-    )
+    add_block_accuracy(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

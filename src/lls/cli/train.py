@@ -26,6 +26,7 @@ from ..training.trained import batches, dataset_inputs, evaluation_refresh
 from .common import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
+    add_block_accuracy,
     add_data_options,
     add_device,
     counted,
@@ -90,12 +91,7 @@ def add_how_it_runs(how) -> None:
         default=300,
         help="seconds before a silent peer is an error (default 300)",
     )
-    how.add_argument(
-        "--block-accuracy",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="log each block's own test accuracy every epoch (default on; never changes training)",
-    )
+    add_block_accuracy(how)
     how.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     how.add_argument("--quiet", action="store_true", help="no progress bar")
 
