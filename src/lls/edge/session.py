@@ -66,7 +66,7 @@ def export_training(
     """Write run ``run``'s evaluated network to ``out`` as a training program (see programs.py);
     nothing is written if anything is refused."""
     from ..training.run import open_trained
-    from ..training.trained import evaluation_refresh, run_metadata
+    from ..training.trained import describe_run, evaluation_refresh
     from . import require_executorch
 
     require_executorch()
@@ -80,7 +80,7 @@ def export_training(
         raise LLSError(f"training programs are float32; the run trains in {config.precision}")
     batch = batch_size or config.batch_size
     info = {
-        **run_metadata(session),
+        **describe_run(session),
         "config": config.as_dict(),
         "source_run": str(run),
         "epoch": state["epoch"],

@@ -98,10 +98,11 @@ def load_run(
     return evaluated_model(session, state)
 
 
-def run_metadata(session: Session) -> dict[str, Any]:
-    """What a program exported from a run says about itself (``export.py`` stores it where the format
-    can): the input shape (C, H, W) and its normalisation ``(x - mean) / std`` per channel, the class
-    names, the model, its rule and options, the dataset and the ``lls`` version that wrote it."""
+def describe_run(session: Session) -> dict[str, Any]:
+    """What a training program exported from a run says about itself, as JSON values (an inference
+    export's strings are :func:`lls.training.export.run_metadata`'s): the input shape (C, H, W) and
+    its normalisation ``(x - mean) / std`` per channel, the class names, the model, its rule and
+    options, the dataset and the ``lls`` version that wrote it."""
     from .. import __version__
 
     config, data = session.config, session.data
