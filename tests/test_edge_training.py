@@ -241,14 +241,19 @@ def test_an_operator_the_runtime_lacks_is_named_in_one_line(family):
 
 
 def test_a_program_over_max_memory_is_refused_naming_the_method(family):
-    from lls.edge.programs import check_memory, planned_arenas
+    from lls.edge.memory import footprint_of
+    from lls.edge.programs import check_memory
 
     _, built = family
-    arena = max(v for k, v in planned_arenas(built.manager).items() if not k.startswith("_"))
-    check_memory(built, 1000 + arena, 1000, 0)  # fits: nothing said
+    footprint = footprint_of(built.manager, "", EDGE_BATCH, 0.9, built.layout)
+    # weights, momentum, the largest method's arena less its weights, the running statistics
+    needed = footprint.footprint + built.statistics_bytes
+    assert built.statistics_bytes == 2 * 4 * 4  # one BatchNorm of 4 channels: mean and variance
+    check_memory(built, needed)  # fits: nothing said
     with pytest.raises(LLSError, match=r"over --max-memory .*smaller --batch-size") as error:
-        check_memory(built, arena, 1000, 0)
-    assert "arena" in str(error.value) and len(str(error.value).splitlines()) == 1
+        check_memory(built, needed - 1)
+    largest = max(footprint.methods, key=lambda m: m.need).name
+    assert f"method {largest}" in str(error.value) and len(str(error.value).splitlines()) == 1
 
 
 class DataDependent(nn.Module):

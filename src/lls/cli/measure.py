@@ -18,7 +18,7 @@ from ..method.net import ModelOptions
 from ..method.rules import RULES, comparison_rules, create_rule, parse_rule_spec
 from ..options import add_arguments, given, options_of
 from ..step.config import StepConfig
-from ..step.lowmem import memory_plan
+from ..step.lowmem import memory_plan, parse_memory
 from ..training.export import INSTALL_EDGE, installed
 from .common import (
     MIN_TRAINING_BATCH,
@@ -43,7 +43,8 @@ def add(commands) -> None:
         help="multiply-adds, parameters and memory of a training step",
         description="Count multiply-adds per training sample, block by block, and measure memory; "
         "or, with --runtime executorch, read the memory of the ExecuTorch training programs (one method "
-        "per block and one for the head; one for BP) from their memory plans.",
+        "per block and one for the head; one for BP) from their memory plans, where --memory SIZE "
+        "runs a local rule's blocks that do not fit SIZE in slices of the batch.",
     )
     add_problem(cost, min_batch=1)  # batch 1 for the runtime's conv-only models; checked in cost_of
     cost.add_argument("--rule", default="lls", help=f"rule ({RULE_SPEC}; default lls)")
@@ -143,8 +144,20 @@ def cost_of(args: argparse.Namespace, spec: str, shape, classes) -> dict:
     name, options = parse_rule_spec(spec)
     built = model_options(given(args, options_of(ModelOptions)))  # checked, defaults filled in
     if args.runtime == "executorch":
+        budget = parse_memory(args.memory) if isinstance(args.memory, str) else args.memory
+        if budget is not None and not isinstance(budget, int):
+            raise LLSError(
+                f"with --runtime executorch, --memory takes a budget such as 128MiB, not {budget!r}"
+            )
         footprint = training_footprint(
-            args.model, name, shape, classes, args.batch, rule_options=options, model_options=built
+            args.model,
+            name,
+            shape,
+            classes,
+            args.batch,
+            rule_options=options,
+            model_options=built,
+            max_memory=budget,
         )
         return footprint.as_dict()
     if args.batch < MIN_TRAINING_BATCH:

@@ -66,7 +66,9 @@ def add(commands) -> None:
     )
     training.add_argument("--lr", type=float, help="the runtime SGD's learning rate (default: the run's)")
     training.add_argument(
-        "--max-memory", help="refuse a program whose training does not fit this size (e.g. 256KiB, 4MiB)"
+        "--max-memory",
+        help="fit training in this size (e.g. 256KiB, 4MiB): a local rule's blocks that do not fit "
+        "run in slices of the batch; a program that still does not fit is refused",
     )
     add_data_options(export)
     export.set_defaults(func=cmd_export)
@@ -168,7 +170,9 @@ def cmd_export_training(args: argparse.Namespace) -> int:
         download=not args.no_download,
     )
     layout, sgd = built.layout, built.layout.optimizer
-    names = ", ".join(m.name for m in layout.methods)
+    names = ", ".join(
+        m.name + (f" (in {m.sliced['slices']} slices)" if m.sliced else "") for m in layout.methods
+    )
     print(
         f"wrote {args.out} (ExecuTorch training program, {size_text(len(built.buffer))}): methods {names}; "
         f"batches of {layout.batch_size}, SGD lr {sgd['lr']} momentum {sgd['momentum']}"

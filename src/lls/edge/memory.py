@@ -31,7 +31,7 @@ device holds for a step:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import LLSError
@@ -53,14 +53,27 @@ class MethodMemory:
     parameters: int  # weights planned into the arena (training methods)
     gradients: int  # gradients planned into the arena (training methods)
     constants: int  # read-only tensors of the program the method uses (an inference program's weights)
+    # A sliced block's methods (lls.edge.sliced), from the program's layout: the weights they take
+    # as inputs (copies of the block method's parameters) and what the app holds outside the arena
+    # while they run (the whole batch's input and output, the gradient sums); "probe": the sums
+    # passes' parameters, zeros never stepped, that are no weights of the network
+    weight_inputs: int = 0
+    held: int = 0
+    probe: bool = False
 
     @property
     def working(self) -> int:
         """Inputs, activations, temporaries and the other outputs: the arena less weights and gradients."""
         return self.arena - self.parameters - self.gradients
 
+    @property
+    def need(self) -> int:
+        """What running this method adds to the weights kept apart: its arena less the weights in it
+        (its own or given as inputs), plus what the app holds beside it."""
+        return self.arena - self.parameters - self.weight_inputs + self.held
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "working": self.working}
+        return {**asdict(self), "working": self.working, "need": self.need}
 
 
 def _program(program: Any):
@@ -132,6 +145,7 @@ class TrainingFootprint:
     weights: int
     gradients: int
     optimizer: int
+    sliced: dict[str, int] = field(default_factory=dict)
 
     @property
     def largest(self) -> MethodMemory:
@@ -139,13 +153,18 @@ class TrainingFootprint:
 
     @property
     def footprint(self) -> int:
-        """Weights + optimizer state + the largest arena without its own weights (one at a time)."""
-        return self.weights + self.optimizer + max(m.arena - m.parameters for m in self.methods)
+        """Weights + optimizer state + the largest need of a method (one at a time: ``need``)."""
+        return self.weights + self.optimizer + max(m.need for m in self.methods)
 
     @property
     def resident(self) -> int:
         """Every method's arena + optimizer state: all methods loaded, as ExecuTorch's Module does."""
         return sum(m.arena for m in self.methods) + self.optimizer
+
+    @property
+    def slices(self) -> dict[str, int]:
+        """The blocks run in slices of the batch, by method name, and how many slices."""
+        return dict(self.sliced)
 
     def as_dict(self) -> dict[str, Any]:
         largest = self.largest
@@ -159,18 +178,44 @@ class TrainingFootprint:
             "largest_arena_bytes": largest.arena,
             "footprint_bytes": self.footprint,
             "resident_bytes": self.resident,
+            "slices": self.slices,
             "methods": [m.as_dict() for m in self.methods],
         }
 
 
-def footprint_of(program: Any, rule: str, batch: int, momentum: float) -> TrainingFootprint:
-    """The footprint of a built training program (``lls.edge.programs``), from its memory plan."""
+def footprint_of(
+    program: Any, rule: str, batch: int, momentum: float, layout: Any = None
+) -> TrainingFootprint:
+    """The footprint of a built training program (``lls.edge.programs``), from its memory plan;
+    ``layout`` (its :class:`~lls.edge.programs.ProgramLayout`) says which blocks run in slices."""
+    from .sliced import STATS, SUMS
+
     methods = list(method_memory(program).values())
     if not methods or not any(m.gradients for m in methods):
         raise LLSError("not a training program: no method gives gradients (export one with --training)")
-    weights = sum(m.parameters for m in methods)
+    sliced = {}
+    by_name = {m.name: m for m in methods}
+    for method in layout.methods if layout is not None else []:
+        if not method.sliced:
+            continue
+        s = method.sliced
+        sliced[method.name] = s["slices"]
+        by_name[method.name].held = s["held_bytes"]
+        for m in methods:
+            if m.name.startswith(method.name + STATS):
+                m.weight_inputs, m.held = s["block_parameter_bytes"], s["held_bytes"]
+            elif m.name.startswith(method.name + SUMS):
+                m.weight_inputs, m.held, m.probe = s["parameter_bytes"], s["held_bytes"], True
+    network = [m for m in methods if not m.probe]
+    weights = sum(m.parameters for m in network)
     return TrainingFootprint(
-        rule, batch, methods, weights, sum(m.gradients for m in methods), weights if momentum else 0
+        rule,
+        batch,
+        methods,
+        weights,
+        sum(m.gradients for m in network),
+        weights if momentum else 0,
+        sliced,
     )
 
 
@@ -184,19 +229,24 @@ def training_footprint(
     rule_options: dict[str, Any] | None = None,
     model_options: dict[str, Any] | None = None,
     momentum: float | None = None,
+    max_memory: int | None = None,
 ) -> TrainingFootprint:
     """Build ``rule``'s training programs of ``model`` (``lls.edge.programs.build_program``, the
-    runtime's SGD) for batches of ``batch`` and read their footprint from the memory plans."""
+    runtime's SGD) for batches of ``batch`` and read their footprint from the memory plans. With
+    ``max_memory`` (bytes), a local rule's blocks that do not fit run in slices of the batch where
+    that fits them (:func:`~lls.edge.programs.fit_slices`); nothing is refused."""
     from ..method.rules import create_rule
     from ..step.factory import build_trainer
-    from .programs import SGD_MOMENTUM, build_program
+    from .programs import SGD_MOMENTUM, build_program, fit_slices
 
     momentum = SGD_MOMENTUM if momentum is None else momentum
     trainer = build_trainer(
         model, create_rule(rule, **(rule_options or {})), input_shape, classes, model_options=model_options
     )
     built = build_program(trainer, batch, lr=0.01, momentum=momentum)  # lr changes no byte
-    return footprint_of(built.manager, rule, batch, momentum)
+    if max_memory is not None:
+        built = fit_slices(trainer, built, max_memory, lr=0.01, momentum=momentum) or built
+    return footprint_of(built.manager, rule, batch, momentum, built.layout)
 
 
 # --- the table of ``lls cost --runtime executorch`` -----------------------------------------------
@@ -242,10 +292,18 @@ def edge_compare_text(results: dict[str, dict[str, Any]], where: str) -> str:
         [
             f"{where}; ExecuTorch training programs' memory plans (fp32, SGD with momentum)",
             table([*header, "footprint", "vs bp", "all loaded"], rows),
+            *(f"{spec}: {slices_text(r)}" for spec, r in results.items() if r.get("slices")),
             "footprint: weights + optimizer state + the largest method's arena less its own weights "
-            "(one method at a time); all loaded: every method's arena (weights inside) + optimizer state",
+            "(one method at a time; a block run in slices adds what the app holds beside it); "
+            "all loaded: every method's arena (weights inside) + optimizer state",
         ]
     )
+
+
+def slices_text(result: dict[str, Any]) -> str:
+    """``block1 in 2 slices of 16 samples``, for the blocks a footprint runs in slices."""
+    batch = result["batch"]
+    return ", ".join(f"{name} in {s} slices of {batch // s}" for name, s in result["slices"].items())
 
 
 def edge_cost_text(result: dict[str, Any], where: str) -> str:
@@ -264,5 +322,6 @@ def edge_cost_text(result: dict[str, Any], where: str) -> str:
             f"state {kb(result['optimizer_bytes'])}, largest arena {kb(result['largest_arena_bytes'])} "
             f"({result['largest_method']}); footprint {kb(result['footprint_bytes'])}, every method "
             f"loaded {kb(result['resident_bytes'])}",
+            *([slices_text(result)] if result.get("slices") else []),
         ]
     )

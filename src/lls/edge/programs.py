@@ -17,6 +17,10 @@
 ``network``   BP only, instead of all of the above: inputs ``x``, ``y``, every BatchNorm's running
               statistics; outputs ``loss``, ``logits``, the updated statistics.
 
+A block exported in slices of the batch (``slices``; ``max_memory`` chooses them) is ``block{i}``
+with other inputs and outputs and beside it ``block{i}_stats{k}`` and ``block{i}_sums{k}``
+(:mod:`lls.edge.sliced`); its layout's ``sliced`` says how to call them.
+
 Constant methods: ``lls_metadata`` (one JSON string: what the program is and the layout of every
 method, :class:`ProgramLayout`), ``{method}_statistics`` (the initial running statistics that
 method takes, a list of tensors), ``batch_size``, ``num_classes``, ``learning_rate``, ``momentum``,
@@ -31,6 +35,7 @@ head's logits, stepping it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
@@ -46,6 +51,18 @@ from ..method.net import evaluating
 from ..method.signals import ProjectionSignal
 from . import require_executorch
 from .layers import BatchStatsNorm, FixedPool, exportable, norms
+from .sliced import (
+    STATS,
+    SUMS,
+    SlicedLayout,
+    StatsPass,
+    SumsPass,
+    WeightsPass,
+    check_slices,
+    held_bytes,
+    norm_order,
+    slice_norms,
+)
 
 PROGRAM_FORMAT = "lls-training-program"
 PROGRAM_VERSION = 1
@@ -65,6 +82,7 @@ class MethodLayout:
     outputs: list[str]  # "loss", "h" / "logits", then the updated statistics (the same names)
     statistics: list[str]  # the running statistics, in the order of inputs and outputs
     parameters: dict[str, str] = field(default_factory=dict)  # the program's name -> the run's name
+    sliced: dict[str, Any] | None = None  # a block run in slices of its batch (sliced.SlicedLayout)
 
 
 @dataclass
@@ -106,6 +124,7 @@ class BuiltProgram:
 
     manager: Any  # executorch.exir.ExecutorchProgramManager
     layout: ProgramLayout
+    statistics_bytes: int = 0  # the running statistics the app keeps (float32)
 
     @property
     def buffer(self) -> bytes:
@@ -210,6 +229,54 @@ def _parameters(step: nn.Module, names: dict[str, str]) -> dict[str, str]:
     return out
 
 
+@dataclass
+class BlockParts:
+    """Block ``index`` of a trainer: what its methods are made of."""
+
+    index: int
+    block: nn.Module  # the trainer's own modules (names and running statistics are read from them)
+    between: nn.Module
+    signal: nn.Module
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def what(self) -> str:
+        return f"block {self.index} ({type(self.block).__name__})"
+
+    @property
+    def names(self) -> dict[str, str]:
+        """A block method's parameter prefixes -> the run's."""
+        i = self.index
+        return {"block": f"net.blocks.{i}.", "between": f"net.between.{i}.", "signal": f"signals.{i}."}
+
+    @property
+    def after_shape(self) -> tuple[int, ...]:
+        """The next block's input shape (the fixed ops between applied)."""
+        return _after_shape(self.between, self.out_shape)
+
+    def copies(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module | None]:
+        """Exportable copies of the block, the ops between and the signal, and the latent pool that
+        stands for a projection signal's (:class:`~lls.edge.layers.FixedPool`)."""
+        signal, pool = exportable(self.signal), None
+        if isinstance(self.signal, ProjectionSignal):
+            pool = FixedPool(self.signal.pooling)
+            signal.pooling = None  # the program pools with ``pool``
+        return exportable(self.block, self.in_shape), exportable(self.between, self.out_shape), signal, pool
+
+
+def block_parts(trainer) -> list[BlockParts]:
+    """Every block of ``trainer`` (a local rule's), in order."""
+    net = trainer.net
+    shapes = net.block_shapes(tuple(trainer.input_shape))
+    return [
+        BlockParts(i, block, between, signal, tuple(shapes[i][0]), tuple(shapes[i][1]))
+        for i, (block, between, signal) in enumerate(
+            zip(net.blocks, net.between, trainer.signals, strict=True)
+        )
+    ]
+
+
 def build_program(
     trainer,
     batch_size: int,
@@ -219,12 +286,15 @@ def build_program(
     momentum: float = SGD_MOMENTUM,
     info: dict[str, Any] | None = None,
     max_memory: int | None = None,
+    slices: dict[int, int] | None = None,
 ) -> BuiltProgram:
     """The training program of ``trainer``'s current state (weights, BatchNorm statistics, the
     rule's tensors) for batches of ``batch_size``, with the runtime's SGD settings and ``info``
-    (what the program was made from) in its metadata. Refuses, in one line naming the block and the
-    fix, a layer that cannot be exported, an operator the runtime lacks, or (``max_memory``, bytes)
-    a program whose weights, optimizer state and largest method's arena do not fit."""
+    (what the program was made from) in its metadata. ``slices`` (block index -> S) runs those
+    blocks in S slices of the batch (:mod:`lls.edge.sliced`: the same step, a slice's activations
+    in the arena). Refuses, in one line naming the block and the fix, a layer that cannot be
+    exported, an operator the runtime lacks, or (``max_memory``, bytes) a program whose weights,
+    optimizer state and largest method's arena do not fit."""
     require_executorch()
     from executorch.exir import to_edge
 
@@ -240,8 +310,15 @@ def build_program(
     x = torch.zeros(batch_size, *input_shape)
     y = torch.zeros(batch_size, dtype=torch.long)
     steps: list[tuple[MethodLayout, nn.Module, tuple, str]] = []  # layout, module, example inputs, what
+    passes: list[tuple[str, nn.Module, tuple, str, bool]] = []  # a sliced block's other methods
     statistics: dict[str, list[torch.Tensor]] = {}
     block_shapes = net.block_shapes(input_shape)
+    slices = {i: s for i, s in (slices or {}).items() if s > 1}
+    if slices and rule.timing != "block":
+        raise LLSError(
+            f"only a rule whose blocks learn before the head can run a block in slices, not "
+            f"{rule.name}; export without slices"
+        )
     if rule.timing == "end-to-end":
         blocks = [exportable(b, tuple(s)) for b, (s, _) in zip(net.blocks, block_shapes, strict=True)]
         between = [exportable(o, tuple(s)) for o, (_, s) in zip(net.between, block_shapes, strict=True)]
@@ -257,31 +334,35 @@ def build_program(
     else:
         h = x
         logits = torch.zeros(batch_size, classes)
-        for i, (block, between, signal) in enumerate(
-            zip(net.blocks, net.between, trainer.signals, strict=True)
-        ):
-            in_shape, out_shape = (tuple(s) for s in block_shapes[i])
-            signal_copy = exportable(signal)
-            pool = None
-            if isinstance(signal, ProjectionSignal):
-                pool = FixedPool(signal.pooling)
-                signal_copy.pooling = None  # the program pools with ``pool``
-            takes_logits = rule.timing == "head"
-            step = BlockStep(
-                exportable(block, in_shape), exportable(between, out_shape), signal_copy, pool, takes_logits
-            )
-            names, values = _statistics(f"net.blocks.{i}.", step.block, block)
-            extra = ["logits"] if takes_logits else []
-            layout = MethodLayout(
-                f"block{i}", "block", i, ["x", "y", *extra, *names], ["loss", "h", *names], names
-            )
-            layout.parameters = _parameters(
-                step, {"block": f"net.blocks.{i}.", "between": f"net.between.{i}.", "signal": f"signals.{i}."}
-            )
+        for parts in block_parts(trainer):
+            if parts.index in slices:
+                layout, methods, values = sliced_block(parts, batch_size, slices[parts.index])
+                steps.append(methods[0])
+                passes += methods[1:]
+            else:
+                takes_logits = rule.timing == "head"
+                block, between, signal, pool = parts.copies()
+                step = BlockStep(block, between, signal, pool, takes_logits)
+                names, values = _statistics(f"net.blocks.{parts.index}.", step.block, parts.block)
+                extra = ["logits"] if takes_logits else []
+                layout = MethodLayout(
+                    f"block{parts.index}",
+                    "block",
+                    parts.index,
+                    ["x", "y", *extra, *names],
+                    ["loss", "h", *names],
+                    names,
+                )
+                layout.parameters = _parameters(step, parts.names)
+                example = (
+                    h.new_zeros(batch_size, *parts.in_shape),
+                    y,
+                    *([logits] if takes_logits else []),
+                    *values,
+                )
+                steps.append((layout, step, example, parts.what))
             statistics[layout.name] = values
-            example = (h.new_zeros(batch_size, *in_shape), y, *([logits] if takes_logits else []), *values)
-            steps.append((layout, step, example, f"block {i} ({type(block).__name__})"))
-            h = torch.zeros(batch_size, *_after_shape(between, out_shape))
+            h = torch.zeros(batch_size, *parts.after_shape)
         head = HeadStep(exportable(net.head))
         layout = MethodLayout("head", "head", len(net.blocks), ["h", "y"], ["loss", "logits"], [])
         layout.parameters = _parameters(head, {"head": "net.head."})
@@ -290,6 +371,8 @@ def build_program(
     programs = {}
     for layout, step, example, what in steps:
         programs[layout.name] = _export(step, example, what)
+    for name, step, example, what, training in passes:
+        programs[name] = _export(step, example, what, training=training)
     optimizer = {
         "name": RUNTIME_OPTIMIZER,
         "lr": lr,
@@ -321,21 +404,139 @@ def build_program(
             constants[f"{name}_statistics"] = values
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        whats = {layout.name: what for layout, _, _, what in steps} | {p[0]: p[3] for p in passes}
         try:
             manager = to_edge(programs, constant_methods=constants).to_executorch()
         except Exception as error:  # any lowering failure is the model's, said in one line
-            raise _lowering_error(
-                programs, {layout.name: what for layout, _, _, what in steps}, error
-            ) from None
-    built = BuiltProgram(manager, program_layout)
-    check_operators(built, {layout.name: what for layout, _, _, what in steps})
+            raise _lowering_error(programs, whats, error) from None
+    held = sum(v.numel() * v.element_size() for values in statistics.values() for v in values)
+    built = BuiltProgram(manager, program_layout, held)
+    check_operators(built, whats)
     if max_memory is not None:
-        parameters = sum(p.numel() * p.element_size() for _, step, _, _ in steps for p in step.parameters())
-        held = parameters + sum(
-            v.numel() * v.element_size() for values in statistics.values() for v in values
-        )
-        check_memory(built, max_memory, held, parameters if momentum else 0)
+        if not slices and rule.timing == "block":
+            options = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "info": info}
+            built = fit_slices(trainer, built, max_memory, **options) or built
+        check_memory(built, max_memory)
     return built
+
+
+FIT_ROUNDS = 3  # rebuilds fit_slices tries: a slice's arena is estimated, then read from the plan
+
+
+def fit_slices(trainer, built: BuiltProgram, max_memory: int, **options: Any) -> BuiltProgram | None:
+    """``built`` rebuilt with the blocks whose method does not fit ``max_memory`` run in slices of
+    the batch (the fewest slices, dividing the batch, that fit them), or None where slicing cannot
+    help (a rule whose blocks wait for the head, or none of the blocks is what does not fit). The
+    number of slices is estimated from the block's arena, then checked in the new memory plan."""
+    from .memory import footprint_of
+
+    if built.layout.timing != "block":
+        return None
+    batch, slices = built.layout.batch_size, {}
+    divisors = [s for s in range(2, batch + 1) if batch % s == 0]
+    for _ in range(FIT_ROUNDS):
+        layout = built.layout
+        footprint = footprint_of(built.manager, "", batch, layout.optimizer["momentum"], layout)
+        budget = max_memory - footprint.weights - footprint.optimizer - built.statistics_bytes
+        if budget <= 0:  # the weights and their momentum alone do not fit: no slice helps
+            return None
+        needs: dict[int, int] = {}  # block index -> its methods' largest need
+        for m in footprint.methods:
+            if m.name.startswith("block"):
+                index = int(m.name[5:].split("_")[0])
+                needs[index] = max(needs.get(index, 0), m.need)
+        over = {i: need for i, need in needs.items() if need > budget}
+        if not over:
+            return built if slices else None
+        changed = False
+        for i, need in over.items():
+            now = slices.get(i, 1)
+            held = layout.methods[i].sliced["held_bytes"] if now > 1 else 0
+            work = (need - held) * now  # the whole batch's, as the unsliced method's
+            held = held or _held(trainer, i, batch)
+            fits = [s for s in divisors if s > now and work / s + held <= budget]
+            larger = [s for s in divisors if s > now]
+            if fits or larger:
+                slices[i] = (fits or larger)[0]
+                changed = True
+        if not changed:
+            return built if slices else None
+        built = build_program(trainer, batch, slices=slices, **options)
+    return built
+
+
+def _held(trainer, i: int, batch: int) -> int:
+    """What the app holds while block ``i`` runs in slices (:func:`lls.edge.sliced.held_bytes`)."""
+    parts = block_parts(trainer)[i]
+    modules = (parts.block, parts.between, parts.signal)
+    parameters = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return held_bytes(batch, parts.in_shape, parts.after_shape, parameters)
+
+
+def sliced_block(
+    parts: BlockParts, batch_size: int, slices: int
+) -> tuple[MethodLayout, list, list[torch.Tensor]]:
+    """A block's methods run in ``slices`` slices of the batch (:mod:`lls.edge.sliced`): its
+    layout, its methods (the block's own first, as ``steps`` holds it; then its statistics and
+    sums passes, as ``(name, module, example, what, training)``) and its initial running statistics."""
+    i, in_shape, what = parts.index, parts.in_shape, parts.what
+    check_slices(slices, batch_size, what)
+    n = batch_size // slices
+    block, between, signal, pool = parts.copies()
+    order = norm_order(block, in_shape)
+    share = n / batch_size if parts.signal.batch_reduction == "mean" else 1.0
+    weights = WeightsPass(slice_norms(block), between, signal, pool, share, [o for o, _ in order])
+    name = f"block{i}"
+    running, values = [], []
+    buffers = dict(parts.block.named_buffers())
+    for norm, _ in order:
+        for stat in ("running_mean", "running_var"):
+            running.append(f"net.blocks.{i}.{norm}.{stat}")
+            values.append(buffers[f"{norm}.{stat}"].detach().float().contiguous().clone())
+    batch_names = [f"{norm}.batch_{s}" for norm, _ in order for s in ("mean", "var")]
+    means_names = [f"{norm}.mean_{s}" for norm, _ in order for s in ("dy", "dy_xhat")]
+    x, y = torch.zeros(n, *in_shape), torch.zeros(n, dtype=torch.long)
+    batch = [
+        t for norm in weights.norms for t in (torch.zeros(norm.num_features), torch.ones(norm.num_features))
+    ]
+    means = [torch.zeros_like(t) for t in batch]
+    parameters = dict(weights.named_parameters())
+    block_parameters = [p for p in parameters if p.startswith("block.")]
+    sizes = {p: t.numel() * t.element_size() for p, t in parameters.items()}
+    layout = MethodLayout(
+        name, "block", i, ["x", "y", *batch_names, *means_names], ["objective", "loss", "h"], running
+    )
+    layout.parameters = _parameters(weights, parts.names)
+    layout.sliced = dataclasses.asdict(
+        SlicedLayout(
+            slices,
+            list(parameters),
+            block_parameters,
+            [
+                {
+                    "name": norm,
+                    "channels": weights.norms[k].num_features,
+                    "count": batch_size * values_,
+                    "momentum": weights.norms[k].momentum,
+                }
+                for k, (norm, values_) in enumerate(order)
+            ],
+            held_bytes(batch_size, in_shape, parts.after_shape, sum(sizes.values())),
+            sum(sizes[p] for p in block_parameters),
+            sum(sizes.values()),
+        )
+    )
+    methods: list = [(layout, weights, (x, y, *batch, *means), what)]
+    detached = [t.detach().clone() for t in parameters.values()]
+    block_values = [parameters[p].detach().clone() for p in block_parameters]
+    for k in range(len(order)):
+        stats = StatsPass(copy.deepcopy(weights), k)
+        methods.append((f"{name}{STATS}{k}", stats, (x, *block_values, *batch[: 2 * k]), what, False))
+    for k in reversed(range(len(order))):
+        sums = SumsPass(copy.deepcopy(weights), k)
+        later = means[2 * (k + 1) :]
+        methods.append((f"{name}{SUMS}{k}", sums, (x, y, *detached, *batch, *later), what, True))
+    return layout, methods, values
 
 
 def _check_statistics(net: nn.Module, batch_size: int, input_shape: tuple[int, ...]) -> None:
@@ -398,7 +599,9 @@ def _first_line(error: BaseException) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
-def _export(step: nn.Module, example: tuple, what: str):
+def _export(step: nn.Module, example: tuple, what: str, training: bool = True):
+    """``step`` exported as a training method (its first output's gradients for its parameters
+    added) or, ``training=False``, as a forward-only one."""
     from torch.export.experimental import _export_forward_backward
 
     step.train()
@@ -406,7 +609,7 @@ def _export(step: nn.Module, example: tuple, what: str):
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(step, example, strict=False)
-            return _export_forward_backward(program)
+            return _export_forward_backward(program) if training else program
         except Exception as error:
             raise LLSError(
                 f"{what} cannot be exported as a training method ({_first_line(error)}); train this "
@@ -445,29 +648,23 @@ def check_operators(built: BuiltProgram, what: dict[str, str], known: set[str] |
             )
 
 
-def planned_arenas(manager) -> dict[str, int]:
-    """Bytes of each method's planned memory arena (activations, gradients, outputs), from the
-    program's memory plan (``non_const_buffer_sizes``; its first entry is reserved)."""
-    return {
-        plan.name: sum(plan.non_const_buffer_sizes[1:])
-        for plan in manager.executorch_program.execution_plan
-        if plan.non_const_buffer_sizes
-    }
-
-
-def check_memory(built: BuiltProgram, max_memory: int, weights: int, optimizer_state: int) -> None:
-    """Refuse a program whose training holds more than ``max_memory`` bytes: its ``weights``
-    (parameters and running statistics), the optimizer's state and the largest method's arena
-    (one method runs at a time; its arena holds its activations, gradients and outputs)."""
+def check_memory(built: BuiltProgram, max_memory: int) -> None:
+    """Refuse a program whose training holds more than ``max_memory`` bytes: its weights, the
+    optimizer's state, the running statistics and the largest need of a method (one method runs at
+    a time; :attr:`lls.edge.memory.MethodMemory.need`)."""
     from ..step.lowmem import size_text
+    from .memory import footprint_of
 
-    names = {m.name for m in built.layout.methods}
-    arenas = {k: v for k, v in planned_arenas(built.manager).items() if k in names}
-    name, largest = max(arenas.items(), key=lambda kv: kv[1])
-    total = weights + optimizer_state + largest
+    footprint = footprint_of(
+        built.manager, "", built.layout.batch_size, built.layout.optimizer["momentum"], built.layout
+    )
+    largest = max(footprint.methods, key=lambda m: m.need)
+    total = footprint.footprint + built.statistics_bytes
     if total > max_memory:
+        sliced = " (it runs in slices already)" if largest.held else ""
         raise LLSError(
-            f"training needs {size_text(total)} ({size_text(weights)} weights, {size_text(optimizer_state)} "
-            f"SGD momentum, {size_text(largest)} for method {name}'s arena), over --max-memory "
-            f"{size_text(max_memory)}; export with a smaller --batch-size, or use a smaller model"
+            f"training needs {size_text(total)} ({size_text(footprint.weights)} weights, "
+            f"{size_text(footprint.optimizer)} SGD momentum, {size_text(largest.need)} for method "
+            f"{largest.name}{sliced}), over --max-memory {size_text(max_memory)}; export with a "
+            "smaller --batch-size, or use a smaller model"
         )

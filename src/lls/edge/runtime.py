@@ -4,7 +4,8 @@
 statistics the methods take and give, gives every method its own SGD optimizer over that method's
 parameters (the runtime's ``get_sgd_optimizer``: a block trains on its own signal alone) and runs
 one training step per batch with :meth:`ProgramRunner.step`, block after block as
-``programs.py``'s module docstring describes. :meth:`ProgramRunner.state` reads the trained
+``programs.py``'s module docstring describes (a block exported in slices of the batch with its
+passes over the slices, :func:`lls.edge.sliced.sliced_step`). :meth:`ProgramRunner.state` reads the trained
 parameters and statistics back, under the run's names, so that they load into an ``lls`` trainer.
 
 Outputs are copied out of the runtime's arena (the next call reuses it), except the parameters:
@@ -17,7 +18,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,31 +112,46 @@ class ProgramRunner:
                 self.statistics.update(zip(method.statistics, (v.clone() for v in values), strict=True))
         self._params: dict[str, dict[str, torch.Tensor]] = {}
         self._optimizers: dict[str, object] = {}
-        self._slices = {
-            m.name: (
-                self.module.run_method(GRADIENTS_INDEX + m.name, ())[0],
-                self.module.run_method(PARAMETERS_INDEX + m.name, ())[0],
-                list(self.module.run_method(PARAMETER_NAMES + m.name, ())),
-            )
-            for m in self.layout.methods
-        }
+        self._where: dict[str, tuple[int, int, list[str]]] = {}  # a training method's outputs
 
     @property
     def batch_size(self) -> int:
         return self.layout.batch_size
 
-    def call(self, method: MethodLayout, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        """Run ``method``: its user outputs (copied) and its gradients by parameter name (copied)."""
-        stats = [self.statistics[name] for name in method.statistics]
-        outputs = self.module.run_method(method.name, (*inputs, *stats), clone_outputs=False)
-        grad_start, param_start, names = self._slices[method.name]
-        if method.name not in self._params:  # the runtime's own parameter tensors
-            self._params[method.name] = dict(zip(names, outputs[param_start:], strict=True))
+    def _outputs(self, name: str) -> tuple[int, int, list[str]]:
+        """Where a training method's gradients and parameters start among its outputs, and their names."""
+        if name not in self._where:
+            self._where[name] = (
+                self.module.run_method(GRADIENTS_INDEX + name, ())[0],
+                self.module.run_method(PARAMETERS_INDEX + name, ())[0],
+                list(self.module.run_method(PARAMETER_NAMES + name, ())),
+            )
+        return self._where[name]
+
+    def run(self, name: str, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """Run the training method ``name``: its user outputs (copied) and its gradients by parameter
+        name (copied)."""
+        with without_cpu_probe_log():
+            outputs = self.module.run_method(name, tuple(inputs), clone_outputs=False)
+        grad_start, param_start, names = self._outputs(name)
+        if name not in self._params:  # the runtime's own parameter tensors
+            self._params[name] = dict(zip(names, outputs[param_start:], strict=True))
         grads = {n: g.clone() for n, g in zip(names, outputs[grad_start:param_start], strict=True)}
         return [o.clone() for o in outputs[:grad_start]], grads
 
+    def call(self, method: MethodLayout, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """Run ``method`` with the running statistics it takes (:meth:`run`)."""
+        return self.run(method.name, [*inputs, *(self.statistics[name] for name in method.statistics)])
+
     def update(self, method: MethodLayout, grads: dict, outputs: list[torch.Tensor]) -> None:
         """Step ``method``'s optimizer and keep the statistics it gave."""
+        self.optimize(method, grads)
+        n = len(method.statistics)
+        if n:
+            self.statistics.update(zip(method.statistics, outputs[2 : 2 + n], strict=True))
+
+    def optimize(self, method: MethodLayout, grads: dict) -> None:
+        """Step ``method``'s own SGD optimizer (made on first use) with ``grads``."""
         from executorch.extension.training import get_sgd_optimizer
 
         optimizer = self._optimizers.get(method.name)
@@ -151,9 +167,20 @@ class ProgramRunner:
             )
             self._optimizers[method.name] = optimizer
         optimizer.step(grads)
-        n = len(method.statistics)
-        if n:
-            self.statistics.update(zip(method.statistics, outputs[2 : 2 + n], strict=True))
+
+    def parameters(self, method: MethodLayout) -> dict[str, torch.Tensor]:
+        """``method``'s parameters, the runtime's own tensors. They are outputs of a call, so a
+        method not called yet is called once on zeros first (its gradients dropped, nothing
+        stepped, its statistics not kept)."""
+        if method.name not in self._params:
+            meta = self.module.method_meta(method.name)
+            shapes = [list(meta.input_tensor_meta(i).sizes()) for i in range(len(method.inputs))]
+            inputs = [
+                torch.zeros(shape, dtype=torch.long if name == "y" else torch.float32)
+                for shape, name in zip(shapes, method.inputs, strict=True)
+            ]
+            self.run(method.name, inputs)
+        return self._params[method.name]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutcome:
         """One training step on a batch (``batch_size`` samples, float32 inputs, int64 labels)."""
@@ -189,6 +216,12 @@ class ProgramRunner:
                 losses.append(float(block_out[0]))
             return StepOutcome(float(outputs[0]), logits, losses)
         for block in blocks:
+            if block.sliced:
+                from .sliced import sliced_step
+
+                loss, h = sliced_step(self, block, h, y)
+                losses.append(loss)
+                continue
             outputs, grads = self.call(block, [h, y])
             self.update(block, grads, outputs)
             losses.append(float(outputs[0]))

@@ -140,19 +140,9 @@ def initial_state(runner: ProgramRunner) -> dict[str, torch.Tensor]:
     """The program's starting parameters and statistics by the run's names, read from a fresh copy
     of the program (a method gives its parameters only once it has run: each runs once on zeros)."""
     fresh = ProgramRunner(runner.buffer)
-    b, layout = fresh.batch_size, fresh.layout
-    y = torch.zeros(b, dtype=torch.long)
-    for method in layout.methods:
-        inputs = [torch.zeros(b, *_input_shape(fresh, method)), y]
-        if "logits" in method.inputs:
-            inputs.append(torch.zeros(b, layout.num_classes))
-        fresh.call(method, inputs)
+    for method in fresh.layout.methods:
+        fresh.parameters(method)
     return fresh.state()
-
-
-def _input_shape(runner: ProgramRunner, method) -> list[int]:
-    meta = runner.module.method_meta(method.name)
-    return list(meta.input_tensor_meta(0).sizes())[1:]
 
 
 def run_state(trainer: Trainer) -> dict[str, torch.Tensor]:
