@@ -31,10 +31,11 @@ RELATIVE = 1e-4  # float32: the slices' statistics merge in another order than t
 class ModuleRunner:
     """What :func:`sliced_step` asks of the runtime, answered by the methods' PyTorch modules."""
 
-    def __init__(self, methods: list, statistics: dict[str, torch.Tensor]) -> None:
-        self.modules = {(m[0].name if isinstance(m[0], MethodLayout) else m[0]): m[1] for m in methods}
+    def __init__(self, methods: list) -> None:
+        self.modules = {m.name: m.module for m in methods}
         self.module = self  # module.run_method, as ExecuTorch's
-        self.statistics = dict(statistics)
+        own = methods[0]  # the block's method, with the running statistics it starts from
+        self.statistics = dict(zip(own.layout.statistics, own.statistics, strict=True))
         self.stepped: dict[str, torch.Tensor] = {}
 
     def run_method(self, name: str, inputs: tuple) -> list[torch.Tensor]:
@@ -71,9 +72,9 @@ def whole_batch_step(parts, x, y):
 
 
 def check_block(parts, x, y, slices: int) -> None:
-    layout, methods, values = sliced_block(parts, len(y), slices)
-    runner = ModuleRunner(methods, dict(zip(layout.statistics, values, strict=True)))
-    _, h = sliced_step(runner, layout, x, y)
+    methods = sliced_block(parts, len(y), slices)
+    runner = ModuleRunner(methods)
+    _, h = sliced_step(runner, methods[0].layout, x, y)
     grads, h_ref, updated = whole_batch_step(parts, x, y)
     scale = max((float(g.abs().max()) for g in grads.values()), default=1.0)
     assert sorted(runner.stepped) == sorted(grads), parts.what

@@ -277,6 +277,60 @@ def block_parts(trainer) -> list[BlockParts]:
     ]
 
 
+@dataclass
+class _Method:
+    """One method of the program being built."""
+
+    name: str
+    module: nn.Module
+    example: tuple  # example inputs, for the export
+    what: str  # what it is, for a refusal ("block 2 (Sequential)")
+    layout: MethodLayout | None = None  # a step's method; None: one of a sliced block's passes
+    statistics: list[torch.Tensor] = field(default_factory=list)  # the running statistics it starts from
+    training: bool = True  # False: forward only (a sliced block's statistics passes)
+
+
+def _network_method(trainer, x: torch.Tensor, y: torch.Tensor) -> _Method:
+    """BP's one method (:class:`NetworkStep`)."""
+    net = trainer.net
+    shapes = net.block_shapes(tuple(trainer.input_shape))
+    blocks = [exportable(b, tuple(s)) for b, (s, _) in zip(net.blocks, shapes, strict=True)]
+    between = [exportable(o, tuple(s)) for o, (_, s) in zip(net.between, shapes, strict=True)]
+    step = NetworkStep(blocks, between, exportable(net.head))
+    names, values = _statistics("blocks.", step.blocks, net.blocks)
+    names = [f"net.{n}" for n in names]
+    layout = MethodLayout("network", "network", 0, ["x", "y", *names], ["loss", "logits", *names], names)
+    layout.parameters = _parameters(
+        step, {"blocks": "net.blocks.", "between": "net.between.", "head": "net.head."}
+    )
+    return _Method("network", step, (x, y, *values), "the network", layout, values)
+
+
+def _block_method(parts: BlockParts, batch_size: int, takes_logits: bool, classes: int) -> _Method:
+    """A block's method (:class:`BlockStep`)."""
+    block, between, signal, pool = parts.copies()
+    step = BlockStep(block, between, signal, pool, takes_logits)
+    names, values = _statistics(f"net.blocks.{parts.index}.", step.block, parts.block)
+    extra = ["logits"] if takes_logits else []
+    name = f"block{parts.index}"
+    layout = MethodLayout(
+        name, "block", parts.index, ["x", "y", *extra, *names], ["loss", "h", *names], names
+    )
+    layout.parameters = _parameters(step, parts.names)
+    x, y = torch.zeros(batch_size, *parts.in_shape), torch.zeros(batch_size, dtype=torch.long)
+    logits = [torch.zeros(batch_size, classes)] if takes_logits else []
+    return _Method(name, step, (x, y, *logits, *values), parts.what, layout, values)
+
+
+def _head_method(trainer, batch_size: int) -> _Method:
+    net = trainer.net
+    h = torch.zeros(batch_size, *block_parts(trainer)[-1].after_shape)
+    head = HeadStep(exportable(net.head))
+    layout = MethodLayout("head", "head", len(net.blocks), ["h", "y"], ["loss", "logits"], [])
+    layout.parameters = _parameters(head, {"head": "net.head."})
+    return _Method("head", head, (h, torch.zeros(batch_size, dtype=torch.long)), "the head", layout)
+
+
 def build_program(
     trainer,
     batch_size: int,
@@ -293,8 +347,8 @@ def build_program(
     (what the program was made from) in its metadata. ``slices`` (block index -> S) runs those
     blocks in S slices of the batch (:mod:`lls.edge.sliced`: the same step, a slice's activations
     in the arena). Refuses, in one line naming the block and the fix, a layer that cannot be
-    exported, an operator the runtime lacks, or (``max_memory``, bytes) a program whose weights,
-    optimizer state and largest method's arena do not fit."""
+    exported, an operator the runtime lacks, or (``max_memory``, bytes) a program that does not
+    fit (after slicing the blocks that do not, where the rule allows it)."""
     require_executorch()
     from executorch.exir import to_edge
 
@@ -307,12 +361,6 @@ def build_program(
     ref = next(net.parameters())
     if ref.dtype != torch.float32:
         raise LLSError(f"training programs are float32; the trainer's network is {ref.dtype}")
-    x = torch.zeros(batch_size, *input_shape)
-    y = torch.zeros(batch_size, dtype=torch.long)
-    steps: list[tuple[MethodLayout, nn.Module, tuple, str]] = []  # layout, module, example inputs, what
-    passes: list[tuple[str, nn.Module, tuple, str, bool]] = []  # a sliced block's other methods
-    statistics: dict[str, list[torch.Tensor]] = {}
-    block_shapes = net.block_shapes(input_shape)
     slices = {i: s for i, s in (slices or {}).items() if s > 1}
     if slices and rule.timing != "block":
         raise LLSError(
@@ -320,59 +368,17 @@ def build_program(
             f"{rule.name}; export without slices"
         )
     if rule.timing == "end-to-end":
-        blocks = [exportable(b, tuple(s)) for b, (s, _) in zip(net.blocks, block_shapes, strict=True)]
-        between = [exportable(o, tuple(s)) for o, (_, s) in zip(net.between, block_shapes, strict=True)]
-        step = NetworkStep(blocks, between, exportable(net.head))
-        names, values = _statistics("blocks.", step.blocks, net.blocks)
-        names = [f"net.{n}" for n in names]
-        layout = MethodLayout("network", "network", 0, ["x", "y", *names], ["loss", "logits", *names], names)
-        layout.parameters = _parameters(
-            step, {"blocks": "net.blocks.", "between": "net.between.", "head": "net.head."}
-        )
-        statistics["network"] = values
-        steps.append((layout, step, (x, y, *values), "the network"))
+        x = torch.zeros(batch_size, *input_shape)
+        methods = [_network_method(trainer, x, torch.zeros(batch_size, dtype=torch.long))]
     else:
-        h = x
-        logits = torch.zeros(batch_size, classes)
+        methods = []
         for parts in block_parts(trainer):
             if parts.index in slices:
-                layout, methods, values = sliced_block(parts, batch_size, slices[parts.index])
-                steps.append(methods[0])
-                passes += methods[1:]
+                methods += sliced_block(parts, batch_size, slices[parts.index])
             else:
-                takes_logits = rule.timing == "head"
-                block, between, signal, pool = parts.copies()
-                step = BlockStep(block, between, signal, pool, takes_logits)
-                names, values = _statistics(f"net.blocks.{parts.index}.", step.block, parts.block)
-                extra = ["logits"] if takes_logits else []
-                layout = MethodLayout(
-                    f"block{parts.index}",
-                    "block",
-                    parts.index,
-                    ["x", "y", *extra, *names],
-                    ["loss", "h", *names],
-                    names,
-                )
-                layout.parameters = _parameters(step, parts.names)
-                example = (
-                    h.new_zeros(batch_size, *parts.in_shape),
-                    y,
-                    *([logits] if takes_logits else []),
-                    *values,
-                )
-                steps.append((layout, step, example, parts.what))
-            statistics[layout.name] = values
-            h = torch.zeros(batch_size, *parts.after_shape)
-        head = HeadStep(exportable(net.head))
-        layout = MethodLayout("head", "head", len(net.blocks), ["h", "y"], ["loss", "logits"], [])
-        layout.parameters = _parameters(head, {"head": "net.head."})
-        statistics["head"] = []
-        steps.append((layout, head, (h, y), "the head"))
-    programs = {}
-    for layout, step, example, what in steps:
-        programs[layout.name] = _export(step, example, what)
-    for name, step, example, what, training in passes:
-        programs[name] = _export(step, example, what, training=training)
+                methods.append(_block_method(parts, batch_size, rule.timing == "head", classes))
+        methods.append(_head_method(trainer, batch_size))
+    programs = {m.name: _export(m.module, m.example, m.what, m.training) for m in methods}
     optimizer = {
         "name": RUNTIME_OPTIMIZER,
         "lr": lr,
@@ -382,7 +388,7 @@ def build_program(
         "nesterov": False,
     }
     program_layout = ProgramLayout(
-        [layout for layout, *_ in steps],
+        [m.layout for m in methods if m.layout is not None],
         rule.timing,
         batch_size,
         list(input_shape),
@@ -399,17 +405,17 @@ def build_program(
         "weight_decay": float(weight_decay),
         "rule": rule.name,
     }
-    for name, values in statistics.items():
-        if values:
-            constants[f"{name}_statistics"] = values
+    for m in methods:
+        if m.statistics:
+            constants[f"{m.name}_statistics"] = m.statistics
+    whats = {m.name: m.what for m in methods}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        whats = {layout.name: what for layout, _, _, what in steps} | {p[0]: p[3] for p in passes}
         try:
             manager = to_edge(programs, constant_methods=constants).to_executorch()
         except Exception as error:  # any lowering failure is the model's, said in one line
             raise _lowering_error(programs, whats, error) from None
-    held = sum(v.numel() * v.element_size() for values in statistics.values() for v in values)
+    held = sum(v.numel() * v.element_size() for m in methods for v in m.statistics)
     built = BuiltProgram(manager, program_layout, held)
     check_operators(built, whats)
     if max_memory is not None:
@@ -473,12 +479,9 @@ def _held(trainer, i: int, batch: int) -> int:
     return held_bytes(batch, parts.in_shape, parts.after_shape, parameters)
 
 
-def sliced_block(
-    parts: BlockParts, batch_size: int, slices: int
-) -> tuple[MethodLayout, list, list[torch.Tensor]]:
-    """A block's methods run in ``slices`` slices of the batch (:mod:`lls.edge.sliced`): its
-    layout, its methods (the block's own first, as ``steps`` holds it; then its statistics and
-    sums passes, as ``(name, module, example, what, training)``) and its initial running statistics."""
+def sliced_block(parts: BlockParts, batch_size: int, slices: int) -> list[_Method]:
+    """A block's methods run in ``slices`` slices of the batch (:mod:`lls.edge.sliced`): the
+    block's own (with its layout and initial running statistics), then its statistics and sums passes."""
     i, in_shape, what = parts.index, parts.in_shape, parts.what
     check_slices(slices, batch_size, what)
     n = batch_size // slices
@@ -526,17 +529,19 @@ def sliced_block(
             sum(sizes.values()),
         )
     )
-    methods: list = [(layout, weights, (x, y, *batch, *means), what)]
+    methods = [_Method(name, weights, (x, y, *batch, *means), what, layout, values)]
     detached = [t.detach().clone() for t in parameters.values()]
     block_values = [parameters[p].detach().clone() for p in block_parameters]
     for k in range(len(order)):
         stats = StatsPass(copy.deepcopy(weights), k)
-        methods.append((f"{name}{STATS}{k}", stats, (x, *block_values, *batch[: 2 * k]), what, False))
+        example = (x, *block_values, *batch[: 2 * k])
+        methods.append(_Method(f"{name}{STATS}{k}", stats, example, what, training=False))
     for k in reversed(range(len(order))):
         sums = SumsPass(copy.deepcopy(weights), k)
-        later = means[2 * (k + 1) :]
-        methods.append((f"{name}{SUMS}{k}", sums, (x, y, *detached, *batch, *later), what, True))
-    return layout, methods, values
+        methods.append(
+            _Method(f"{name}{SUMS}{k}", sums, (x, y, *detached, *batch, *means[2 * (k + 1) :]), what)
+        )
+    return methods
 
 
 def _check_statistics(net: nn.Module, batch_size: int, input_shape: tuple[int, ...]) -> None:
