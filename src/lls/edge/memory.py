@@ -23,7 +23,9 @@ device holds for a step:
 - ``footprint``: weights + optimizer state + the largest method's arena less its own weights: what an
   app holds that keeps the weights apart and runs one method at a time in one scratch arena (a block's
   gradients are spent by its optimizer step before the next block runs, so only one method's
-  gradients and activations are alive). For BP, one method, this is its arena + optimizer state;
+  gradients and activations are alive). For BP, one method, this is its arena + optimizer state.
+  A block run in slices of the batch (``lls.edge.sliced``) adds what the app holds beside the
+  slice's arena (the block's whole input and output, the gradient sums): ``MethodMemory.need``;
 - ``resident``: every method's arena + optimizer state: what ExecuTorch's ``Module`` holds as it is,
   every method loaded with its own arena (weights inside).
 """
@@ -145,7 +147,7 @@ class TrainingFootprint:
     weights: int
     gradients: int
     optimizer: int
-    sliced: dict[str, int] = field(default_factory=dict)
+    sliced: dict[str, int] = field(default_factory=dict)  # blocks run in slices: method -> slices
 
     @property
     def largest(self) -> MethodMemory:
@@ -161,11 +163,6 @@ class TrainingFootprint:
         """Every method's arena + optimizer state: all methods loaded, as ExecuTorch's Module does."""
         return sum(m.arena for m in self.methods) + self.optimizer
 
-    @property
-    def slices(self) -> dict[str, int]:
-        """The blocks run in slices of the batch, by method name, and how many slices."""
-        return dict(self.sliced)
-
     def as_dict(self) -> dict[str, Any]:
         largest = self.largest
         return {
@@ -178,7 +175,7 @@ class TrainingFootprint:
             "largest_arena_bytes": largest.arena,
             "footprint_bytes": self.footprint,
             "resident_bytes": self.resident,
-            "slices": self.slices,
+            "slices": dict(self.sliced),
             "methods": [m.as_dict() for m in self.methods],
         }
 
