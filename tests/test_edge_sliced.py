@@ -33,12 +33,11 @@ class ModuleRunner:
 
     def __init__(self, methods: list) -> None:
         self.modules = {m.name: m.module for m in methods}
-        self.module = self  # module.run_method, as ExecuTorch's
         own = methods[0]  # the block's method, with the running statistics it starts from
         self.statistics = dict(zip(own.layout.statistics, own.statistics, strict=True))
         self.stepped: dict[str, torch.Tensor] = {}
 
-    def run_method(self, name: str, inputs: tuple) -> list[torch.Tensor]:
+    def forward(self, name: str, inputs: tuple) -> list[torch.Tensor]:
         with torch.no_grad():
             return list(self.modules[name](*inputs))
 

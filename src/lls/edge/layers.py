@@ -67,14 +67,24 @@ class BatchStatsNorm(nn.Module):
         out = x * scale + shift
         if self.running is not None:
             count = math.prod(x.shape) // x.shape[1]
-            m = self.momentum
-            running_mean, running_var = self.running
-            batch_mean, batch_var = mean.detach().flatten(), var.detach().flatten()
-            self.updated = (
-                (1 - m) * running_mean + m * batch_mean,
-                (1 - m) * running_var + m * batch_var * (count / (count - 1)),
-            )
+            batch = (mean.detach().flatten(), var.detach().flatten())
+            self.updated = running_update(self.running, batch, self.momentum, count)
         return out
+
+
+def running_update(
+    running: tuple[torch.Tensor, torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor],
+    momentum: float,
+    count: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nn.BatchNorm``'s momentum update of the running mean and variance from a batch's mean and
+    biased variance over ``count`` values per channel (the running variance is unbiased)."""
+    m = momentum
+    return (
+        (1 - m) * running[0] + m * batch[0],
+        (1 - m) * running[1] + m * batch[1] * (count / (count - 1)),
+    )
 
 
 class FixedPool(nn.Module):
@@ -188,4 +198,12 @@ def norms(module: nn.Module) -> list[tuple[str, BatchStatsNorm]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, BatchStatsNorm)]
 
 
-__all__ = ["BatchStatsNorm", "FixedAdaptiveAvgPool2d", "FixedPool", "WindowMax", "exportable", "norms"]
+__all__ = [
+    "BatchStatsNorm",
+    "FixedAdaptiveAvgPool2d",
+    "FixedPool",
+    "WindowMax",
+    "exportable",
+    "norms",
+    "running_update",
+]

@@ -208,12 +208,15 @@ class NetworkStep(_WithStatistics):
 # --- the builder ----------------------------------------------------------------------------------
 
 
-def _statistics(prefix: str, module: nn.Module, original: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+def _statistics(
+    prefix: str, module: nn.Module, original: nn.Module, order: list[str] | None = None
+) -> tuple[list[str], list[torch.Tensor]]:
     """The run's names of the running statistics of ``module``'s BatchNorm layers and their values,
-    read from ``original`` (the trainer's module, whose names ``module`` keeps)."""
+    read from ``original`` (the trainer's module, whose names ``module`` keeps); in module order, or
+    in ``order`` (the layers' names)."""
     names, values = [], []
     buffers = dict(original.named_buffers())
-    for name, _ in norms(module):
+    for name in order if order is not None else [name for name, _ in norms(module)]:
         for stat in ("running_mean", "running_var"):
             names.append(f"{prefix}{name}.{stat}")
             values.append(buffers[f"{name}.{stat}"].detach().float().contiguous().clone())
@@ -254,6 +257,12 @@ class BlockParts:
     def after_shape(self) -> tuple[int, ...]:
         """The next block's input shape (the fixed ops between applied)."""
         return _after_shape(self.between, self.out_shape)
+
+    def held(self, batch_size: int) -> int:
+        """What the app holds while the block runs in slices (:func:`lls.edge.sliced.held_bytes`)."""
+        modules = (self.block, self.between, self.signal)
+        parameters = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        return held_bytes(batch_size, self.in_shape, self.after_shape, parameters)
 
     def copies(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module | None]:
         """Exportable copies of the block, the ops between and the signal, and the latent pool that
@@ -440,43 +449,36 @@ def fit_slices(trainer, built: BuiltProgram, max_memory: int, **options: Any) ->
         return None
     batch, slices = built.layout.batch_size, {}
     divisors = [s for s in range(2, batch + 1) if batch % s == 0]
+    parts = block_parts(trainer)
     for _ in range(FIT_ROUNDS):
         layout = built.layout
         footprint = footprint_of(built.manager, "", batch, layout.optimizer["momentum"], layout)
         budget = max_memory - footprint.weights - footprint.optimizer - built.statistics_bytes
         if budget <= 0:  # the weights and their momentum alone do not fit: no slice helps
             return None
-        needs: dict[int, int] = {}  # block index -> its methods' largest need
-        for m in footprint.methods:
-            if m.name.startswith("block"):
-                index = int(m.name[5:].split("_")[0])
-                needs[index] = max(needs.get(index, 0), m.need)
-        over = {i: need for i, need in needs.items() if need > budget}
-        if not over:
-            return built if slices else None
+        needs = {  # block index -> the largest need of its methods (a sliced block's passes too)
+            method.index: max(
+                m.need
+                for m in footprint.methods
+                if m.name == method.name or m.name.startswith(method.name + "_")
+            )
+            for method in layout.methods
+            if method.kind == "block"
+        }
         changed = False
-        for i, need in over.items():
+        for i, need in needs.items():
             now = slices.get(i, 1)
-            held = layout.methods[i].sliced["held_bytes"] if now > 1 else 0
-            work = (need - held) * now  # the whole batch's, as the unsliced method's
-            held = held or _held(trainer, i, batch)
-            fits = [s for s in divisors if s > now and work / s + held <= budget]
             larger = [s for s in divisors if s > now]
-            if fits or larger:
-                slices[i] = (fits or larger)[0]
-                changed = True
+            if need <= budget or not larger:
+                continue
+            held = parts[i].held(batch)
+            work = (need - (held if now > 1 else 0)) * now  # the whole batch's, as the unsliced method's
+            slices[i] = next((s for s in larger if work / s + held <= budget), larger[0])
+            changed = True
         if not changed:
             return built if slices else None
         built = build_program(trainer, batch, slices=slices, **options)
     return built
-
-
-def _held(trainer, i: int, batch: int) -> int:
-    """What the app holds while block ``i`` runs in slices (:func:`lls.edge.sliced.held_bytes`)."""
-    parts = block_parts(trainer)[i]
-    modules = (parts.block, parts.between, parts.signal)
-    parameters = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-    return held_bytes(batch, parts.in_shape, parts.after_shape, parameters)
 
 
 def sliced_block(parts: BlockParts, batch_size: int, slices: int) -> list[_Method]:
@@ -490,12 +492,7 @@ def sliced_block(parts: BlockParts, batch_size: int, slices: int) -> list[_Metho
     share = n / batch_size if parts.signal.batch_reduction == "mean" else 1.0
     weights = WeightsPass(slice_norms(block), between, signal, pool, share, [o for o, _ in order])
     name = f"block{i}"
-    running, values = [], []
-    buffers = dict(parts.block.named_buffers())
-    for norm, _ in order:
-        for stat in ("running_mean", "running_var"):
-            running.append(f"net.blocks.{i}.{norm}.{stat}")
-            values.append(buffers[f"{norm}.{stat}"].detach().float().contiguous().clone())
+    running, values = _statistics(f"net.blocks.{i}.", block, parts.block, [o for o, _ in order])
     batch_names = [f"{norm}.batch_{s}" for norm, _ in order for s in ("mean", "var")]
     means_names = [f"{norm}.mean_{s}" for norm, _ in order for s in ("dy", "dy_xhat")]
     x, y = torch.zeros(n, *in_shape), torch.zeros(n, dtype=torch.long)
@@ -524,7 +521,7 @@ def sliced_block(parts: BlockParts, batch_size: int, slices: int) -> list[_Metho
                 }
                 for k, (norm, values_) in enumerate(order)
             ],
-            held_bytes(batch_size, in_shape, parts.after_shape, sum(sizes.values())),
+            parts.held(batch_size),
             sum(sizes[p] for p in block_parameters),
             sum(sizes.values()),
         )

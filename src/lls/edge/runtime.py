@@ -5,8 +5,9 @@ statistics the methods take and give, gives every method its own SGD optimizer o
 parameters (the runtime's ``get_sgd_optimizer``: a block trains on its own signal alone) and runs
 one training step per batch with :meth:`ProgramRunner.step`, block after block as
 ``programs.py``'s module docstring describes (a block exported in slices of the batch with its
-passes over the slices, :func:`lls.edge.sliced.sliced_step`). :meth:`ProgramRunner.state` reads the trained
-parameters and statistics back, under the run's names, so that they load into an ``lls`` trainer.
+passes over the slices, :func:`lls.edge.sliced.sliced_step`). :meth:`ProgramRunner.state` reads
+the trained parameters and statistics back, under the run's names, so that they load into an
+``lls`` trainer.
 
 Outputs are copied out of the runtime's arena (the next call reuses it), except the parameters:
 those tensors are the runtime's own memory, which the optimizer updates in place.
@@ -28,6 +29,7 @@ import torch
 from ..errors import LLSError
 from . import require_executorch
 from .programs import METADATA_METHOD, MethodLayout, ProgramLayout
+from .sliced import sliced_step
 
 GRADIENTS_INDEX = "__et_training_gradients_index_"  # ExecuTorch's joint-export getters
 PARAMETERS_INDEX = "__et_training_parameters_index_"
@@ -139,6 +141,11 @@ class ProgramRunner:
         grads = {n: g.clone() for n, g in zip(names, outputs[grad_start:param_start], strict=True)}
         return [o.clone() for o in outputs[:grad_start]], grads
 
+    def forward(self, name: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the forward-only method ``name`` (a sliced block's statistics pass): its outputs, copied."""
+        with without_cpu_probe_log():
+            return [o.clone() for o in self.module.run_method(name, tuple(inputs), clone_outputs=False)]
+
     def call(self, method: MethodLayout, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
         """Run ``method`` with the running statistics it takes (:meth:`run`)."""
         return self.run(method.name, [*inputs, *(self.statistics[name] for name in method.statistics)])
@@ -184,10 +191,6 @@ class ProgramRunner:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutcome:
         """One training step on a batch (``batch_size`` samples, float32 inputs, int64 labels)."""
-        with without_cpu_probe_log():
-            return self._step(x, y)
-
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutcome:
         if len(y) != self.batch_size or len(x) != self.batch_size:
             raise LLSError(f"the program trains batches of {self.batch_size}; got {len(y)} samples")
         x = x.float().contiguous()
@@ -217,8 +220,6 @@ class ProgramRunner:
             return StepOutcome(float(outputs[0]), logits, losses)
         for block in blocks:
             if block.sliced:
-                from .sliced import sliced_step
-
                 loss, h = sliced_step(self, block, h, y)
                 losses.append(loss)
                 continue

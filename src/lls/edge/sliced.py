@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import LLSError
-from .layers import BatchStatsNorm
+from .layers import BatchStatsNorm, running_update
 
 STATS = "_stats"  # block{i}_stats{k}
 SUMS = "_sums"  # block{i}_sums{k}
@@ -286,17 +286,6 @@ def merge_statistics(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tupl
     return mean.float(), var.float()
 
 
-def running_update(
-    running: tuple[torch.Tensor, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor], norm: dict
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nn.BatchNorm``'s momentum update of the running statistics (unbiased variance)."""
-    m, count = norm["momentum"], norm["count"]
-    return (
-        (1 - m) * running[0] + m * batch[0],
-        (1 - m) * running[1] + m * batch[1] * (count / (count - 1)),
-    )
-
-
 def held_bytes(batch_size: int, in_shape: Sequence[int], out_shape: Sequence[int], parameters: int) -> int:
     """What the app keeps outside the arena while a sliced block runs (float32): the batch's input
     and next input, and the sums of the slices' gradients."""
@@ -315,14 +304,15 @@ def sliced_step(runner, method, h: torch.Tensor, y: torch.Tensor) -> tuple[float
     m = len(layout.norms)
     batch: list[torch.Tensor] = []
     for k in range(m):
-        parts = [
-            runner.module.run_method(f"{method.name}{STATS}{k}", (x, *block_parameters, *batch)) for x in xs
-        ]
-        batch += merge_statistics([(mean.clone(), var.clone()) for mean, var in parts])
+        parts = [runner.forward(f"{method.name}{STATS}{k}", (x, *block_parameters, *batch)) for x in xs]
+        batch += merge_statistics(parts)
     for k, norm in enumerate(layout.norms):
         names = method.statistics[2 * k : 2 * k + 2]
         running = running_update(
-            (runner.statistics[names[0]], runner.statistics[names[1]]), batch[2 * k : 2 * k + 2], norm
+            (runner.statistics[names[0]], runner.statistics[names[1]]),
+            batch[2 * k : 2 * k + 2],
+            norm["momentum"],
+            norm["count"],
         )
         runner.statistics.update(zip(names, running, strict=True))
     means: list[list[torch.Tensor]] = [[] for _ in range(m)]
