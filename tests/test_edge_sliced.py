@@ -140,6 +140,16 @@ def test_slices_that_do_not_divide_the_batch_are_refused_in_one_line():
     assert len(str(error.value).splitlines()) == 1
 
 
+def test_slices_of_a_block_the_network_lacks_are_refused_in_one_line():
+    needs_executorch()
+    from lls.edge.programs import build_program
+
+    trainer = edge_trainer("lls")  # one block and the head
+    with pytest.raises(LLSError, match="slices name block 3, which the network does not have") as error:
+        build_program(trainer, EDGE_BATCH, lr=0.05, slices={3: 2})
+    assert len(str(error.value).splitlines()) == 1
+
+
 @pytest.mark.parametrize("rule", ["dfa", "bp"])
 def test_a_rule_whose_blocks_wait_for_the_head_cannot_slice(rule):
     needs_executorch()

@@ -370,6 +370,12 @@ def build_program(
     ref = next(net.parameters())
     if ref.dtype != torch.float32:
         raise LLSError(f"training programs are float32; the trainer's network is {ref.dtype}")
+    unknown = sorted(set(slices or {}) - set(range(len(net.blocks))))
+    if unknown:
+        raise LLSError(
+            f"slices name block {unknown[0]!r}, which the network does not have (blocks 0 to "
+            f"{len(net.blocks) - 1}); name one of those"
+        )
     slices = {i: s for i, s in (slices or {}).items() if s > 1}
     if slices and rule.timing != "block":
         raise LLSError(
