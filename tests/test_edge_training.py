@@ -22,7 +22,7 @@ from lls.method.models import model_specs
 from lls.method.net import AvgPool, Conv, Dense, LocalNet, MaxPool
 from lls.method.rules import comparison_rules
 
-EXACT = 1e-5  # issue 30's goal: the largest relative difference of any parameter after the steps
+EXACT = 1e-5  # the equality goal: the largest relative difference of any parameter after the steps
 # Past a few steps on a real model, lls's own float32 run moves from its float64 run by more than
 # EXACT (relative differences of near-zero weights); the runtime must then be as close to lls as
 # that rounding alone, within this factor (a wrong gradient is off by orders of magnitude)
@@ -397,7 +397,7 @@ def test_export_train_and_check_a_run_from_the_command_line(digits, tmp_path, ca
 class FunctionalBatchNorm(nn.Module):
     """A conv with BatchNorm called as a function in training mode, updating running statistics
     (no nn.BatchNorm for the builder to rewrite): it lowers to an operator outside ExecuTorch's
-    core set (issue 30's finding)."""
+    core set."""
 
     def __init__(self):
         super().__init__()

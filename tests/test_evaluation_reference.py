@@ -138,7 +138,7 @@ def test_evaluation_gives_back_the_training_weights_and_modes(optimizer):
 
 
 def test_evaluation_restores_parameters_and_batchnorm_statistics():
-    """The context manager promises to undo itself (issue 29): statistics and weights, bit for bit."""
+    """The context manager promises to undo itself: statistics and weights, bit for bit."""
     trainer = trained("adamw-sf")
     buffers = {k: v.clone() for k, v in trainer.net.named_buffers()}
     weights = {k: v.clone() for k, v in trainer.net.named_parameters()}

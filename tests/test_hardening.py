@@ -1,4 +1,4 @@
-"""Nothing a user types or a machine does ends in a traceback or loses a run (issue 11's cases)."""
+"""Nothing a user types or a machine does ends in a traceback or loses a run."""
 
 import contextlib
 import errno
